@@ -7,12 +7,18 @@ continue the exact same data order after a resume. They live here so each run.py
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import shutil
+import types
+import typing
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -186,3 +192,51 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+C = TypeVar("C")
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
+    """Build a run-config dataclass from ``--config file.json`` and command-line flags.
+
+    Every field becomes ``--field`` (booleans also get ``--no-field``) with the field's comment as help.
+    Precedence: dataclass default < JSON file < flag, so the dataclass stays the single source of truth.
+    """
+    hints = typing.get_type_hints(cls)
+    try:  # the comment after each field is its --help text
+        source = inspect.getsource(cls)
+    except OSError:
+        source = ""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="JSON file with any of the fields below; flags override it")
+    for f in dataclasses.fields(cls):
+        kind = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"help": f"{comments.get(f.name, '')} (default: {default})", "default": argparse.SUPPRESS}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) in (tuple, list):
+            kw.update(nargs="+", type=typing.get_args(kind)[0])
+        else:
+            kw["type"] = kind
+        parser.add_argument(f"--{f.name}", **kw)
+    flags = vars(parser.parse_args(argv))
+    config_file = flags.pop("config", None)
+    values: dict[str, Any] = json.loads(Path(config_file).read_text()) if config_file else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(values) - names:
+        raise ValueError(f"{config_file}: unknown field(s) {sorted(set(values) - names)}; expected some of {sorted(names)}")
+    values.update(flags)
+    for name, value in values.items():
+        if typing.get_origin(_unwrap_optional(hints[name])) is tuple and value is not None:
+            values[name] = tuple(value)
+    return cls(**values)
+
+
+def _unwrap_optional(kind: Any) -> Any:
+    """``X | None`` -> ``X``; anything else unchanged."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    is_union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else kind

@@ -67,3 +67,29 @@ def test_metrics_log_drops_rows_after_resume_step(tmp_path):
         log.log({"step": step, "loss": 1.0 / step})
     MetricsLog(acc, tmp_path / "metrics.jsonl", resume_step=3)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_parse_config_precedence_and_types(tmp_path):
+    import dataclasses
+    import json
+
+    import pytest
+
+    from pretrain.training import parse_config
+
+    @dataclasses.dataclass
+    class Cfg:
+        data_dir: str | None = None  # where the data lives
+        max_steps: int = 10  # optimizer steps
+        patch_size: tuple[int, int, int] = (32, 32, 32)  # patch
+        amp: bool = False  # mixed precision
+        lr: float = 1e-3  # learning rate
+
+    cfg = parse_config(Cfg, ["--max_steps", "5", "--patch_size", "16", "16", "16", "--amp"])
+    assert cfg == Cfg(max_steps=5, patch_size=(16, 16, 16), amp=True)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 0.5, "max_steps": 7, "data_dir": "x"}))
+    assert parse_config(Cfg, ["--config", str(path), "--max_steps", "3"]) == Cfg(data_dir="x", max_steps=3, lr=0.5)
+    path.write_text(json.dumps({"learning_rate": 0.5}))
+    with pytest.raises(ValueError, match="learning_rate"):
+        parse_config(Cfg, ["--config", str(path)])
