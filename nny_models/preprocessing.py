@@ -1,0 +1,193 @@
+"""Deterministic CT preprocessing shared by training (preprocess_case) and inference (preprocess_volume).
+
+MONAI dictionary transforms: EnsureChannelFirstd -> Orientationd -> Spacingd (image bilinear, label
+nearest) -> ScaleIntensityRanged (HU window -> out_range, clipped) -> CropForegroundd on the body.
+``restore_to_original`` inverts crop, spacing and orientation so that a prediction lands on the
+original voxel grid (same shape and affine as the input).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nny_models.config import PreprocessConfig
+
+CROP_MARGIN = 8  # voxels kept around the body bounding box, so the skin is not on the patch border
+
+
+def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return x > threshold
+
+
+def _scaled_threshold(cfg: PreprocessConfig) -> float:
+    """body_threshold_hu mapped through the same linear HU window as the image."""
+    (a_min, a_max), (b_min, b_max) = cfg.hu_window, cfg.out_range
+    hu = min(max(cfg.body_threshold_hu, a_min), a_max)
+    return b_min + (hu - a_min) / (a_max - a_min) * (b_max - b_min)
+
+
+def _resample_transforms(cfg: PreprocessConfig, keys: list[str]):
+    from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, ScaleIntensityRanged, Spacingd
+
+    return Compose(
+        [
+            EnsureChannelFirstd(keys, channel_dim="no_channel"),
+            Orientationd(keys, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # RAS world
+            Spacingd(
+                keys,
+                pixdim=cfg.spacing,
+                mode=["bilinear", "nearest"][: len(keys)],
+                padding_mode=["border", "zeros"][: len(keys)],
+            ),
+            ScaleIntensityRanged(
+                "image", a_min=cfg.hu_window[0], a_max=cfg.hu_window[1],
+                b_min=cfg.out_range[0], b_max=cfg.out_range[1], clip=True,
+            ),
+        ]
+    )
+
+
+def _check_volume(array: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3 or min(array.shape) < 2:
+        raise ValueError(f"{name}: expected a 3D volume (X, Y, Z) with at least 2 voxels per axis, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
+        raise ValueError(f"{name}: expected a numeric volume, got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        n = int(np.size(array) - np.isfinite(array).sum())
+        raise ValueError(f"{name}: {n} voxel(s) are NaN or Inf; expected finite HU values")
+    return array
+
+
+def _check_affine(affine: Any, name: str) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{name}: expected a finite, invertible 4x4 affine, got {affine.tolist()}")
+    return affine
+
+
+def _check_label(label: np.ndarray, name: str) -> np.ndarray:
+    label = _check_volume(label, name)
+    if label.size and (label.min() < 0 or label.max() > 255 or not np.array_equal(label, np.round(label))):
+        raise ValueError(f"{name}: expected integer class labels in 0..255, got values in [{label.min()}, {label.max()}]")
+    return label
+
+
+def _run(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, cfg: PreprocessConfig):
+    """The one code path: returns (image (1,X,Y,Z) tensor, label tensor | None, JSON-able state)."""
+    import nibabel as nib
+    from monai.data import MetaTensor
+    from monai.transforms import CropForegroundd
+
+    keys = ["image"] if label is None else ["image", "label"]
+    aff = torch.as_tensor(affine, dtype=torch.float64)
+    data = {"image": MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=aff)}
+    if label is not None:
+        data["label"] = MetaTensor(torch.as_tensor(label, dtype=torch.float32), affine=aff.clone())
+    data = _resample_transforms(cfg, keys)(data)
+    resampled_shape = list(data["image"].shape[1:])
+    resampled_affine = np.asarray(data["image"].affine, dtype=np.float64)
+
+    start, end = [0, 0, 0], resampled_shape
+    threshold = _scaled_threshold(cfg)
+    if cfg.crop_foreground and bool((data["image"] > threshold).any()):  # an all-air volume stays uncropped
+        crop = CropForegroundd(
+            keys, source_key="image", select_fn=partial(_above, threshold=threshold),
+            margin=CROP_MARGIN, allow_smaller=True,
+        )
+        data = crop(data)
+        start = [int(v) for v in data["foreground_start_coord"]]
+        end = [int(v) for v in data["foreground_end_coord"]]
+
+    state = {
+        "original_shape": [int(s) for s in image.shape],
+        "original_affine": np.asarray(affine, dtype=np.float64).tolist(),
+        "original_axcodes": "".join(nib.aff2axcodes(affine)),
+        "original_spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
+        "resampled_shape": [int(s) for s in resampled_shape],
+        "resampled_affine": resampled_affine.tolist(),
+        "crop_start": start,
+        "crop_end": end,
+        "shape": [int(s) for s in data["image"].shape[1:]],
+        "affine": np.asarray(data["image"].affine, dtype=np.float64).tolist(),
+        "spacing": [float(s) for s in cfg.spacing],
+        "preprocessing": cfg.to_dict(),
+    }
+    img = data["image"].as_tensor().float().contiguous()
+    lab = None if label is None else data["label"].as_tensor().round().to(torch.uint8).contiguous()
+    return img, lab, state
+
+
+def preprocess_volume(image: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig) -> tuple[torch.Tensor, dict]:
+    """HU array (X,Y,Z) + its 4x4 affine -> (float32 tensor (1,X',Y',Z'), state for restore_to_original)."""
+    image = _check_volume(image, "input image")
+    affine = _check_affine(affine, "input affine")
+    img, _, state = _run(image, None, affine, cfg)
+    return img, state
+
+
+def preprocess_case(image_path: str | Path, label_path: str | Path | None, cfg: PreprocessConfig) -> dict[str, Any]:
+    """Read and preprocess one case -> {image: float32 (1,X,Y,Z), label: uint8 (1,X,Y,Z) | None, meta: dict}."""
+    from nny_models.io import load_volume
+
+    image, affine = load_volume(image_path)
+    image = _check_volume(image, str(image_path))
+    affine = _check_affine(affine, str(image_path))
+    label = None
+    if label_path is not None:
+        label, label_affine = load_volume(label_path)
+        label = _check_label(label, str(label_path))
+        if label.shape != image.shape:
+            raise ValueError(
+                f"{label_path}: label shape {label.shape} differs from image shape {image.shape} ({image_path}); "
+                "expected the same voxel grid"
+            )
+        if not np.allclose(label_affine, affine, rtol=1e-4, atol=1e-3):
+            raise ValueError(
+                f"{label_path}: label affine differs from the image affine of {image_path}; expected the same "
+                f"voxel grid.\nimage:\n{np.round(affine, 4)}\nlabel:\n{np.round(label_affine, 4)}"
+            )
+    img, lab, meta = _run(image, label, affine, cfg)
+    meta["image_path"] = str(image_path)
+    meta["label_path"] = None if label_path is None else str(label_path)
+    return {"image": img.numpy(), "label": None if lab is None else lab.numpy(), "meta": meta}
+
+
+def restore_to_original(pred: np.ndarray | torch.Tensor, state: dict) -> np.ndarray:
+    """Map a prediction on the preprocessed grid (C,X',Y',Z') back to the original grid (C,X,Y,Z).
+
+    Integer/bool inputs are labels (nearest neighbour, 0 outside the body crop); float inputs are
+    probabilities or scores (linear; outside the crop channel 0 = 1 when C > 1, else 0).
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+    if pred.ndim != 4 or list(pred.shape[1:]) != list(state["shape"]):
+        raise ValueError(f"restore_to_original: expected an array (C, {', '.join(map(str, state['shape']))}), got {pred.shape}")
+    is_label = pred.dtype == bool or np.issubdtype(pred.dtype, np.integer)
+
+    # undo the body crop: the region outside it is background
+    full = np.zeros((pred.shape[0], *state["resampled_shape"]), dtype=np.float32)
+    if not is_label and pred.shape[0] > 1:
+        full[0] = 1.0
+    (x0, y0, z0), (x1, y1, z1) = state["crop_start"], state["crop_end"]
+    full[:, x0:x1, y0:y1, z0:z1] = pred
+
+    # undo orientation and spacing in one resampling from the resampled grid to the original one
+    src = MetaTensor(torch.from_numpy(full), affine=torch.as_tensor(state["resampled_affine"], dtype=torch.float64))
+    resample = SpatialResample(mode="nearest" if is_label else "bilinear", padding_mode="border", dtype=torch.float32)
+    out = resample(
+        src,
+        dst_affine=torch.as_tensor(state["original_affine"], dtype=torch.float64),
+        spatial_size=tuple(state["original_shape"]),
+    )
+    out = np.asarray(out.as_tensor().numpy())
+    return np.round(out).astype(pred.dtype) if is_label else out.astype(np.float32)
