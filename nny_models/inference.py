@@ -155,14 +155,51 @@ def clinical_vector(model: nn.Module, clinical: Any) -> torch.Tensor | None:
             )
         from nny_models.clinical import ClinicalSchema
 
-        missing = missing_clinical_columns(schema, row)
-        if missing:
-            warnings.warn(f"predict: clinical column(s) {missing} are missing and were imputed per the schema")
+        # the schema warns about absent columns / unknown categories and imputes them
         vector = np.asarray(ClinicalSchema.from_dict(schema).transform(row), dtype=np.float32).reshape(1, -1)
     expected = getattr(getattr(model, "net", model).fusion, "clinical_features", None)
     if expected is not None and vector.shape[1] != expected:
         raise ValueError(f"clinical: the model expects {expected} features, got {vector.shape[1]}")
     return torch.from_numpy(vector)
+
+
+def sliding_window_probs(
+    model: nn.Module,
+    x: torch.Tensor,
+    patch_size: tuple[int, int, int],
+    clinical: torch.Tensor | None = None,
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    cval: float = -1.0,
+) -> torch.Tensor:
+    """Softmax probabilities (B, C, X, Y, Z) of a preprocessed volume x (B, 1, X, Y, Z), Gaussian-blended.
+
+    Windows of ``patch_size`` run through ``model(patch, clinical=...)`` under bf16 autocast when
+    ``amp``; the clinical row (1, F) is repeated for every window in a batch.
+    """
+    device = torch.device(device)
+
+    def window_probs(patch: torch.Tensor) -> torch.Tensor:
+        c = None if clinical is None else clinical.to(patch.device).expand(patch.shape[0], -1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(patch, clinical=c)
+        return logits.float().softmax(dim=1)
+
+    model.eval().to(device)
+    return sliding_window_inference(
+        x.to(device),
+        roi_size=tuple(patch_size),
+        sw_batch_size=sw_batch_size,
+        predictor=window_probs,
+        overlap=overlap,
+        mode="gaussian",
+        cval=cval,
+        sw_device=device,
+        device=device,
+    )
 
 
 def predict(
@@ -216,28 +253,12 @@ def predict(
     cfg = config.preprocess
     clin = clinical_vector(model, clinical)
     x, state = preprocess_volume(volume.astype(np.float32, copy=False), affine, cfg)
-    x = torch.as_tensor(x, dtype=torch.float32)[None].to(device)  # (1, 1, X, Y, Z)
-    if clin is not None:
-        clin = clin.to(device)
-
-    def window_probs(patch: torch.Tensor) -> torch.Tensor:
-        c = None if clin is None else clin.expand(patch.shape[0], -1)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(patch, clinical=c)
-        return logits.float().softmax(dim=1)
-
-    model.eval().to(device)
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x  # a MONAI MetaTensor -> plain tensor
+    x = torch.as_tensor(x, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
     with torch.inference_mode():
-        probs = sliding_window_inference(
-            x,
-            roi_size=tuple(config.patch_size),
-            sw_batch_size=sw_batch_size,
-            predictor=window_probs,
-            overlap=overlap,
-            mode="gaussian",
-            cval=float(cfg.out_range[0]),  # pad with "air", not with the window's middle
-            sw_device=device,
-            device=device,
+        probs = sliding_window_probs(
+            model, x, config.patch_size, clin, overlap=overlap, sw_batch_size=sw_batch_size,
+            device=device, amp=amp, cval=float(cfg.out_range[0]),  # pad with "air", not mid-window grey
         )[0]
         labels = probs.argmax(dim=0, keepdim=True).to(torch.uint8).cpu().numpy()
         probs = probs.cpu().numpy() if return_probabilities else None
