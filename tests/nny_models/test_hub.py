@@ -1,0 +1,231 @@
+"""NnyNet Hub glue: local round trip, strict loading, safetensors only, and a Hub round trip
+(push twice, pinned revision, offline reload) against the in-memory Hub of tests/hub_server.py.
+
+huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE when it is imported, so the Hub client
+side runs in a subprocess (``python -m tests.nny_models.test_hub STEP WORKDIR``) with its own environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+
+# STANDIN-BEGIN: temporary until nny_models/zoo.py (owned by "models") lands.
+try:
+    import nny_models.zoo  # noqa: F401
+except ImportError:
+    import types
+
+    from torch import nn
+
+    class _Tiny(nn.Module):
+        def __init__(self, name: str, out_channels: int = 5) -> None:
+            super().__init__()
+            width = 4 if name == "unet" else 6
+            self.stem = nn.Conv3d(1, width, 3, padding=1)
+            self.head = nn.Conv3d(width, out_channels, 1)
+
+        def forward(self, x, clinical=None):
+            return self.head(torch.relu(self.stem(x)))
+
+    _zoo = types.ModuleType("nny_models.zoo")
+    _zoo.create_model = lambda name, size="base", out_channels=5: _Tiny(name, out_channels)
+    sys.modules["nny_models.zoo"] = _zoo
+# STANDIN-END
+
+from nny_models.config import NnyNetConfig
+from nny_models.hub import NnyNet, WeightsMismatchError, load_config, load_state_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ID = "radiology-lab/nnynet-tiny"
+METRICS = {"per_class": {"liver": {"dice": 0.9312, "iou": 0.8713, "hd95": 4.25},
+                         "tumor": {"dice": 0.6021, "iou": 0.4307, "hd95": 11.5}},
+           "mean_dice": 0.7666}
+
+
+def tiny_config(model: str = "nnynet", out_channels: int = 5, **fields) -> NnyNetConfig:
+    labels = ["background", "liver", "tumor", "portal_vein", "aorta"][:out_channels]
+    return NnyNetConfig(model=model, model_kwargs={"size": "tiny", "out_channels": out_channels},
+                        label_names=labels, patch_size=(32, 32, 32), **fields)
+
+
+def fixed_input() -> torch.Tensor:
+    return torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def seeded_model(config: NnyNetConfig, seed: int) -> NnyNet:
+    torch.manual_seed(seed)
+    return NnyNet(config).eval()
+
+
+@torch.no_grad()
+def run(model: NnyNet, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+# ---- local directory ------------------------------------------------------------------------------
+
+
+def test_local_round_trip_is_bitwise_and_writes_card(tmp_path: Path) -> None:
+    config = tiny_config(metrics=METRICS)
+    model = seeded_model(config, 0)
+    x = fixed_input()
+    model.save_pretrained(tmp_path, model_card_kwargs={"training": {"max_steps": 123}})
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
+
+    loaded = NnyNet.from_pretrained(tmp_path)
+    assert isinstance(loaded.config, NnyNetConfig) and loaded.config == model.config
+    assert not loaded.training
+    assert torch.equal(run(loaded, x), run(model, x))
+
+    assert load_config(tmp_path) == model.config
+    state = load_state_dict(tmp_path)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+    card = (tmp_path / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "nnynet" and front["pipeline_tag"] == "image-segmentation"
+    assert {"medical-imaging", "segmentation", "3d", "ct"} <= set(front["tags"])
+    for text in ["portal_vein", "aorta", "| liver | 0.9312 | 4.2500 | 0.8713 |", "mean_dice: 0.7666",
+                 "max_steps: 123", "32 x 32 x 32", "2501.01406", "2306.16925", "MedNeXt", "Swin UNETR",
+                 "Not a medical device", "synthetic CT phantoms"]:
+        assert text in card, text
+
+    # A re-save refreshes the card (the mixin alone would keep a stale README.md).
+    model.config.metrics = None
+    model.save_pretrained(tmp_path)
+    assert "## Evaluation" not in (tmp_path / "README.md").read_text()
+
+
+def test_card_lists_clinical_columns(tmp_path: Path) -> None:
+    schema = {"columns": [{"name": "age", "type": "numeric"}, {"name": "child_pugh", "type": "categorical"}]}
+    seeded_model(tiny_config(clinical_schema=schema), 0).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "- age (numeric)" in card and "- child_pugh (categorical)" in card
+
+
+def test_other_architecture_fails_strictly_naming_keys(tmp_path: Path) -> None:
+    unet = seeded_model(tiny_config("unet"), 0)
+    unet.save_pretrained(tmp_path)
+    nnynet_config = tiny_config("nnynet")
+    with pytest.raises(WeightsMismatchError) as info:
+        NnyNet.from_pretrained(tmp_path, config=nnynet_config)
+    message = str(info.value)
+    assert "'nnynet'" in message and "missing" in message and "unexpected" in message
+    assert next(iter(unet.state_dict())) in message  # a unet key is named as unexpected
+    assert next(iter(NnyNet(nnynet_config).state_dict())) in message  # an nnynet key is named as missing
+
+
+def test_shape_mismatch_strict_and_lenient(tmp_path: Path) -> None:
+    source = seeded_model(tiny_config(out_channels=5), 0)
+    source.save_pretrained(tmp_path)
+    three_labels = tiny_config(out_channels=3)
+    with pytest.raises(WeightsMismatchError, match=r"shape mismatch: .*checkpoint \[5"):
+        NnyNet.from_pretrained(tmp_path, config=three_labels)
+
+    lenient = NnyNet.from_pretrained(tmp_path, config=three_labels, strict=False)
+    src, dst = source.state_dict(), lenient.state_dict()
+    same = [k for k in dst if src[k].shape == dst[k].shape]
+    assert len(same) < len(dst) and all(torch.equal(src[k], dst[k]) for k in same)
+
+
+def test_safetensors_only_and_clear_missing_files(tmp_path: Path) -> None:
+    model = seeded_model(tiny_config(), 0)
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors only"):
+        NnyNet.from_pretrained(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        NnyNet.from_pretrained(empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nowhere")
+
+
+def test_save_pretrained_refuses_a_different_config(tmp_path: Path) -> None:
+    model = seeded_model(tiny_config(), 0)
+    with pytest.raises(ValueError, match="mirrors model.config"):
+        model.save_pretrained(tmp_path, config=tiny_config(out_channels=3))
+
+
+# ---- Hub round trip against a local Hub-compatible server --------------------------------------------
+
+
+def _client(step: str, work: Path, endpoint: str, offline: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(work / "hf_home"), HF_HUB_DISABLE_XET="1", HF_TOKEN="dummy",
+               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-m", "tests.nny_models.test_hub", step, str(work)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"client step {step!r} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_push_to_hub_pinned_revision_and_offline_reload(tmp_path: Path) -> None:
+    from tests.hub_server import HubServer
+
+    with HubServer() as hub:
+        _client("online", tmp_path, hub.url, offline=False)
+        log = list(hub.state.requests)
+    result = json.loads((tmp_path / "online.json").read_text())
+    outs = safetensors.torch.load_file(tmp_path / "online.safetensors")
+
+    assert result["first"] != result["second"] and result["main_sha"] == result["second"]
+    assert {"model.safetensors", "config.json", "README.md"} <= set(result["files"])
+    assert result["config_equal"] and "portal_vein" in result["readme"]
+    assert not torch.equal(outs["first"], outs["second"])
+    assert torch.equal(outs["latest"], outs["second"])
+    assert torch.equal(outs["pinned"], outs["first"])
+    assert any(line.startswith("HEAD /" + REPO_ID + "/resolve/" + result["first"]) for line in log)
+
+    # Server gone: both revisions come back from the cache the downloads filled.
+    _client("offline", tmp_path, hub.url, offline=True)
+    offline = safetensors.torch.load_file(tmp_path / "offline.safetensors")
+    assert torch.equal(offline["latest"], outs["second"])
+    assert torch.equal(offline["pinned"], outs["first"])
+
+
+def _client_main(step: str, work: Path) -> None:
+    """Runs in the subprocess started by _client, with HF_* set before huggingface_hub is imported."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    config, x = tiny_config(metrics=METRICS), fixed_input()
+    if step == "online":
+        first, second = seeded_model(config, 1), seeded_model(config, 2)
+        commit1 = first.push_to_hub(REPO_ID, commit_message="first weights")
+        commit2 = second.push_to_hub(REPO_ID, commit_message="second weights")
+        latest = NnyNet.from_pretrained(REPO_ID)
+        pinned = NnyNet.from_pretrained(REPO_ID, revision=commit1.oid)
+        info = HfApi().model_info(REPO_ID)
+        (work / "online.json").write_text(json.dumps({
+            "first": commit1.oid, "second": commit2.oid, "main_sha": info.sha,
+            "files": [s.rfilename for s in info.siblings], "config_equal": latest.config == first.config,
+            "readme": Path(hf_hub_download(REPO_ID, "README.md")).read_text(),
+        }))
+        outs = {"first": run(first, x), "second": run(second, x), "latest": run(latest, x), "pinned": run(pinned, x)}
+        safetensors.torch.save_file(outs, work / "online.safetensors")
+    elif step == "offline":
+        first_sha = json.loads((work / "online.json").read_text())["first"]
+        latest = NnyNet.from_pretrained(REPO_ID)
+        pinned = NnyNet.from_pretrained(REPO_ID, revision=first_sha)
+        assert load_config(REPO_ID) == latest.config
+        assert load_state_dict(REPO_ID, revision=first_sha).keys() == pinned.state_dict().keys()
+        safetensors.torch.save_file({"latest": run(latest, x), "pinned": run(pinned, x)}, work / "offline.safetensors")
+    else:
+        raise ValueError(f"unknown client step {step!r}")
+
+
+if __name__ == "__main__":
+    _client_main(sys.argv[1], Path(sys.argv[2]))
