@@ -14,6 +14,7 @@ No ``from __future__ import annotations`` here: the mixin inspects the ``__init_
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,7 @@ def render_model_card(config: NnyNetConfig, *, training: dict[str, Any] | None =
         tags=sorted(set(CARD_TAGS + ["pytorch_model_hub_mixin", "model_hub_mixin"])),
     )
     columns, rows, scalars = _metrics_table(config.metrics, config.label_names)
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
         cfg=config,
@@ -223,6 +224,8 @@ def render_model_card(config: NnyNetConfig, *, training: dict[str, Any] | None =
         trained_on=trained_on,
         notes=notes,
     )
+    # Optional sections leave runs of blank lines behind; markdown needs at most one.
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))
 
 
 def _as_config(config: NnyNetConfig | dict) -> NnyNetConfig:
