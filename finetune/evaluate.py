@@ -1,0 +1,202 @@
+"""Segmentation metrics per case and class (MONAI), summaries and report files.
+
+Per foreground class (label_names[1:]): Dice, IoU, HD95 (mm, using the voxel spacing), voxel
+accuracy, precision and recall, computed with ``monai.metrics`` on one-hot volumes.
+
+Empty-class conventions (the paper does not fix them; ours, applied everywhere):
+- class absent from both ground truth and prediction: nothing to score. Dice, IoU, precision,
+  recall and HD95 are NaN ("absent"), accuracy is 1. The class is skipped in every mean and counted
+  as ``n_absent`` in the summary, so true negatives neither help nor hurt.
+- class in the prediction only (false positive case): Dice = IoU = precision = 0, recall NaN (0/0).
+- class in the ground truth only (missed): Dice = IoU = recall = 0, precision NaN (0/0).
+- HD95 is defined only when both sides are non-empty; otherwise it is NaN, excluded from the HD95
+  mean and counted as ``hd95_undefined`` (so a missed tumor is visible, not silently averaged away).
+NaN is written as ``null`` in metrics.json and as an empty cell in the CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.metrics import (
+    compute_confusion_matrix_metric,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+    get_confusion_matrix,
+)
+from scipy import ndimage
+
+METRICS = ("dice", "iou", "hd95", "accuracy", "precision", "recall")
+
+
+def _as_labels(x: Any, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x))
+    if t.ndim != 3:
+        raise ValueError(f"evaluate_case: {name} must be a (X, Y, Z) label volume, got shape {tuple(t.shape)}")
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise ValueError(f"evaluate_case: {name} must hold integer labels, got non-integer values")
+    return t.long()
+
+
+def evaluate_case(
+    pred: np.ndarray | torch.Tensor,
+    gt: np.ndarray | torch.Tensor,
+    spacing: Sequence[float],
+    label_names: Sequence[str],
+    case_id: str = "",
+) -> dict[str, Any]:
+    """Metrics of one case -> {"case_id", "classes": {name: {metric: value, "gt_voxels", "pred_voxels"}},
+    "mean_dice", "miou"} where the means run over the foreground classes that are not absent."""
+    pred_t, gt_t = _as_labels(pred, "pred"), _as_labels(gt, "gt")
+    if pred_t.shape != gt_t.shape:
+        raise ValueError(f"evaluate_case: pred shape {tuple(pred_t.shape)} != gt shape {tuple(gt_t.shape)}")
+    spacing = [float(s) for s in spacing]
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"evaluate_case: spacing must be 3 positive numbers (mm), got {spacing}")
+    n = len(label_names)
+    if n < 2:
+        raise ValueError(f"evaluate_case: label_names needs background + at least one class, got {list(label_names)}")
+    for name, t in (("pred", pred_t), ("gt", gt_t)):
+        if t.min() < 0 or t.max() >= n:
+            raise ValueError(f"evaluate_case: {name} has labels outside 0..{n - 1} ({list(label_names)})")
+
+    # one-hot (1, n, X, Y, Z) with background dropped below by include_background=False
+    p1 = torch.nn.functional.one_hot(pred_t, n).permute(3, 0, 1, 2)[None].float()
+    g1 = torch.nn.functional.one_hot(gt_t, n).permute(3, 0, 1, 2)[None].float()
+    dice = compute_dice(p1, g1, include_background=False, ignore_empty=False)[0]
+    iou = compute_iou(p1, g1, include_background=False, ignore_empty=False)[0]
+    cm = get_confusion_matrix(p1, g1, include_background=False)
+    acc = compute_confusion_matrix_metric("accuracy", cm)[0]
+    precision = compute_confusion_matrix_metric("precision", cm)[0]
+    recall = compute_confusion_matrix_metric("recall", cm)[0]
+
+    gt_vox = g1[0, 1:].flatten(1).sum(1)
+    pred_vox = p1[0, 1:].flatten(1).sum(1)
+    both = (gt_vox > 0) & (pred_vox > 0)
+    hd95 = torch.full((n - 1,), math.nan)
+    if both.any():  # only classes present on both sides; MONAI warns and returns inf/nan otherwise
+        idx = torch.nonzero(both)[:, 0] + 1
+        with warnings.catch_warnings():  # MONAI's own internal deprecation notice (get_mask_edges)
+            warnings.simplefilter("ignore", FutureWarning)
+            hd95[both] = compute_hausdorff_distance(
+                p1[:, idx], g1[:, idx], include_background=True, percentile=95, spacing=spacing
+            )[0].float()
+
+    classes = {}
+    for c in range(n - 1):
+        absent = gt_vox[c] == 0 and pred_vox[c] == 0
+        values = {
+            "dice": dice[c], "iou": iou[c], "hd95": hd95[c],
+            "accuracy": acc[c], "precision": precision[c], "recall": recall[c],
+        }  # fmt: skip
+        row = {k: (math.nan if absent and k != "accuracy" else float(v)) for k, v in values.items()}
+        row.update(gt_voxels=int(gt_vox[c]), pred_voxels=int(pred_vox[c]))
+        classes[label_names[c + 1]] = row
+    dices = [r["dice"] for r in classes.values() if not math.isnan(r["dice"])]
+    ious = [r["iou"] for r in classes.values() if not math.isnan(r["iou"])]
+    return {
+        "case_id": case_id,
+        "classes": classes,
+        "mean_dice": float(np.mean(dices)) if dices else math.nan,
+        "miou": float(np.mean(ious)) if ious else math.nan,
+    }
+
+
+def summarize(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-class mean/std over cases (NaN skipped, counted) plus mean foreground Dice and mIoU."""
+    if not per_case:
+        raise ValueError("summarize: no cases")
+    names = list(per_case[0]["classes"])
+    per_class = {}
+    for name in names:
+        rows = [case["classes"][name] for case in per_case]
+        stats: dict[str, Any] = {}
+        for m in METRICS:
+            v = np.array([r[m] for r in rows], dtype=float)
+            v = v[~np.isnan(v)]
+            stats[f"{m}_mean"] = float(v.mean()) if len(v) else math.nan
+            stats[f"{m}_std"] = float(v.std()) if len(v) else math.nan
+        stats["n_evaluated"] = sum(not math.isnan(r["dice"]) for r in rows)
+        stats["n_absent"] = sum(math.isnan(r["dice"]) for r in rows)
+        stats["hd95_undefined"] = sum(math.isnan(r["hd95"]) and not math.isnan(r["dice"]) for r in rows)
+        per_class[name] = stats
+    mean_dice = np.array([c["mean_dice"] for c in per_case], dtype=float)
+    miou = np.array([c["miou"] for c in per_case], dtype=float)
+    return {
+        "n_cases": len(per_case),
+        "mean_dice": float(np.nanmean(mean_dice)) if (~np.isnan(mean_dice)).any() else math.nan,
+        "miou": float(np.nanmean(miou)) if (~np.isnan(miou)).any() else math.nan,
+        "per_class": per_class,
+    }
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def write_reports(per_case: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """metrics.json (summary + per case), metrics_per_case.csv (one row per case and class), metrics.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "metrics.json", "csv": out / "metrics_per_case.csv", "md": out / "metrics.md"}
+    paths["json"].write_text(json.dumps(_json_safe({"summary": summary, "per_case": list(per_case)}), indent=2))
+
+    rows = [
+        {"case_id": case["case_id"], "class": name, **values}
+        for case in per_case
+        for name, values in case["classes"].items()
+    ]
+    pd.DataFrame(rows, columns=["case_id", "class", *METRICS, "gt_voxels", "pred_voxels"]).to_csv(paths["csv"], index=False)
+
+    lines = [
+        f"# Segmentation metrics ({summary['n_cases']} cases)",
+        "",
+        f"Mean foreground Dice: **{_fmt(summary['mean_dice'])}**, mIoU: **{_fmt(summary['miou'])}**",
+        "",
+        "| Class | Dice | IoU | HD95 (mm) | Accuracy | Precision | Recall | cases (absent, HD95 n/a) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary["per_class"].items():
+        cells = [f"{_fmt(s[f'{m}_mean'], 2 if m == 'hd95' else 4)} ± {_fmt(s[f'{m}_std'], 2 if m == 'hd95' else 4)}" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['n_evaluated']} ({s['n_absent']}, {s['hd95_undefined']}) |")
+    lines += ["", "Means skip cases where the class is absent from both ground truth and prediction;",
+              "HD95 is n/a when one side is empty (see finetune/evaluate.py)."]  # fmt: skip
+    paths["md"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def keep_largest_component(pred: np.ndarray | torch.Tensor, label: int | Sequence[int] = 1) -> np.ndarray | torch.Tensor:
+    """Keep only the largest 26-connected component of ``label`` (e.g. the liver) in a (X, Y, Z) label
+    volume; removed voxels become background. Returns the same type as ``pred``.
+
+    Same result as ``monai.transforms.KeepLargestConnectedComponent(applied_labels, independent=True)``,
+    which needs scikit-image (not a dependency here), so scipy.ndimage.label does the labelling."""
+    if np.ndim(pred) != 3:
+        raise ValueError(f"keep_largest_component: expected a (X, Y, Z) label volume, got shape {tuple(np.shape(pred))}")
+    is_tensor = isinstance(pred, torch.Tensor)
+    out = pred.detach().cpu().numpy().copy() if is_tensor else np.array(pred, copy=True)
+    for lab in [label] if isinstance(label, int) else list(label):
+        components, n = ndimage.label(out == lab, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            out[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
+    return torch.as_tensor(out, device=pred.device) if is_tensor else out

@@ -1,0 +1,111 @@
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from finetune.evaluate import evaluate_case, keep_largest_component, summarize, write_reports
+
+NAMES = ["background", "liver", "tumor", "portal_vein", "aorta"]
+
+
+def two_cubes():
+    """liver: two 8^3 cubes overlapping in 6x8x8 voxels; tumor: an 8^3 cube shifted 2 slices in z;
+    portal vein absent everywhere; aorta only in the prediction."""
+    gt = np.zeros((24, 24, 24), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[2:10, 2:10, 2:10] = 1
+    pred[4:12, 2:10, 2:10] = 1
+    gt[13:21, 13:21, 12:20] = 2
+    pred[13:21, 13:21, 14:22] = 2
+    pred[0:2, 20:22, 0:3] = 4
+    return pred, gt
+
+
+def test_overlap_metrics_exact():
+    pred, gt = two_cubes()
+    m = evaluate_case(pred, gt, (0.7, 0.9, 2.5), NAMES, case_id="c0")
+    liver = m["classes"]["liver"]
+    n = gt.size
+    assert liver["dice"] == pytest.approx(2 * 384 / 1024)
+    assert liver["iou"] == pytest.approx(384 / 640)
+    assert liver["precision"] == pytest.approx(384 / 512)
+    assert liver["recall"] == pytest.approx(384 / 512)
+    assert liver["accuracy"] == pytest.approx((n - 256) / n)
+    assert (liver["gt_voxels"], liver["pred_voxels"]) == (512, 512)
+
+
+def test_hd95_uses_anisotropic_spacing():
+    pred, gt = two_cubes()
+    for spacing in [(0.7, 0.9, 2.5), (1.0, 1.0, 1.0), (0.5, 0.5, 4.0)]:
+        m = evaluate_case(pred, gt, spacing, NAMES)
+        assert m["classes"]["tumor"]["hd95"] == pytest.approx(2 * spacing[2], rel=1e-5)  # 2 slices shift
+        assert m["classes"]["tumor"]["dice"] == pytest.approx(6 / 8)
+    m = evaluate_case(gt, gt, (0.7, 0.9, 2.5), NAMES)
+    assert m["classes"]["tumor"]["hd95"] == 0.0 and m["classes"]["liver"]["dice"] == 1.0
+
+
+def test_empty_class_conventions():
+    pred, gt = two_cubes()
+    m = evaluate_case(torch.as_tensor(pred), torch.as_tensor(gt), (1, 1, 1), NAMES)
+    pv, aorta = m["classes"]["portal_vein"], m["classes"]["aorta"]
+    # absent from both: skipped
+    assert all(math.isnan(pv[k]) for k in ("dice", "iou", "hd95", "precision", "recall")) and pv["accuracy"] == 1.0
+    # prediction only: zero overlap, recall and HD95 undefined
+    assert aorta["dice"] == 0 and aorta["iou"] == 0 and aorta["precision"] == 0
+    assert math.isnan(aorta["recall"]) and math.isnan(aorta["hd95"])
+    # means over classes that are not absent: liver, tumor, aorta
+    assert m["mean_dice"] == pytest.approx((0.75 + 0.75 + 0.0) / 3)
+    assert m["miou"] == pytest.approx((0.6 + 0.6 + 0.0) / 3)
+    # ground truth only: precision undefined
+    missed = evaluate_case(np.zeros_like(gt), gt, (1, 1, 1), NAMES)["classes"]["liver"]
+    assert missed["dice"] == 0 and missed["recall"] == 0 and math.isnan(missed["precision"]) and math.isnan(missed["hd95"])
+
+
+def test_summary_and_reports(tmp_path):
+    pred, gt = two_cubes()
+    cases = [evaluate_case(pred, gt, (0.7, 0.9, 2.5), NAMES, case_id="a"), evaluate_case(gt, gt, (0.7, 0.9, 2.5), NAMES, case_id="b")]
+    s = summarize(cases)
+    assert s["n_cases"] == 2
+    liver = s["per_class"]["liver"]
+    assert liver["dice_mean"] == pytest.approx((0.75 + 1.0) / 2) and liver["dice_std"] == pytest.approx(0.125)
+    assert s["per_class"]["portal_vein"]["n_absent"] == 2 and math.isnan(s["per_class"]["portal_vein"]["dice_mean"])
+    aorta = s["per_class"]["aorta"]
+    assert (aorta["n_evaluated"], aorta["n_absent"], aorta["hd95_undefined"]) == (1, 1, 1)
+    assert s["mean_dice"] == pytest.approx((0.5 + 1.0) / 2)
+
+    paths = write_reports(cases, s, tmp_path / "reports")
+    data = json.loads(paths["json"].read_text())  # strict JSON: NaN written as null
+    assert data["summary"]["per_class"]["portal_vein"]["dice_mean"] is None
+    assert data["per_case"][0]["classes"]["liver"]["dice"] == pytest.approx(0.75)
+    df = pd.read_csv(paths["csv"])
+    assert len(df) == 2 * 4 and set(df["class"]) == set(NAMES[1:])
+    assert df.query("case_id == 'a' and `class` == 'tumor'")["hd95"].item() == pytest.approx(5.0)
+    md = paths["md"].read_text()
+    assert "| liver | 0.8750 ± 0.1250 |" in md and "Mean foreground Dice: **0.7500**" in md
+
+
+def test_bad_inputs():
+    pred, gt = two_cubes()
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_case(pred[:-1], gt, (1, 1, 1), NAMES)
+    with pytest.raises(ValueError, match="labels outside"):
+        evaluate_case(pred, gt, (1, 1, 1), NAMES[:3])
+    with pytest.raises(ValueError, match="spacing"):
+        evaluate_case(pred, gt, (1, 1), NAMES)
+
+
+def test_keep_largest_component():
+    pred = np.zeros((16, 16, 16), np.uint8)
+    pred[1:8, 1:8, 1:8] = 1
+    pred[12:14, 12:14, 12:14] = 1  # small liver island -> removed
+    pred[3:5, 3:5, 3:5] = 2  # tumor inside the liver is untouched
+    pred[14:16, 0:2, 0:2] = 2  # other labels keep all their components
+    out = keep_largest_component(pred, label=1)
+    assert out.dtype == pred.dtype and out.shape == pred.shape
+    assert (out[12:14, 12:14, 12:14] == 0).all()
+    assert (out == 1).sum() == 7**3 - 8 and (out == 2).sum() == 16
+    t = keep_largest_component(torch.as_tensor(pred), label=1)
+    assert isinstance(t, torch.Tensor) and torch.equal(t, torch.as_tensor(out))
