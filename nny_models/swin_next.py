@@ -1,0 +1,127 @@
+"""Swin-NeXt: MONAI's 3D Swin Transformer encoder with a MedNeXt decoder (the nnY-Net backbone).
+
+Encoder (``encoder.*``): ``monai.networks.nets.swin_unetr.SwinTransformer``, patch size 2, four stages;
+it returns five layer-normed maps at strides 2, 4, 8, 16, 32 with feature_size * (1, 2, 4, 8, 16)
+channels. The tensors are the same as SwinUNETR's ``swinViT.*`` so encoder weights move between them
+by renaming the prefix.
+
+Decoder: clinical fusion on the stride-32 map, a MedNeXt block as bottleneck, then per level a residual
+``MedNeXtUpBlock`` (transposed depthwise conv, x2) whose output is *added* to the encoder skip of that
+level, followed by ``decoder_blocks`` MedNeXt blocks (depthwise k^3 -> GroupNorm -> 1x1x1 expand -> GELU
+-> 1x1x1 compress). The last up block goes to full resolution with feature_size // 2 channels and adds a
+cheap stem skip (one 3^3 conv of the input). Why this is cheap: SwinUNETR runs dense 3^3 convolutions
+with feature_size channels at full and half resolution (its encoder1/decoder1/decoder2), which dominate
+its cost at 96^3; here full resolution only sees depthwise and pointwise convs on feature_size // 2
+channels.
+
+Deep supervision (``ds_heads.*``): 1x1x1 heads at strides 2, 4, 8, 16; in training mode the forward
+returns [full_res, /2, /4, /8, /16] logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks.mednext_block import MedNeXtBlock, MedNeXtOutBlock, MedNeXtUpBlock
+from monai.networks.nets.swin_unetr import SwinTransformer
+from torch.utils.checkpoint import checkpoint
+
+from nny_models.fusion import apply_fusion, check_image, make_fusion
+
+
+class SwinNeXt(nn.Module):
+    """Swin Transformer encoder + MedNeXt decoder; ``forward(image, clinical=None)``."""
+
+    size_divisor = 32  # patch size 2 and four patch mergings
+    encoder_prefixes = ("encoder.",)
+    head_prefixes = ("head.", "ds_heads.")
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 5,
+        feature_size: int = 48,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        use_v2: bool = False,
+        use_checkpoint: bool = False,
+        kernel_size: int = 3,
+        expansion_ratio: int = 2,
+        decoder_blocks: int = 1,
+        global_resp_norm: bool = False,
+        deep_supervision: bool = False,
+        drop_path_rate: float = 0.0,
+        fusion: str = "none",
+        clinical_features: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(num_heads) != 4:
+            raise ValueError(f"SwinNeXt: depths and num_heads need 4 stages, got {depths} and {num_heads}")
+        if kernel_size not in (3, 5, 7):
+            raise ValueError(f"SwinNeXt: kernel_size must be 3, 5 or 7, got {kernel_size}")
+        self.deep_supervision = deep_supervision
+        self.use_checkpoint = use_checkpoint
+        chans = [feature_size * 2**i for i in range(5)]  # strides 2, 4, 8, 16, 32
+        stem_ch = feature_size // 2
+
+        self.encoder = SwinTransformer(
+            in_chans=in_channels,
+            embed_dim=feature_size,
+            window_size=(window_size,) * 3,
+            patch_size=(2, 2, 2),
+            depths=depths,
+            num_heads=num_heads,
+            drop_path_rate=drop_path_rate,
+            use_checkpoint=use_checkpoint,
+            spatial_dims=3,
+            downsample="merging",  # same as SwinUNETR, so its swinViT weights load
+            use_v2=use_v2,
+        )
+        self.stem = nn.Sequential(
+            nn.Conv3d(in_channels, stem_ch, kernel_size=3, padding=1),
+            nn.GroupNorm(stem_ch, stem_ch),
+        )
+        self.fusion = make_fusion(chans[4], clinical_features, fusion)
+
+        def block(ch: int) -> MedNeXtBlock:
+            return MedNeXtBlock(ch, ch, expansion_ratio, kernel_size, True, "group", "3d", global_resp_norm)
+
+        self.bottleneck = block(chans[4])
+        # Level order: stride 16, 8, 4, 2, then full resolution (stem skip).
+        dec_in = chans[4:0:-1] + [chans[0]]
+        dec_out = chans[3::-1] + [stem_ch]
+        self.ups = nn.ModuleList(
+            MedNeXtUpBlock(i, o, expansion_ratio, kernel_size, True, "group", "3d", global_resp_norm)
+            for i, o in zip(dec_in, dec_out)
+        )
+        self.decoder = nn.ModuleList(nn.Sequential(*[block(o) for _ in range(decoder_blocks)]) for o in dec_out)
+        self.head = MedNeXtOutBlock(stem_ch, out_channels, dim="3d")
+        if deep_supervision:  # ds_heads[i] sits at stride 2 ** (i + 1)
+            self.ds_heads = nn.ModuleList(MedNeXtOutBlock(c, out_channels, dim="3d") for c in chans[:4])
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
+    def forward_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder maps at strides 2, 4, 8, 16, 32 (layer-normed, as SwinUNETR uses them)."""
+        return self.encoder(image, normalize=True)
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        check_image(image, self.size_divisor, "nnynet")
+        hidden = self.forward_features(image)
+        skips = [hidden[3], hidden[2], hidden[1], hidden[0], self.stem(image)]
+        y = self._run(self.bottleneck, apply_fusion(self.fusion, hidden[4], clinical))
+        ds = []
+        for level, (up, dec, skip) in enumerate(zip(self.ups, self.decoder, skips)):
+            y = self._run(dec, up(y) + skip)
+            if self.deep_supervision and self.training and level < 4:
+                ds.append(self.ds_heads[3 - level](y))
+        logits = self.head(y)
+        if self.deep_supervision and self.training:
+            return [logits] + ds[::-1]
+        return logits
