@@ -1,0 +1,126 @@
+"""Figures for fine-tuning runs: training curves and axial overlay grids (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+# A fixed colour per label index so every figure of every run reads the same way.
+CLASS_COLORS = ["#000000", "#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
+DEFAULT_NAMES = ("background", "liver", "tumor", "portal_vein", "aorta")
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One panel per numeric key of ``history`` (e.g. loss, lr, val_dice) against "step"; PNG at ``path``.
+
+    Keys may appear only in some entries (validation every N steps): each panel plots the steps
+    where its key is present."""
+    if not history:
+        raise ValueError("plot_training_curves: empty history")
+    if any("step" not in h for h in history):
+        raise ValueError("plot_training_curves: every history entry needs a 'step'")
+    keys: list[str] = []
+    for h in history:
+        for k, v in h.items():
+            if k != "step" and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
+                keys.append(k)
+    if not keys:
+        raise ValueError("plot_training_curves: history has no numeric values besides 'step'")
+
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+        if pts:
+            steps, values = zip(*pts)
+            ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3)
+            if key in ("lr", "learning_rate") or (key.endswith("loss") and min(values) > 0 and max(values) / min(values) > 100):
+                ax.set_yscale("log")  # learning rates and long loss curves span decades
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _pick_slices(gt: np.ndarray, pred: np.ndarray, n: int) -> list[int]:
+    """Axial (z) slices spread over the tumor extent (else liver / any foreground, else the middle),
+    always including the slice where that structure is largest."""
+    for mask in (gt == 2, gt > 0, pred > 0):
+        area = mask.sum(axis=(0, 1))
+        zs = np.nonzero(area)[0]
+        if len(zs):
+            picks = np.linspace(zs[0], zs[-1], n + 2)[1:-1].round().astype(int) if n > 1 else np.array([0])
+            best = int(np.argmax(area))
+            picks[np.argmin(np.abs(picks - best))] = best
+            return sorted(set(picks.tolist()))
+    return [gt.shape[2] // 2]
+
+
+def save_overlays(
+    image: np.ndarray,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    path: str | Path,
+    label_names: Sequence[str] = DEFAULT_NAMES,
+    n_slices: int = 3,
+    alpha: float = 0.45,
+) -> Path:
+    """Grid of axial slices: rows = image / ground truth overlay / prediction overlay.
+
+    image (X, Y, Z) in HU or preprocessed intensities (shown with a 1-99 percentile window);
+    gt and pred (X, Y, Z) integer labels. Slices go through the largest tumor (else liver) extent."""
+    image, gt, pred = (np.asarray(a) for a in (image, gt, pred))
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 3 or gt.shape != image.shape or pred.shape != image.shape:
+        raise ValueError(
+            f"save_overlays: expected image, gt and pred of one (X, Y, Z) shape, got {image.shape}, {gt.shape}, {pred.shape}"
+        )
+    n_labels = max(len(label_names), int(max(gt.max(), pred.max())) + 1)
+    colors = [CLASS_COLORS[i % len(CLASS_COLORS)] for i in range(n_labels)]
+    cmap = ListedColormap(colors)
+    lo, hi = np.percentile(image, [1, 99])
+    slices = _pick_slices(gt, pred, n_slices)
+
+    fig, axes = plt.subplots(3, len(slices), figsize=(3.2 * len(slices), 3.3 * 3), squeeze=False)
+    for col, z in enumerate(slices):
+        # transpose so x runs left-right and y up-down (RAS: anterior up)
+        img = image[:, :, z].T
+        for row, (title, labels) in enumerate((("image", None), ("ground truth", gt), ("prediction", pred))):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
+            if labels is not None:
+                lab = labels[:, :, z].T
+                ax.imshow(np.ma.masked_equal(lab, 0), cmap=cmap, vmin=0, vmax=n_labels - 1, alpha=alpha,
+                          origin="lower", interpolation="nearest")  # fmt: skip
+            ax.set_title(f"{title}, z={z}", fontsize=9)
+            ax.axis("off")
+    present = sorted((set(np.unique(gt).tolist()) | set(np.unique(pred).tolist())) - {0})
+    names = list(label_names) + [f"label {i}" for i in range(len(label_names), n_labels)]
+    handles = [Patch(color=colors[i], label=names[i]) for i in present]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
