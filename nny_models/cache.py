@@ -1,0 +1,261 @@
+"""A preprocessed-case cache: each case preprocessed once, stored as uncompressed .npy for mmap patch reads.
+
+Layout of cache_dir:
+    index.json              case ids, per-case meta (shape, spacing, crop, classes) and fingerprints
+    cases/<id>.image.npy    float32 (1, X, Y, Z)
+    cases/<id>.label.npy    uint8 (1, X, Y, Z) (labeled cases only)
+    cases/<id>.fg.npy       int32 (N, 4) rows [class, x, y, z]: a subsample of voxels per foreground class
+    .lock                   fcntl lock held while building, so concurrent ranks build it once
+
+A case is rebuilt when its fingerprint (PreprocessConfig + source file sizes/mtimes) changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import zlib
+from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from nny_models.config import PreprocessConfig
+from nny_models.io import CaseRecord
+
+CACHE_VERSION = 1  # bump when the on-disk layout or preprocessing code changes meaning
+FG_SAMPLES_PER_CLASS = 10_000  # voxel coordinates kept per class for foreground oversampling
+MAX_OPEN_CASES = 64  # memmaps kept open per process (each one holds a file descriptor)
+
+log = logging.getLogger(__name__)
+
+
+def _stamp(path: str | None) -> Any:
+    """Size and mtime of a file (or of every file of a DICOM folder): cheap change detection."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir()) if f.is_file()]
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def case_fingerprint(record: CaseRecord, cfg: PreprocessConfig) -> str:
+    payload = {
+        "version": CACHE_VERSION,
+        "preprocessing": cfg.to_dict(),
+        "case_id": record.case_id,
+        "image": [record.image, _stamp(record.image)],
+        "label": [record.label, _stamp(record.label)],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _file_stem(case_id: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}", case_id):
+        return case_id
+    return "case-" + hashlib.sha1(case_id.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_index(cache_dir: Path) -> dict[str, Any] | None:
+    try:
+        index = json.loads((cache_dir / "index.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return index if index.get("version") == CACHE_VERSION else None
+
+
+def foreground_locations(label: np.ndarray, case_id: str) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Rows [class, x, y, z] for up to FG_SAMPLES_PER_CLASS voxels per class > 0, and row ranges per class."""
+    label = label.reshape(label.shape[-3:])
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))  # deterministic per case
+    rows, offsets, start = [], {}, 0
+    for c in np.unique(label):
+        if c == 0:
+            continue
+        flat = np.flatnonzero(label == c)
+        if len(flat) > FG_SAMPLES_PER_CLASS:
+            flat = np.sort(rng.choice(flat, FG_SAMPLES_PER_CLASS, replace=False))
+        coords = np.stack(np.unravel_index(flat, label.shape), axis=1)
+        rows.append(np.concatenate([np.full((len(flat), 1), c), coords], axis=1).astype(np.int32))
+        offsets[str(int(c))] = [start, start + len(flat)]
+        start += len(flat)
+    return (np.concatenate(rows) if rows else np.zeros((0, 4), np.int32)), offsets
+
+
+def _build_one(record: CaseRecord, cfg_dict: dict[str, Any], cases_dir: str, fingerprint: str) -> dict[str, Any]:
+    """Preprocess one case and write its .npy files atomically; returns its index entry."""
+    from nny_models.preprocessing import preprocess_case
+
+    cfg = PreprocessConfig.from_dict(cfg_dict)
+    out = preprocess_case(record.image, record.label, cfg)
+    stem, cases = _file_stem(record.case_id), Path(cases_dir)
+    entry = dict(out["meta"], case_id=record.case_id, fingerprint=fingerprint, stem=stem, classes={}, fg_offsets={})
+    _atomic_save(cases / f"{stem}.image.npy", out["image"])
+    if out["label"] is not None:
+        values, counts = np.unique(out["label"], return_counts=True)
+        entry["classes"] = {str(int(v)): int(n) for v, n in zip(values, counts)}
+        fg, entry["fg_offsets"] = foreground_locations(out["label"], record.case_id)
+        _atomic_save(cases / f"{stem}.label.npy", out["label"])
+        _atomic_save(cases / f"{stem}.fg.npy", fg)
+    entry["has_label"] = out["label"] is not None
+    return entry
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one case per process; avoid oversubscribing the cores
+
+
+def _entry_files_exist(cases_dir: Path, entry: dict[str, Any]) -> bool:
+    names = [".image.npy"] + ([".label.npy", ".fg.npy"] if entry.get("has_label") else [])
+    return all((cases_dir / f"{entry['stem']}{n}").exists() for n in names)
+
+
+def build_cache(
+    records: Sequence[CaseRecord], cfg: PreprocessConfig, cache_dir: str | Path, *, num_workers: int = 0
+) -> "PreprocessedCache":
+    """Preprocess every case once into cache_dir (idempotent; stale cases rebuilt; safe for concurrent ranks)."""
+    cache_dir = Path(cache_dir)
+    cases_dir = cache_dir / "cases"
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    if len({r.case_id for r in records}) != len(records):
+        raise ValueError("build_cache: case ids must be unique")
+    fingerprints = {r.case_id: case_fingerprint(r, cfg) for r in records}
+    overall = hashlib.sha256(json.dumps([[r.case_id, fingerprints[r.case_id]] for r in records]).encode()).hexdigest()
+
+    with _locked(cache_dir / ".lock"):
+        index = _read_index(cache_dir) or {"cases": {}}
+        old = index["cases"]
+        fresh = {
+            cid: e for cid, e in old.items()
+            if cid in fingerprints and e.get("fingerprint") == fingerprints[cid] and _entry_files_exist(cases_dir, e)
+        }
+        if index.get("fingerprint") == overall and len(fresh) == len(records):
+            return PreprocessedCache(cache_dir)
+        todo = [r for r in records if r.case_id not in fresh]
+        log.info("build_cache: preprocessing %d of %d case(s) into %s", len(todo), len(records), cache_dir)
+        args = [(r, cfg.to_dict(), str(cases_dir), fingerprints[r.case_id]) for r in todo]
+        if num_workers > 0 and len(todo) > 1:
+            # spawn, not fork: the parent may already run torch/OpenMP threads, which fork does not survive
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=ctx, initializer=_worker_init) as pool:
+                built = list(pool.map(_build_one, *zip(*args)))
+        else:
+            built = [_build_one(*a) for a in args]
+        fresh.update({e["case_id"]: e for e in built})
+        index = {
+            "version": CACHE_VERSION,
+            "fingerprint": overall,
+            "preprocessing": cfg.to_dict(),
+            "case_ids": [r.case_id for r in records],
+            "cases": {r.case_id: fresh[r.case_id] for r in records},
+        }
+        _atomic_write_json(cache_dir / "index.json", index)
+        keep = {e["stem"] for e in index["cases"].values()}
+        for f in cases_dir.glob("*.npy"):  # files of cases that left the data set
+            if f.name.split(".")[0] not in keep:
+                f.unlink(missing_ok=True)
+    return PreprocessedCache(cache_dir)
+
+
+class PreprocessedCache:
+    """Read side of the cache: memory-mapped volumes and per-case meta. Cheap to pickle into workers."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        index = _read_index(self.cache_dir)
+        if index is None:
+            raise FileNotFoundError(f"{self.cache_dir}: no valid index.json (version {CACHE_VERSION}); run build_cache first")
+        self._index = index
+        self._open: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache_dir": self.cache_dir, "_index": self._index}  # memmaps are reopened in each worker
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open = OrderedDict()
+
+    @property
+    def case_ids(self) -> list[str]:
+        return list(self._index["case_ids"])
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self._index["preprocessing"])
+
+    def __len__(self) -> int:
+        return len(self._index["case_ids"])
+
+    def __contains__(self, case_id: object) -> bool:
+        return case_id in self._index["cases"]
+
+    def meta(self, case_id: str) -> dict[str, Any]:
+        try:
+            return self._index["cases"][case_id]
+        except KeyError:
+            raise KeyError(f"{self.cache_dir}: unknown case id {case_id!r}") from None
+
+    def _load(self, case_id: str, kind: str) -> np.ndarray:
+        key = (case_id, kind)
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        array = np.load(self.cache_dir / "cases" / f"{self.meta(case_id)['stem']}.{kind}.npy", mmap_mode="r")
+        self._open[key] = array
+        if len(self._open) > MAX_OPEN_CASES:
+            self._open.popitem(last=False)
+        return array
+
+    def image(self, case_id: str) -> np.ndarray:
+        """float32 memmap (1, X, Y, Z)."""
+        return self._load(case_id, "image")
+
+    def label(self, case_id: str) -> np.ndarray | None:
+        """uint8 memmap (1, X, Y, Z), or None for an unlabeled case."""
+        return self._load(case_id, "label") if self.meta(case_id)["has_label"] else None
+
+    def classes(self, case_id: str) -> list[int]:
+        """Foreground classes (> 0) present in the case's preprocessed label."""
+        return sorted(int(c) for c in self.meta(case_id)["fg_offsets"])
+
+    def fg_locations(self, case_id: str, cls: int) -> np.ndarray:
+        """(N, 3) voxel coordinates of class ``cls`` (a subsample), empty if the class is absent."""
+        span = self.meta(case_id)["fg_offsets"].get(str(int(cls)))
+        if span is None:
+            return np.zeros((0, 3), np.int32)
+        return self._load(case_id, "fg")[span[0] : span[1], 1:]

@@ -1,0 +1,108 @@
+"""Random training patches from the preprocessed cache, with nnU-Net-style foreground oversampling.
+
+Every sample is a pure function of (seed, index): ``np.random.default_rng([seed, index])`` picks the
+case, whether to force foreground, the class and the position. So DataLoader workers, DDP sharding
+and resuming with skip_first_batches all see the same patches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from nny_models.cache import PreprocessedCache
+
+
+class PatchDataset(Dataset):
+    """Map-style dataset of ``length`` random patches over ``case_ids`` of a PreprocessedCache.
+
+    fg_prob: probability of centring the patch on a voxel of a foreground class chosen uniformly
+        among the classes present in the case (so a small tumor is picked as often as the liver).
+    fg_classes: classes eligible for that (default: every class > 0).
+    extras: {case_id: {name: array-like}} returned as extra tensors (e.g. "clinical").
+    """
+
+    def __init__(
+        self,
+        cache: PreprocessedCache | str | Path,
+        case_ids: Sequence[str] | None,
+        patch_size: Sequence[int],
+        length: int,
+        *,
+        seed: int = 0,
+        fg_prob: float = 0.33,
+        fg_classes: Sequence[int] | None = None,
+        with_label: bool = True,
+        extras: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        self.cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
+        self.case_ids = list(self.cache.case_ids if case_ids is None else case_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if not self.case_ids:
+            raise ValueError("PatchDataset: case_ids is empty")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"PatchDataset: patch_size must be 3 positive ints, got {tuple(patch_size)}")
+        if int(length) < 0:
+            raise ValueError(f"PatchDataset: length must be >= 0, got {length}")
+        if not 0.0 <= fg_prob <= 1.0:
+            raise ValueError(f"PatchDataset: fg_prob must be in [0, 1], got {fg_prob}")
+        for cid in self.case_ids:
+            if cid not in self.cache:
+                raise ValueError(f"PatchDataset: case {cid!r} is not in the cache {self.cache.cache_dir}")
+            if with_label and not self.cache.meta(cid)["has_label"]:
+                raise ValueError(f"PatchDataset: case {cid!r} has no label but with_label=True")
+            if extras is not None and cid not in extras:
+                raise ValueError(f"PatchDataset: extras has no entry for case {cid!r}")
+        self.length, self.seed, self.fg_prob, self.with_label = int(length), int(seed), float(fg_prob), with_label
+        self.fg_classes = None if fg_classes is None else {int(c) for c in fg_classes}
+        self.extras = extras
+        self.pad_value = float(self.cache.preprocess.out_range[0])  # "air" after intensity scaling
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _start(self, shape: Sequence[int], centre: np.ndarray | None, rng: np.random.Generator) -> list[int]:
+        starts = []
+        for s, p, axis in zip(shape, self.patch_size, range(3)):
+            if s <= p:
+                starts.append(0)  # the whole axis fits; padded below
+            elif centre is None:
+                starts.append(int(rng.integers(0, s - p + 1)))
+            else:
+                starts.append(int(np.clip(int(centre[axis]) - p // 2, 0, s - p)))
+        return starts
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"PatchDataset index {index} out of range [0, {self.length})")
+        rng = np.random.default_rng([self.seed, int(index)])
+        cid = self.case_ids[int(rng.integers(len(self.case_ids)))]
+        image = self.cache.image(cid)
+        shape = image.shape[1:]
+
+        centre = None
+        if rng.random() < self.fg_prob:
+            classes = [c for c in self.cache.classes(cid) if self.fg_classes is None or c in self.fg_classes]
+            if classes:
+                locations = self.cache.fg_locations(cid, classes[int(rng.integers(len(classes)))])
+                centre = locations[int(rng.integers(len(locations)))]
+        start = self._start(shape, centre, rng)
+        window = (slice(None),) + tuple(slice(a, a + min(s, p)) for a, s, p in zip(start, shape, self.patch_size))
+        pad = [(0, 0)] + [((p - min(s, p)) // 2, p - min(s, p) - (p - min(s, p)) // 2) for s, p in zip(shape, self.patch_size)]
+
+        out: dict[str, Any] = {
+            "image": torch.from_numpy(np.pad(np.asarray(image[window], dtype=np.float32), pad, constant_values=self.pad_value)),
+            "case_id": cid,
+        }
+        if self.with_label:
+            label = np.asarray(self.cache.label(cid)[window], dtype=np.int64)
+            out["label"] = torch.from_numpy(np.pad(label, pad, constant_values=0))
+        if self.extras is not None:
+            for name, value in self.extras[cid].items():
+                t = torch.as_tensor(np.asarray(value))
+                out[name] = t.float() if t.is_floating_point() else t
+        return out
