@@ -46,10 +46,12 @@ def is_missing(value: Any) -> bool:
         return True
     if isinstance(value, str):
         return value.strip().lower() in MISSING_STRINGS
-    try:
-        return bool(value != value)  # NaN, pandas.NA and NaT are not equal to themselves
-    except (TypeError, ValueError):  # pandas.NA raises on bool()
+    if type(value).__name__ == "NAType":  # pandas.NA, without importing pandas
         return True
+    try:
+        return bool(value != value)  # NaN and NaT are not equal to themselves
+    except (TypeError, ValueError):  # arrays and other non-scalars: not "missing", rejected later
+        return False
 
 
 def category_key(value: Any, kind: str = "categorical") -> str | None:
@@ -168,6 +170,8 @@ class ClinicalSchema:
     def transform(self, rows: Any, *, return_report: bool = False) -> np.ndarray | tuple[np.ndarray, ClinicalReport]:
         """rows: DataFrame, dict (one row), list of dicts, or a .json / .csv path -> float32 (N, num_features)."""
         records = load_rows(rows)
+        if not records:
+            raise ValueError("ClinicalSchema.transform: no rows given")
         report = ClinicalReport()
         self._check_columns(records, report)
         numeric, categorical = self.arrays(records)
@@ -218,7 +222,7 @@ class ClinicalSchema:
         """sklearn IterativeImputer.transform (sample_posterior=False), step by step."""
         missing = np.isnan(x)
         filled = np.where(missing, np.asarray(self.initial_fill), x)
-        if self.n_iter == 0 or missing.all():
+        if self.n_iter == 0 or missing.all():  # sklearn's shortcut: nothing observed to regress on
             return filled
         lo = np.array([-np.inf if v is None else v for v in self.clip_min])
         hi = np.array([np.inf if v is None else v for v in self.clip_max])
