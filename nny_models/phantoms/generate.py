@@ -1,0 +1,118 @@
+"""generate_phantom: one procedural abdominal CT case (HU image, labels, spacing, affine, clinical row)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .body import draw_body, sample_body
+from .clinical import clinical_row, sample_history, with_missing
+from .fields import Canvas, Grid, SmoothField, capsule, correlated_noise
+from .organs import LIVER, PORTAL_VEIN, draw_organs, liver_box, liver_sdf_fn, sample_organs
+from .presets import get_preset, sample_acquisition
+from .tumors import draw_tumors, measure_tumors, place_tumors, sample_diameters
+from .vessels import LiverDepth, grow_tree
+
+
+@dataclass
+class PhantomCase:
+    case_id: str
+    image: np.ndarray  # float32 HU (X, Y, Z), integer-valued
+    label: np.ndarray | None  # uint8 (X, Y, Z): 0 bg, 1 liver, 2 tumor, 3 portal vein, 4 aorta; None if unlabeled
+    spacing: tuple[float, float, float]  # mm
+    affine: np.ndarray  # 4x4 RAS voxel -> world (mm)
+    clinical: dict  # clinical row as written to clinical.csv (with missing values: None / NaN)
+    clinical_complete: dict = field(default_factory=dict)  # the same row before values were blanked
+
+
+def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, case_id: str | None = None) -> PhantomCase:
+    """Generate one phantom; the same seed and preset always give identical arrays."""
+    pre = get_preset(preset)
+    rng = np.random.default_rng(seed)
+    case_id = case_id or f"phantom_{seed}"
+    hist = sample_history(rng)
+    body = sample_body(rng, hist["obesity"])
+    org = sample_organs(rng, body, bool(hist["cirrhosis"]), hist["ascites"])
+
+    spacing, shape = sample_acquisition(rng, pre, 2 * body.a)
+    z_top = float(rng.uniform(20, 60))  # coverage above the liver dome (lung bases)
+    shift = rng.uniform(-15, 15, 2)  # patient not exactly centred on the table
+    origin = (-(shape[0] - 1) / 2 * spacing[0] + shift[0], -(shape[1] - 1) / 2 * spacing[1] + shift[1] - 10,
+              z_top - (shape[2] - 1) * spacing[2])
+    grid = Grid(shape, spacing, origin)
+    canvas = Canvas(grid)
+
+    draw_body(canvas, body, rng)
+    draw_organs(canvas, body, org, rng)
+    liver = _draw_liver(canvas, body, org, rng)
+    depth = LiverDepth(grid, liver)
+    _draw_liver_vessels(canvas, body, org, depth, liver, rng)
+    tumors = place_tumors(rng, depth, sample_diameters(rng, hist["tumor_count_target"]), org.liver_hu)
+    draw_tumors(canvas, tumors, liver, rng)
+
+    # Partial volume along z (slice profile FWHM ~ slice thickness) and correlated CT noise.
+    img = ndimage.gaussian_filter1d(canvas.img, 0.42, axis=2, truncate=3.0)
+    noise_std = float(rng.uniform(*pre.noise_hu)) * (0.85 + 0.4 * hist["obesity"])
+    img += correlated_noise(rng, shape, noise_std)
+    img = np.rint(np.clip(img, -1024, 3071)).astype(np.float32)
+
+    label = canvas.lab
+    count, diameters = measure_tumors(label, spacing)
+    liver_ml = float(liver.sum() * np.prod(spacing) / 1000.0)
+    row = clinical_row(rng, case_id, hist, count, diameters, liver_ml)
+    return PhantomCase(case_id, img, label if labeled else None, tuple(float(s) for s in spacing), grid.affine,
+                       with_missing(rng, row), row)
+
+
+def _draw_liver(canvas: Canvas, body, org, rng: np.random.Generator) -> np.ndarray:
+    """Paint the liver (and perihepatic ascites); returns the full-volume liver mask."""
+    lo, hi = liver_box(org)
+    got = canvas.field(lo, hi, liver_sdf_fn(body, org, rng))
+    liver = np.zeros(canvas.grid.shape, bool)
+    if got is None:
+        return liver
+    region, sdf = got
+    tex = SmoothField(rng, lo, hi, 6.0)
+    nod = SmoothField(rng, lo, hi, 9.0)
+    het = 7.0 if org.nodular > 0 else 2.5  # cirrhotic parenchyma is heterogeneous
+    _, hu = canvas.field(lo, hi, lambda x, y, z: org.liver_hu + 3.0 * tex(x, y, z) + het * nod(x, y, z))
+    if org.ascites_mm > 0:
+        fat = canvas.img[region] < -30
+        canvas.paint(region, np.maximum(-sdf, sdf - org.ascites_mm), org.hu["fluid"], where=fat)
+    canvas.paint(region, sdf, hu, LIVER)
+    liver[region] = sdf < 0
+    return liver
+
+
+def _draw_liver_vessels(canvas: Canvas, body, org, depth: LiverDepth, liver: np.ndarray, rng) -> None:
+    """Hepatic veins (liver label kept) and the portal vein with its intrahepatic branches (label 3)."""
+    a, bA = body.a, body.b_ant
+    r_min = max(1.0, 0.55 * canvas.grid.spacing[0])
+    in_liver = lambda ch, x, y, z: liver[ch]  # noqa: E731
+
+    # Hepatic veins drain into the IVC just below the diaphragm.
+    ix, iy, _ = org.ivc
+    top = depth.nearest_inside((ix, iy + 12, -25.0), 6.0)
+    segs = []
+    for target in ((-0.75 * a, -0.1 * bA, -70.0), (-0.2 * a, 0.4 * bA, -75.0), (0.25 * a, 0.45 * bA, -45.0)):
+        d = np.asarray(target) - top
+        segs += grow_tree(rng, depth, top, d, 0.45 * np.linalg.norm(d), 5.0, r_min, max_level=3)
+    for p0, p1, r0, r1 in segs:
+        canvas.draw(np.minimum(p0, p1) - r0 - 3, np.maximum(p0, p1) + r0 + 3,
+                    lambda x, y, z, p0=p0, p1=p1, r0=r0, r1=r1: capsule(x, y, z, p0, p1, r0, r1),
+                    org.hu["hv"], where_fn=in_liver)
+
+    # Portal vein: main trunk from the confluence to the hilum, then right and left trees.
+    right_c, left_c = np.asarray(org.liver_parts[0][0]), np.asarray(org.liver_parts[3][0])
+    hilum = depth.nearest_inside((-0.22 * a, body.y_vb + body.ry_vb + 45, -85.0), 9.0)
+    r_main = float(rng.uniform(6, 8))
+    trunk = [(org.confluence.astype(np.float64), hilum, r_main, r_main * 0.9)]
+    branches = grow_tree(rng, depth, hilum, right_c - hilum, 40.0, 0.8 * r_main, r_min)
+    branches += grow_tree(rng, depth, hilum, left_c - hilum, 45.0, 0.7 * r_main, r_min)
+    for segs, where in ((trunk, None), (branches, in_liver)):
+        for p0, p1, r0, r1 in segs:
+            canvas.draw(np.minimum(p0, p1) - r0 - 3, np.maximum(p0, p1) + r0 + 3,
+                        lambda x, y, z, p0=p0, p1=p1, r0=r0, r1=r1: capsule(x, y, z, p0, p1, r0, r1),
+                        org.hu["pv"], PORTAL_VEIN, where_fn=where)
