@@ -23,15 +23,16 @@ from sklearn.impute import IterativeImputer, SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from nny_models.clinical import KINDS, ClinicalSchema, category_key, is_missing, load_rows
+from nny_models.clinical import KINDS, ClinicalSchema, is_missing, load_rows
+
+_BOOL_WORDS = {"true", "false", "yes", "no"}
 
 
 def infer_column_type(series: pd.Series) -> str:
     """numeric for number columns; boolean for bool columns or true/false/yes/no text; else categorical."""
     values = [v for v in series.tolist() if not is_missing(v)]
-    if pd.api.types.is_bool_dtype(series) or (
-        values and all(isinstance(v, (bool, np.bool_)) or str(v).strip().lower() in {"true", "false", "yes", "no"} for v in values)
-    ):
+    boolean_like = all(isinstance(v, (bool, np.bool_)) or str(v).strip().lower() in _BOOL_WORDS for v in values)
+    if pd.api.types.is_bool_dtype(series) or (values and boolean_like):
         return "boolean"
     if pd.api.types.is_numeric_dtype(series):
         return "numeric"
@@ -48,7 +49,10 @@ def prepared_frame(schema: ClinicalSchema, rows) -> pd.DataFrame:
     return frame
 
 
-def build_pipeline(numeric_columns: list[str], categorical_columns: list[str], clip_min, clip_max, seed: int = 0) -> ColumnTransformer:
+def build_pipeline(
+    numeric_columns: list[str], categorical_columns: list[str], clip_min, clip_max, seed: int = 0
+) -> ColumnTransformer:
+    """The unfitted sklearn pipeline; clip_min/clip_max bound the imputed numeric values."""
     parts = []
     if numeric_columns:
         imputer = IterativeImputer(
@@ -58,7 +62,8 @@ def build_pipeline(numeric_columns: list[str], categorical_columns: list[str], c
         parts.append(("num", Pipeline([("impute", imputer), ("scale", StandardScaler())]), numeric_columns))
     if categorical_columns:
         onehot = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
-        parts.append(("cat", Pipeline([("impute", SimpleImputer(strategy="most_frequent")), ("onehot", onehot)]), categorical_columns))
+        impute = SimpleImputer(strategy="most_frequent")
+        parts.append(("cat", Pipeline([("impute", impute), ("onehot", onehot)]), categorical_columns))
     if not parts:
         raise ValueError("fit_clinical_schema: no clinical columns left to fit")
     return ColumnTransformer(parts, remainder="drop", sparse_threshold=0.0)

@@ -52,9 +52,9 @@ def evaluate_case(
     gt: np.ndarray | torch.Tensor,
     spacing: Sequence[float],
     label_names: Sequence[str],
-    case_id: str = "",
+    case_id: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one case -> {"case_id", "classes": {name: {metric: value, "gt_voxels", "pred_voxels"}},
+    """Metrics of one case -> {["case_id" if given], "classes": {name: {metric: value, "gt_voxels", "pred_voxels"}},
     "mean_dice", "miou"} where the means run over the foreground classes that are not absent."""
     pred_t, gt_t = _as_labels(pred, "pred"), _as_labels(gt, "gt")
     if pred_t.shape != gt_t.shape:
@@ -103,8 +103,8 @@ def evaluate_case(
         classes[label_names[c + 1]] = row
     dices = [r["dice"] for r in classes.values() if not math.isnan(r["dice"])]
     ious = [r["iou"] for r in classes.values() if not math.isnan(r["iou"])]
-    return {
-        "case_id": case_id,
+    result: dict[str, Any] = {} if case_id is None else {"case_id": case_id}
+    return result | {
         "classes": classes,
         "mean_dice": float(np.mean(dices)) if dices else math.nan,
         "miou": float(np.mean(ious)) if ious else math.nan,
@@ -161,11 +161,12 @@ def write_reports(per_case: Sequence[dict[str, Any]], summary: dict[str, Any], o
     paths["json"].write_text(json.dumps(_json_safe({"summary": summary, "per_case": list(per_case)}), indent=2))
 
     rows = [
-        {"case_id": case["case_id"], "class": name, **values}
-        for case in per_case
+        {"case_id": case.get("case_id", str(i)), "class": name, **values}
+        for i, case in enumerate(per_case)
         for name, values in case["classes"].items()
     ]
-    pd.DataFrame(rows, columns=["case_id", "class", *METRICS, "gt_voxels", "pred_voxels"]).to_csv(paths["csv"], index=False)
+    table = pd.DataFrame(rows, columns=["case_id", "class", *METRICS, "gt_voxels", "pred_voxels"])
+    table.to_csv(paths["csv"], index=False)
 
     lines = [
         f"# Segmentation metrics ({summary['n_cases']} cases)",
@@ -176,22 +177,28 @@ def write_reports(per_case: Sequence[dict[str, Any]], summary: dict[str, Any], o
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["per_class"].items():
-        cells = [f"{_fmt(s[f'{m}_mean'], 2 if m == 'hd95' else 4)} ± {_fmt(s[f'{m}_std'], 2 if m == 'hd95' else 4)}" for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['n_evaluated']} ({s['n_absent']}, {s['hd95_undefined']}) |")
+        digits = {m: 2 if m == "hd95" else 4 for m in METRICS}
+        cells = [f"{_fmt(s[f'{m}_mean'], digits[m])} ± {_fmt(s[f'{m}_std'], digits[m])}" for m in METRICS]
+        counts = f"{s['n_evaluated']} ({s['n_absent']}, {s['hd95_undefined']})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {counts} |")
     lines += ["", "Means skip cases where the class is absent from both ground truth and prediction;",
               "HD95 is n/a when one side is empty (see finetune/evaluate.py)."]  # fmt: skip
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
 
 
-def keep_largest_component(pred: np.ndarray | torch.Tensor, label: int | Sequence[int] = 1) -> np.ndarray | torch.Tensor:
+def keep_largest_component(
+    pred: np.ndarray | torch.Tensor, label: int | Sequence[int] = 1
+) -> np.ndarray | torch.Tensor:
     """Keep only the largest 26-connected component of ``label`` (e.g. the liver) in a (X, Y, Z) label
     volume; removed voxels become background. Returns the same type as ``pred``.
 
     Same result as ``monai.transforms.KeepLargestConnectedComponent(applied_labels, independent=True)``,
     which needs scikit-image (not a dependency here), so scipy.ndimage.label does the labelling."""
     if np.ndim(pred) != 3:
-        raise ValueError(f"keep_largest_component: expected a (X, Y, Z) label volume, got shape {tuple(np.shape(pred))}")
+        raise ValueError(
+            f"keep_largest_component: expected a (X, Y, Z) label volume, got shape {tuple(np.shape(pred))}"
+        )
     is_tensor = isinstance(pred, torch.Tensor)
     out = pred.detach().cpu().numpy().copy() if is_tensor else np.array(pred, copy=True)
     for lab in [label] if isinstance(label, int) else list(label):

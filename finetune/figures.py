@@ -45,7 +45,8 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
         if pts:
             steps, values = zip(*pts)
             ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3)
-            if key in ("lr", "learning_rate") or (key.endswith("loss") and min(values) > 0 and max(values) / min(values) > 100):
+            spans_decades = min(values) > 0 and max(values) / min(values) > 100
+            if key in ("lr", "learning_rate") or (key.endswith("loss") and spans_decades):
                 ax.set_yscale("log")  # learning rates and long loss curves span decades
         ax.set_title(key)
         ax.set_xlabel("step")
@@ -92,7 +93,8 @@ def save_overlays(
         image = image[0]
     if image.ndim != 3 or gt.shape != image.shape or pred.shape != image.shape:
         raise ValueError(
-            f"save_overlays: expected image, gt and pred of one (X, Y, Z) shape, got {image.shape}, {gt.shape}, {pred.shape}"
+            "save_overlays: expected image, gt and pred of one (X, Y, Z) shape, "
+            f"got {image.shape}, {gt.shape}, {pred.shape}"
         )
     n_labels = max(len(label_names), int(max(gt.max(), pred.max())) + 1)
     colors = [CLASS_COLORS[i % len(CLASS_COLORS)] for i in range(n_labels)]

@@ -133,7 +133,8 @@ class ClinicalSchema:
                 raise ValueError(f"ClinicalSchema: {name} has {len(getattr(self, name))} entries, expected {m}")
         for col in self.numeric_columns + self.categorical_columns:
             if self.kinds.get(col) not in KINDS:
-                raise ValueError(f"ClinicalSchema: column {col!r} has kind {self.kinds.get(col)!r}, expected one of {KINDS}")
+                kind = self.kinds.get(col)
+                raise ValueError(f"ClinicalSchema: column {col!r} has kind {kind!r}, expected one of {KINDS}")
 
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +189,9 @@ class ClinicalSchema:
                     onehot[i, index[value]] = 1.0
                 else:
                     report.unknown_categories.append((col, value))
-                    warnings.warn(f"clinical column {col!r}: unknown category {value!r} (known: {cats}); encoded as all zeros")
+                    warnings.warn(
+                        f"clinical column {col!r}: unknown category {value!r} (known: {cats}); encoded as all zeros"
+                    )
             blocks.append(onehot)
         out = np.concatenate(blocks, axis=1).astype(np.float32)
         if not np.isfinite(out).all():  # cannot happen with a valid schema; never hand NaN to the network
@@ -238,8 +241,8 @@ class ClinicalSchema:
 def load_rows(rows: Any) -> list[dict[str, Any]]:
     """Normalise clinical input to a list of {column: value} dicts.
 
-    Accepts a pandas DataFrame (its index is ignored), a dict (one row), a list of dicts, or a path to
-    a .json file (an object or a list of objects) or a .csv file (header + rows)."""
+    Accepts a pandas DataFrame (its index is ignored) or Series (one row), a dict (one row), a list of
+    dicts, or a path to a .json file (an object or a list of objects) or a .csv file (header + rows)."""
     if isinstance(rows, (str, Path)):
         path = Path(rows)
         if not path.is_file():
@@ -252,6 +255,8 @@ def load_rows(rows: Any) -> list[dict[str, Any]]:
             rows = pd.read_csv(path)
         else:
             raise ValueError(f"clinical input {path}: expected a .json or .csv file")
+    if hasattr(rows, "to_dict") and hasattr(rows, "index") and not hasattr(rows, "columns"):  # pandas Series: one row
+        rows = rows.to_dict()
     if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas DataFrame
         return [{str(k): v for k, v in r.items()} for r in rows.to_dict(orient="records")]
     if isinstance(rows, dict):

@@ -80,6 +80,7 @@ def test_single_row_inputs_match_batch(fitted, tmp_path):
     rows.iloc[:1].to_csv(tmp_path / "row.csv", index=False)
     np.testing.assert_allclose(schema.transform(tmp_path / "row.json"), batch[:1], atol=1e-6)
     np.testing.assert_allclose(schema.transform(str(tmp_path / "row.csv")), batch[:1], atol=1e-6)
+    np.testing.assert_allclose(schema.transform(rows.iloc[0]), batch[:1], atol=1e-6)  # a pandas Series
 
 
 def test_all_missing_row_gets_means(fitted):
@@ -103,7 +104,8 @@ def test_unknown_category(fitted):
 
 def test_missing_column_is_imputed_and_reported(fitted):
     _, pipeline, schema = fitted
-    row = {"age": 55, "afp": 30.0, "bilirubin": 1.1, "tumor_size_cm": 4.0, "sex": "F", "child_pugh": "A", "cirrhosis": False}
+    row = {"age": 55, "afp": 30.0, "bilirubin": 1.1, "tumor_size_cm": 4.0}
+    row |= {"sex": "F", "child_pugh": "A", "cirrhosis": False}
     with pytest.warns(UserWarning, match="'albumin' missing"):
         out, report = schema.transform(row, return_report=True)
     assert report.missing_columns == ["albumin"] and report.imputed_values == 1

@@ -35,6 +35,7 @@ def test_overlap_metrics_exact():
     assert liver["recall"] == pytest.approx(384 / 512)
     assert liver["accuracy"] == pytest.approx((n - 256) / n)
     assert (liver["gt_voxels"], liver["pred_voxels"]) == (512, 512)
+    assert m["case_id"] == "c0" and "case_id" not in evaluate_case(pred, gt, (1, 1, 1), NAMES)
 
 
 def test_hd95_uses_anisotropic_spacing():
@@ -61,12 +62,14 @@ def test_empty_class_conventions():
     assert m["miou"] == pytest.approx((0.6 + 0.6 + 0.0) / 3)
     # ground truth only: precision undefined
     missed = evaluate_case(np.zeros_like(gt), gt, (1, 1, 1), NAMES)["classes"]["liver"]
-    assert missed["dice"] == 0 and missed["recall"] == 0 and math.isnan(missed["precision"]) and math.isnan(missed["hd95"])
+    assert missed["dice"] == 0 and missed["recall"] == 0
+    assert math.isnan(missed["precision"]) and math.isnan(missed["hd95"])
 
 
 def test_summary_and_reports(tmp_path):
     pred, gt = two_cubes()
-    cases = [evaluate_case(pred, gt, (0.7, 0.9, 2.5), NAMES, case_id="a"), evaluate_case(gt, gt, (0.7, 0.9, 2.5), NAMES, case_id="b")]
+    spacing = (0.7, 0.9, 2.5)
+    cases = [evaluate_case(pred, gt, spacing, NAMES, case_id="a"), evaluate_case(gt, gt, spacing, NAMES, case_id="b")]
     s = summarize(cases)
     assert s["n_cases"] == 2
     liver = s["per_class"]["liver"]
