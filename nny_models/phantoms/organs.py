@@ -35,8 +35,8 @@ class Organs:
 
 def sample_organs(rng: np.random.Generator, body: Body, cirrhosis: bool, ascites: str) -> Organs:
     a, bA, bP = body.a, body.b_ant, body.b_post
-    s = rng.uniform(0.88, 1.1)  # overall liver size
-    r_scale = rng.uniform(0.72, 0.85) if cirrhosis else 1.0  # cirrhosis shrinks the right lobe ...
+    s = rng.uniform(0.88, 1.1) * (0.92 if cirrhosis else 1.0)  # overall liver size
+    r_scale = rng.uniform(0.66, 0.8) if cirrhosis else 1.0  # cirrhosis shrinks the right lobe ...
     l_scale = rng.uniform(1.1, 1.3) if cirrhosis else 1.0  # ... and enlarges left lobe and caudate
     yv = body.y_vb
     u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731

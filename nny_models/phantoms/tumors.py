@@ -39,7 +39,7 @@ def place_tumors(rng: np.random.Generator, depth: LiverDepth, diameters: list[fl
         for attempt in range(40):
             shrink = 1.0 - attempt / 60.0  # retry smaller when the liver has no room
             rr = r * shrink
-            cand = depth.points(max(0.6 * rr, 4.0))
+            cand = depth.points(max(0.75 * rr, 4.0))
             if len(cand) == 0:
                 continue
             c = cand[rng.integers(len(cand))] + rng.uniform(-2, 2, 3)
