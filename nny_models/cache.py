@@ -170,8 +170,9 @@ def build_cache(
         log.info("build_cache: preprocessing %d of %d case(s) into %s", len(todo), len(records), cache_dir)
         args = [(r, cfg.to_dict(), str(cases_dir), fingerprints[r.case_id]) for r in todo]
         if num_workers > 0 and len(todo) > 1:
-            # spawn, not fork: the parent may already run torch/OpenMP threads, which fork does not survive
-            ctx = multiprocessing.get_context("spawn")
+            # fork (cheap: no re-import of MONAI) where available; like DataLoader workers, each worker
+            # drops to one torch thread, which keeps OpenMP safe after fork
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=ctx, initializer=_worker_init) as pool:
                 built = list(pool.map(_build_one, *zip(*args)))
         else:
