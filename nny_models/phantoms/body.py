@@ -109,29 +109,35 @@ def draw_body(canvas: Canvas, body: Body, rng: np.random.Generator) -> None:
     grid = canvas.grid
     ext = [grid.origin[d] + (grid.shape[d] - 1) * grid.spacing[d] for d in range(3)]
     lo, hi = np.array(grid.origin) - 5, np.array(ext) + 5
-    fat_tex = SmoothField(rng, lo, hi, 12.0)
-    lung_tex = SmoothField(rng, lo, hi, 15.0)
-    lung_ves = SmoothField(rng, lo, hi, 3.5)
+    body_lo = (-1.12 * body.a - 5, -1.12 * body.b_post - 5, lo[2])
+    body_hi = (1.12 * body.a + 5, 1.12 * body.b_ant + 5, hi[2])
+    # Lowest point the diaphragm can reach (posterior recess): lungs are only computed above it.
+    z_chest = min(body.dome_r[2], body.dome_l[2]) - 75.0 * 1.6 - 50.0
+    chest_lo = (body_lo[0], body_lo[1], max(z_chest, lo[2]))
+    fat_tex = SmoothField(rng, body_lo, body_hi, 12.0)
+    lung_tex = SmoothField(rng, chest_lo, body_hi, 15.0)
+    lung_ves = SmoothField(rng, chest_lo, body_hi, 3.5)
     t_dia = 4.0
 
-    def layers(x, y, z):
+    region = grid.region(body_lo, body_hi)
+    for ch in canvas.chunks(region) if region else []:
+        x, y, z = grid.coords(ch)
         depth, theta = outline(body, x, y, z)
         tsc = sc_thickness(body, theta)
         wall = tsc + body.t_mw
-        zd = diaphragm_z(body, x, y)
-        return depth, theta, tsc, wall, zd
-
-    region = grid.region(lo, hi)
-    for ch in canvas.chunks(region):
-        x, y, z = grid.coords(ch)
-        depth, theta, tsc, wall, zd = layers(x, y, z)
-        shape = canvas.img[ch].shape
-        depth = np.broadcast_to(depth, shape)
+        depth = np.broadcast_to(depth, canvas.img[ch].shape)
         tex = fat_tex(x, y, z)
         canvas.paint(ch, -depth, body.fat_hu + 6 * tex)  # body outline filled with fat
         canvas.paint(ch, np.maximum(-depth, depth - 2.0), 30.0)  # skin
         canvas.paint(ch, np.maximum(tsc - depth, depth - wall), body.muscle_hu + 3 * tex)  # muscle wall
         canvas.paint(ch, wall - depth, body.visc_fat_hu + 6 * tex)  # visceral / retroperitoneal fat
+
+    region = grid.region(chest_lo, body_hi)
+    for ch in canvas.chunks(region) if region else []:
+        x, y, z = grid.coords(ch)
+        depth, theta = outline(body, x, y, z)
+        wall = sc_thickness(body, theta) + body.t_mw
+        zd = diaphragm_z(body, x, y)
         # Diaphragm: a muscle sheet under the lungs.
         canvas.paint(ch, np.maximum(np.maximum(z - zd, zd - t_dia - z), wall - 1 - depth), body.muscle_hu)
         # Lung bases: above the diaphragm, inside the chest wall, outside the mediastinum.
@@ -210,30 +216,33 @@ def draw_spine(canvas: Canvas, body: Body) -> None:
 
 
 def draw_ribs(canvas: Canvas, body: Body) -> None:
+    """Ribs 12 (lowest) upwards: bands in the chest wall that descend from the spine towards the front,
+    so an axial slice cuts each one obliquely, as on CT. All ribs are evaluated in one pass."""
     g = canvas.grid
     z_top = g.origin[2] + g.shape[2] * g.spacing[2]
     ends = [0.33, 0.5, 0.72, 0.85, 0.9, 0.92, 0.92, 0.92, 0.92, 0.92]  # rib 12, 11, 10, ... (fraction of pi)
+    ribs = [(body.rib_z12 + i * body.rib_step, e * np.pi) for i, e in enumerate(ends)]
+    ribs = [(z0, pe) for z0, pe in ribs if z0 - body.rib_drop < z_top + 20]
     phi0, height, thick = 0.13 * np.pi, 8.0, 6.0
-    for i, end in enumerate(ends):
-        z0 = body.rib_z12 + i * body.rib_step
-        if z0 - body.rib_drop > z_top + 20:
-            break
-        phi_end = end * np.pi
 
-        def rib(x, y, z, z0=z0, phi_end=phi_end):
-            depth, theta = outline(body, x, y, z)
-            phi = np.abs(np.mod(theta + np.pi / 2 + np.pi, 2 * np.pi) - np.pi)  # 0 at the back, pi at the front
-            t = np.clip((phi - phi0) / (np.pi - phi0), 0, 1)
-            zc = z0 - body.rib_drop * (1.6 * t - 0.6 * t**2)  # steepest near the spine, flatter in front
-            radius = np.sqrt(x * x + y * y)
-            d_c = sc_thickness(body, theta) + 0.55 * body.t_mw + 18.0 * np.clip(1 - phi / (2.2 * phi0), 0, 1)
-            sdf = np.maximum(np.abs(z - zc) - height / 2, np.abs(depth - d_c) - thick / 2)
-            return np.maximum(sdf, np.maximum((phi0 - phi) * radius, (phi - phi_end) * radius))
+    def sdf(x, y, z):
+        depth, theta = outline(body, x, y, z)
+        phi = np.abs(np.mod(theta + np.pi / 2 + np.pi, 2 * np.pi) - np.pi)  # 0 at the back, pi at the front
+        t = np.clip((phi - phi0) / (np.pi - phi0), 0, 1)
+        drop = body.rib_drop * (1.6 * t - 0.6 * t**2)  # steepest near the spine, flatter in front
+        radius = np.sqrt(x * x + y * y)
+        d_c = sc_thickness(body, theta) + 0.55 * body.t_mw + 18.0 * np.clip(1 - phi / (2.2 * phi0), 0, 1)
+        radial = np.maximum(np.abs(depth - d_c) - thick / 2, (phi0 - phi) * radius)
+        out = None
+        for z0, phi_end in ribs:
+            d = np.maximum(np.abs(z - (z0 - drop)) - height / 2, (phi - phi_end) * radius)
+            out = d if out is None else np.minimum(out, d)
+        return (np.maximum(out, radial),)
 
-        lo = (-body.a - 10, -body.b_post - 10, z0 - body.rib_drop - 15)
-        hi = (body.a + 10, body.b_ant + 10, z0 + 15)
-        canvas.draw_layers(lo, hi, lambda x, y, z, f=rib: (f(x, y, z),),
-                           [(0, 0.0, body.cortical_hu * 0.75), (0, 1.5, body.trabecular_hu * 0.9)])
+    if ribs:
+        lo = (-1.12 * body.a - 5, -1.12 * body.b_post - 5, ribs[0][0] - body.rib_drop - 10)
+        hi = (1.12 * body.a + 5, 1.12 * body.b_ant + 5, ribs[-1][0] + 10)
+        canvas.draw_layers(lo, hi, sdf, [(0, 0.0, body.cortical_hu * 0.75), (0, 1.5, body.trabecular_hu * 0.9)])
 
 
 __all__ = ["Body", "sample_body", "outline", "cavity_sdf", "diaphragm_z", "draw_body", "spine_center_y",

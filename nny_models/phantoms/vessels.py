@@ -15,8 +15,14 @@ class LiverDepth:
         self.step = tuple(max(1, int(round(4.0 / s))) for s in grid.spacing)
         coarse = liver[:: self.step[0], :: self.step[1], :: self.step[2]]
         self.csp = np.array([grid.spacing[d] * self.step[d] for d in range(3)])
-        self.edt = ndimage.distance_transform_edt(coarse, sampling=self.csp).astype(np.float32)
-        self.origin = np.asarray(grid.origin)
+        self.origin = np.asarray(grid.origin, np.float64)
+        self.edt = np.zeros(coarse.shape, np.float32)
+        box = ndimage.find_objects(coarse.astype(np.uint8))
+        if box:  # EDT only over the liver's bounding box (+1 voxel of background)
+            box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box[0])
+            self.edt[box] = ndimage.distance_transform_edt(coarse[box], sampling=self.csp)
+        self._idx = np.argwhere(self.edt > 0)
+        self._val = self.edt[tuple(self._idx.T)]
 
     def __call__(self, p) -> float:
         i = np.round((np.asarray(p) - self.origin) / self.csp).astype(int)
@@ -26,8 +32,7 @@ class LiverDepth:
 
     def points(self, min_depth: float) -> np.ndarray:
         """World coordinates of coarse voxels at least ``min_depth`` mm inside the liver."""
-        idx = np.argwhere(self.edt >= min_depth)
-        return self.origin + idx * self.csp
+        return self.origin + self._idx[self._val >= min_depth] * self.csp
 
     def nearest_inside(self, p, min_depth: float) -> np.ndarray:
         pts = self.points(min_depth)
