@@ -76,6 +76,14 @@ class PatchDataset(Dataset):
                 starts.append(int(np.clip(int(centre[axis]) - p // 2, 0, s - p)))
         return starts
 
+    def _read(self, volume: np.ndarray, window: tuple, target: tuple, dtype, fill: float) -> torch.Tensor:
+        """Copy a memmap window into a fresh patch array (one copy, converting dtype on the way)."""
+        patch = np.empty((volume.shape[0], *self.patch_size), dtype=dtype)
+        if any(t.stop - t.start != p for t, p in zip(target[1:], self.patch_size)):
+            patch.fill(fill)
+        patch[target] = volume[window]
+        return torch.from_numpy(patch)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.length:
             raise IndexError(f"PatchDataset index {index} out of range [0, {self.length})")
@@ -92,15 +100,13 @@ class PatchDataset(Dataset):
                 centre = locations[int(rng.integers(len(locations)))]
         start = self._start(shape, centre, rng)
         window = (slice(None),) + tuple(slice(a, a + min(s, p)) for a, s, p in zip(start, shape, self.patch_size))
-        pad = [(0, 0)] + [((p - min(s, p)) // 2, p - min(s, p) - (p - min(s, p)) // 2) for s, p in zip(shape, self.patch_size)]
+        # where the window lands in the patch: centred when the volume is smaller than the patch
+        offset = [(p - min(s, p)) // 2 for s, p in zip(shape, self.patch_size)]
+        target = (slice(None),) + tuple(slice(o, o + min(s, p)) for o, s, p in zip(offset, shape, self.patch_size))
 
-        out: dict[str, Any] = {
-            "image": torch.from_numpy(np.pad(np.asarray(image[window], dtype=np.float32), pad, constant_values=self.pad_value)),
-            "case_id": cid,
-        }
+        out: dict[str, Any] = {"image": self._read(image, window, target, np.float32, self.pad_value), "case_id": cid}
         if self.with_label:
-            label = np.asarray(self.cache.label(cid)[window], dtype=np.int64)
-            out["label"] = torch.from_numpy(np.pad(label, pad, constant_values=0))
+            out["label"] = self._read(self.cache.label(cid), window, target, np.int64, 0)
         if self.extras is not None:
             for name, value in self.extras[cid].items():
                 t = torch.as_tensor(np.asarray(value))
