@@ -13,6 +13,7 @@ No ``from __future__ import annotations`` here: the mixin inspects the ``__init_
 
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -292,9 +293,9 @@ def _mismatch_message(source: str, config: NnyNetConfig, missing, unexpected, mi
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if isinstance(value, (bool, int)):
         return str(value)
     if isinstance(value, float):
         return f"{value:.4f}"
@@ -319,7 +320,7 @@ def _metrics_table(metrics: dict[str, Any] | None, label_names: list[str]):
             for name, value in by_class.items():
                 transposed[name][metric] = value
         table = dict(transposed)
-    columns = sorted({m for row in table.values() for m in row})
+    columns = list(dict.fromkeys(m for row in table.values() for m in row))  # first-seen order
     order = [n for n in label_names if n in table] + [n for n in table if n not in label_names]
     rows = [(name, [_fmt(table[name].get(m, "")) for m in columns]) for name in order]
     scalars = [(k, _fmt(v)) for k, v in metrics.items() if k != "per_class" and k not in table

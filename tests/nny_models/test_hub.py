@@ -18,7 +18,6 @@ import safetensors.torch
 import torch
 import yaml
 
-
 from nny_models.config import NnyNetConfig
 from nny_models.hub import NnyNet, WeightsMismatchError, load_config, load_state_dict
 
@@ -75,9 +74,9 @@ def test_local_round_trip_is_bitwise_and_writes_card(tmp_path: Path) -> None:
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "nnynet" and front["pipeline_tag"] == "image-segmentation"
     assert {"medical-imaging", "segmentation", "3d", "ct"} <= set(front["tags"])
-    for text in ["portal_vein", "aorta", "| liver | 0.9312 | 4.2500 | 0.8713 |", "mean_dice: 0.7666",
-                 "max_steps: 123", "32 x 32 x 32", "2501.01406", "2306.16925", "MedNeXt", "Swin UNETR",
-                 "Not a medical device", "synthetic CT phantoms"]:
+    for text in ["portal_vein", "aorta", "| class | dice | iou | hd95 |", "| liver | 0.9312 | 0.8713 | 4.2500 |",
+                 "mean_dice: 0.7666", "max_steps: 123", "32 x 32 x 32", "2501.01406", "2306.16925", "MedNeXt",
+                 "Swin UNETR", "Not a medical device", "synthetic CT phantoms"]:
         assert text in card, text
 
     # A re-save refreshes the card (the mixin alone would keep a stale README.md).
