@@ -1,0 +1,260 @@
+"""The model zoo: ``create_model(name, size="base", **overrides)`` and ``list_models()``.
+
+MONAI's SwinUNETR, UNETR, UNet and MedNeXt are subclassed (their state-dict keys stay MONAI's, so MONAI
+checkpoints still load) with a forward that calls their submodules in order and applies the clinical
+fusion module on the bottleneck. Every model takes ``forward(image, clinical=None)`` and carries
+``size_divisor``, ``encoder_prefixes``, ``head_prefixes`` and ``fusion`` (ClinicalFusion or None).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import UNETR, MedNeXt, SwinUNETR, UNet
+from torch.utils.checkpoint import checkpoint
+
+from nny_models.fusion import apply_fusion, check_fusion_args, check_image, make_fusion
+from nny_models.pctnet import PCTNet
+from nny_models.swin_next import SwinNeXt
+from nny_models.uxnet import UXNet3D
+
+SIZES = ("tiny", "small", "base")
+
+
+class FusedSwinUNETR(SwinUNETR):
+    """MONAI SwinUNETR with clinical fusion on the stride-32 encoder output."""
+
+    size_divisor = 32
+    encoder_prefixes = ("swinViT.",)
+    head_prefixes = ("out.",)
+
+    def __init__(self, fusion: str = "none", clinical_features: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fusion = make_fusion(16 * kwargs["feature_size"], clinical_features, fusion)
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        check_image(image, self.size_divisor, "swinunetr")
+        hidden = self.swinViT(image, self.normalize)
+        enc0 = self.encoder1(image)
+        enc1 = self.encoder2(hidden[0])
+        enc2 = self.encoder3(hidden[1])
+        enc3 = self.encoder4(hidden[2])
+        dec4 = self.encoder10(apply_fusion(self.fusion, hidden[4], clinical))
+        dec3 = self.decoder5(dec4, hidden[3])
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        dec0 = self.decoder2(dec1, enc1)
+        return self.out(self.decoder1(dec0, enc0))
+
+
+class FusedUNETR(UNETR):
+    """MONAI UNETR with clinical fusion on the last ViT layer (reshaped to a map). Fixed input size."""
+
+    size_divisor = 16
+    encoder_prefixes = ("vit.",)
+    head_prefixes = ("out.",)
+
+    def __init__(self, fusion: str = "none", clinical_features: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        img = kwargs["img_size"]
+        self.img_size = tuple(img) if isinstance(img, (tuple, list)) else (img,) * 3
+        self.fusion = make_fusion(self.hidden_size, clinical_features, fusion)
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        check_image(image, self.size_divisor, "unetr")
+        if tuple(image.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"unetr: input spatial size must equal img_size {self.img_size} (learned position embeddings), "
+                f"got {tuple(image.shape[2:])}; pass img_size=... to create_model"
+            )
+        x, hidden = self.vit(image)
+        enc1 = self.encoder1(image)
+        enc2 = self.encoder2(self.proj_feat(hidden[3]))
+        enc3 = self.encoder3(self.proj_feat(hidden[6]))
+        enc4 = self.encoder4(self.proj_feat(hidden[9]))
+        dec4 = apply_fusion(self.fusion, self.proj_feat(x), clinical)
+        dec3 = self.decoder5(dec4, enc4)
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        return self.out(self.decoder2(dec1, enc1))
+
+
+class FusedUNet(UNet):
+    """MONAI UNet; the fusion runs in a forward hook on the bottom (bottleneck) layer."""
+
+    head_prefixes = ("model.2.",)  # the top up-path block, which outputs out_channels
+
+    def __init__(self, fusion: str = "none", clinical_features: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.size_divisor = int(torch.tensor(self.strides).prod())
+        self.fusion = make_fusion(self.channels[-1], clinical_features, fusion)
+        # Walk the nested Sequential(down, SkipConnection(sub), up) down to the bottom layer.
+        prefixes, prefix, block = [], "model.", self.model
+        while isinstance(block, nn.Sequential):
+            prefixes.append(prefix + "0.")
+            prefix, block = prefix + "1.submodule.", block[1].submodule
+        self.encoder_prefixes = tuple(prefixes)
+        self._clinical: torch.Tensor | None = None
+        block.register_forward_hook(lambda mod, inp, out: apply_fusion(self.fusion, out, self._clinical))
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        check_image(image, self.size_divisor, "unet")
+        self._clinical = clinical
+        try:
+            return self.model(image)
+        finally:
+            self._clinical = None
+
+
+class FusedMedNeXt(MedNeXt):
+    """MONAI MedNeXt with clinical fusion after the bottleneck and optional gradient checkpointing."""
+
+    size_divisor = 16
+    encoder_prefixes = ("stem.", "enc_stages.", "down_blocks.")
+    head_prefixes = ("out_0.", "out_blocks.")
+
+    def __init__(self, fusion: str = "none", clinical_features: int = 0, use_checkpoint: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.use_checkpoint = use_checkpoint
+        bottleneck_ch = kwargs["init_filters"] * 2 ** len(self.enc_stages)
+        self.fusion = make_fusion(bottleneck_ch, clinical_features, fusion)
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        check_image(image, self.size_divisor, "mednext")
+        x = self.stem(image)
+        skips = []
+        for enc_stage, down in zip(self.enc_stages, self.down_blocks):
+            x = self._run(enc_stage, x)
+            skips.append(x)
+            x = down(x)
+        x = apply_fusion(self.fusion, self._run(self.bottleneck, x), clinical)
+        ds = []
+        for i, (up, dec) in enumerate(zip(self.up_blocks, self.dec_stages)):
+            if self.do_ds and self.training:
+                ds.append(self.out_blocks[i](x))
+            x = self._run(dec, up(x) + skips[-(i + 1)])
+        logits = self.out_0(x)
+        if self.do_ds and self.training:
+            return [logits] + ds[::-1]
+        return logits
+
+
+# MedNeXt variants of the paper (Roy et al. 2023), as in monai.networks.nets.mednext.create_mednext.
+_MEDNEXT_VARIANTS = {
+    "s": dict(encoder_expansion_ratio=2, decoder_expansion_ratio=2, bottleneck_expansion_ratio=2,
+              blocks_down=(2, 2, 2, 2), blocks_bottleneck=2, blocks_up=(2, 2, 2, 2)),
+    "b": dict(encoder_expansion_ratio=(2, 3, 4, 4), decoder_expansion_ratio=(4, 4, 3, 2), bottleneck_expansion_ratio=4,
+              blocks_down=(2, 2, 2, 2), blocks_bottleneck=2, blocks_up=(2, 2, 2, 2)),
+    "m": dict(encoder_expansion_ratio=(2, 3, 4, 4), decoder_expansion_ratio=(4, 4, 3, 2), bottleneck_expansion_ratio=4,
+              blocks_down=(3, 4, 4, 4), blocks_bottleneck=4, blocks_up=(4, 4, 4, 3)),
+    "l": dict(encoder_expansion_ratio=(3, 4, 8, 8), decoder_expansion_ratio=(8, 8, 4, 3), bottleneck_expansion_ratio=8,
+              blocks_down=(3, 4, 8, 8), blocks_bottleneck=8, blocks_up=(8, 8, 4, 3)),
+}  # fmt: skip
+
+
+def _mednext(variant: str) -> Callable[..., nn.Module]:
+    def build(kernel_size: int = 3, **kwargs: Any) -> nn.Module:
+        if kernel_size not in (3, 5, 7):
+            raise ValueError(f"mednext_{variant}: kernel_size must be 3, 5 or 7, got {kernel_size}")
+        kwargs = {"use_residual_connection": True, "norm_type": "group", **_MEDNEXT_VARIANTS[variant], **kwargs}
+        return FusedMedNeXt(spatial_dims=3, kernel_size=kernel_size, **kwargs)
+
+    return build
+
+
+def _unet(**kwargs: Any) -> nn.Module:
+    return FusedUNet(spatial_dims=3, **kwargs)
+
+
+def _swinunetr(**kwargs: Any) -> nn.Module:
+    return FusedSwinUNETR(spatial_dims=3, **kwargs)
+
+
+def _unetr(**kwargs: Any) -> nn.Module:
+    return FusedUNETR(spatial_dims=3, **kwargs)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "nnynet": SwinNeXt,
+    "swinunetr": _swinunetr,
+    "unetr": _unetr,
+    "unet": _unet,
+    "mednext_s": _mednext("s"),
+    "mednext_b": _mednext("b"),
+    "mednext_m": _mednext("m"),
+    "mednext_l": _mednext("l"),
+    "uxnet3d": UXNet3D,
+    "pctnet": PCTNet,
+}
+
+_MEDNEXT_SIZES = {"tiny": {"init_filters": 8}, "small": {"init_filters": 16}, "base": {"init_filters": 32}}
+
+# Preset sizes: "tiny" for CPU tests/demos, "base" = paper scale.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # tiny uses 4^3 attention windows: 7^3 windows make CPU attention ~3x slower at 64^3.
+    "nnynet": {"tiny": {"feature_size": 12, "window_size": 4}, "small": {"feature_size": 24}, "base": {"feature_size": 48}},
+    "swinunetr": {"tiny": {"feature_size": 12, "window_size": 4}, "small": {"feature_size": 24}, "base": {"feature_size": 48}},
+    "unetr": {
+        "tiny": {"feature_size": 8, "hidden_size": 96, "mlp_dim": 384, "num_heads": 4, "img_size": 32},
+        "small": {"feature_size": 16, "hidden_size": 384, "mlp_dim": 1536, "num_heads": 6, "img_size": 64},
+        "base": {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12, "img_size": 96},
+    },
+    "unet": {
+        "tiny": {"channels": (8, 16, 32, 64, 128), "strides": (2, 2, 2, 2), "num_res_units": 1, "norm": "instance"},
+        "small": {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2, "norm": "instance"},
+        "base": {"channels": (32, 64, 128, 256, 320), "strides": (2, 2, 2, 2), "num_res_units": 2, "norm": "instance"},
+    },
+    **{f"mednext_{v}": _MEDNEXT_SIZES for v in "sbml"},
+    "uxnet3d": {
+        "tiny": {"feature_size": 8, "hidden_size": 64},
+        "small": {"feature_size": 24, "hidden_size": 384},
+        "base": {"feature_size": 48, "hidden_size": 768},
+    },
+    "pctnet": {"tiny": {"feature_size": 8}, "small": {"feature_size": 16}, "base": {"feature_size": 32}},
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by create_model."""
+    return list(_BUILDERS)
+
+
+def _accepted_kwargs(name: str) -> set[str]:
+    builder = _BUILDERS[name]
+    targets = {"nnynet": SwinNeXt, "uxnet3d": UXNet3D, "pctnet": PCTNet, "swinunetr": SwinUNETR, "unetr": UNETR,
+               "unet": UNet}  # fmt: skip
+    keys = set()
+    for fn in (builder, targets.get(name), MedNeXt if name.startswith("mednext") else None):
+        if fn is not None:
+            keys |= {p for p in inspect.signature(fn).parameters if p not in ("self", "kwargs", "spatial_dims")}
+    if name.startswith("mednext"):
+        keys |= {"use_checkpoint"}
+    if name in ("swinunetr", "unetr", "unet") or name.startswith("mednext"):
+        keys |= {"fusion", "clinical_features"}
+    return keys
+
+
+def create_model(name: str, size: str = "base", **overrides: Any) -> nn.Module:
+    """Build a zoo network; overrides replace preset values (in_channels=1, out_channels=5 by default)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid names: {list_models()}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; valid sizes: {list(SIZES)}")
+    kwargs: dict[str, Any] = {"in_channels": 1, "out_channels": 5, "fusion": "none", "clinical_features": 0}
+    kwargs.update(PRESETS[name][size])
+    kwargs.update(overrides)
+    if name.startswith("mednext") and "deep_supervision" not in kwargs:
+        kwargs["deep_supervision"] = False
+    check_fusion_args(kwargs["fusion"], kwargs["clinical_features"])
+    unknown = set(kwargs) - _accepted_kwargs(name)
+    if unknown:
+        raise ValueError(f"{name}: unsupported option(s) {sorted(unknown)}; accepted: {sorted(_accepted_kwargs(name))}")
+    return _BUILDERS[name](**kwargs)
