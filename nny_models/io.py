@@ -336,7 +336,8 @@ def _infer_type(values, path: Path, col: str, ids) -> str:
     if len(present) == 0:
         return "numeric"
     lowered = set(present.str.lower())
-    if lowered <= _TRUE | _FALSE:
+    # words only: a 0/1 column may be a count or a score that happens to be small (override it if boolean)
+    if lowered <= (_TRUE | _FALSE) - {"0", "1", "0.0", "1.0"}:
         return "boolean"
     parsed = pd.to_numeric(present, errors="coerce")
     if parsed.notna().all():

@@ -152,17 +152,20 @@ def test_discover_plain_folder_and_manifests(tmp_path):
 
 def test_read_clinical_csv_types_join_and_errors(tmp_path):
     path = tmp_path / "clinical.csv"
-    path.write_text("case_id,age,sex,cirrhosis,afp\nc1,61,M,yes,12.5\nc2,70,F,no,\nc3,,M,,300\n")
+    path.write_text("case_id,age,sex,cirrhosis,afp,ecog\nc1,61,M,yes,12.5,0\nc2,70,F,no,,1\nc3,,M,,300,0\n")
     df = read_clinical_csv(path, case_ids=["c1", "c2", "c3", "c4"])
-    assert df.attrs["column_types"] == {"age": "numeric", "sex": "categorical", "cirrhosis": "boolean", "afp": "numeric"}
+    assert df.attrs["column_types"] == {
+        "age": "numeric", "sex": "categorical", "cirrhosis": "boolean", "afp": "numeric", "ecog": "numeric",
+    }
     assert list(df.index) == ["c1", "c2", "c3", "c4"]
     assert df.loc["c1", "age"] == 61.0 and np.isnan(df.loc["c3", "age"]) and df["age"].isna().loc["c4"]
     assert bool(df.loc["c1", "cirrhosis"]) is True and bool(df.loc["c2", "cirrhosis"]) is False
     assert str(df["sex"].dtype) == "category"
 
     # a declared type wins over the inferred one
-    df2 = read_clinical_csv(path, column_types={"cirrhosis": "categorical"})
-    assert df2.attrs["column_types"]["cirrhosis"] == "categorical"
+    df2 = read_clinical_csv(path, column_types={"cirrhosis": "categorical", "ecog": "boolean"})
+    assert df2.attrs["column_types"]["cirrhosis"] == "categorical" and str(df2["cirrhosis"].dtype) == "category"
+    assert df2["ecog"].tolist() == [False, True, False]
 
     with pytest.raises(ValueError, match=r"clinical.csv.*row 4.*'c3'.*not one of the 2 cases"):
         read_clinical_csv(path, case_ids=["c1", "c2"])
