@@ -64,13 +64,12 @@ def _grid_labels(
     table = torch.where(rank < n_fg[:, None], cls, torch.zeros_like(cls))
 
     # Paint each sample's grid with slices: a block table upsampled by its block size.
-    label = torch.zeros(b, 1, *dims.tolist(), dtype=torch.uint8, device=device)
-    table = table.to(torch.uint8)
+    label = torch.zeros(b, 1, *dims.tolist(), dtype=torch.long, device=device)
     for i, ((sd, sh, sw), (nd, nh, nw), (od, oh, ow)) in enumerate(zip(size.tolist(), n.tolist(), offset.tolist())):
         blocks = table[i, : nd * nh * nw].reshape(nd, nh, nw).to(device)
         blocks = blocks.repeat_interleave(sd, 0).repeat_interleave(sh, 1).repeat_interleave(sw, 2)
         label[i, 0, od : od + nd * sd, oh : oh + nh * sh, ow : ow + nw * sw] = blocks
-    return label.long()
+    return label
 
 
 def _box_labels(
@@ -131,9 +130,14 @@ def fusion_coefficients(
 
 
 def fuse(x_fg: torch.Tensor, x_bg: torch.Tensor, label: torch.Tensor, num_classes: int = 5) -> torch.Tensor:
-    """(k/K) x_fg + (1 - k/K) x_bg; exact at k = 0 (x_bg) and k = K (x_fg)."""
-    alpha = label.to(x_fg.dtype) / (num_classes - 1)
-    return alpha * x_fg + (1.0 - alpha) * x_bg
+    """(k/K) x_fg + (1 - k/K) x_bg; exact at k = 0 (x_bg) and k = K (x_fg).
+
+    torch.lerp computes start + w (end - start) for w < 0.5 and end - (1 - w) (end - start) otherwise, so
+    it returns x_bg exactly at w = 0 and x_fg exactly at w = 1, in one pass.
+    """
+    alphas = torch.arange(num_classes, dtype=x_fg.dtype, device=x_fg.device) / (num_classes - 1)
+    alpha = torch.index_select(alphas, 0, label.reshape(-1)).reshape(label.shape)  # alphas[K] == 1.0 exactly
+    return torch.lerp(x_bg, x_fg, alpha)
 
 
 def volume_fusion(
