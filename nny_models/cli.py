@@ -42,6 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
+
+
 def load_model(model: str, revision: str | None = None):
     """NnyNet.from_pretrained(strict=True), with the common mistakes turned into InputError."""
     path = Path(model)
@@ -51,6 +64,8 @@ def load_model(model: str, revision: str | None = None):
         missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
         if missing:
             raise InputError(f"--model {model!r}: folder lacks {', '.join(missing)} (expected save_pretrained output)")
+    elif model.startswith(("/", ".", "~")) or model.count("/") > 1:  # a path, not an "org/name" repo id
+        raise InputError(f"--model {model!r}: no such folder")
     from nny_models.hub import NnyNet
 
     try:
@@ -79,6 +94,7 @@ def run(args: argparse.Namespace) -> None:
     from nny_models.inference import check_ct_volume, missing_clinical_columns, predict, read_clinical
 
     start = time.perf_counter()
+    check_device(args.device)
     model = load_model(args.model, args.revision)
     volume, affine = load_input(args.input)
     try:

@@ -224,6 +224,8 @@ def predict(
     amp: bf16 autocast; None = on for CUDA, off on CPU.
     return_probabilities: also return softmax probabilities (C, X, Y, Z) float32 on the original grid
         (resampled linearly, so their argmax can differ from the label volume at boundaries).
+    The model is put in eval mode and moved to ``device``. Raises ValueError for an input that is not
+    a 3D CT in HU (see check_ct_volume) or a clinical row the schema cannot read.
     """
     from nny_models.preprocessing import preprocess_volume, restore_to_original
 

@@ -118,6 +118,11 @@ def test_bad_inputs_exit_2(model_dir, tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(NnyNetConfig().to_dict()))
     assert_bad_input(main(capsys, "--model", str(empty), "--input", str(ct), "--output", str(out)), "model.safetensors")
+    assert_bad_input(main(capsys, "--model", str(tmp_path / "nowhere"), "--input", str(ct), "--output", str(out)),
+                     "no such folder")
+    if not torch.cuda.is_available():
+        result = main(capsys, "--model", str(model_dir), "--input", str(ct), "--output", str(out), "--device", "cuda")
+        assert_bad_input(result, "CUDA is not available")
     assert not out.exists(), "no mask may be written for a bad input"
 
 
