@@ -151,11 +151,13 @@ def intensity_augment(
     def uniform(r: tuple[float, float]) -> torch.Tensor:
         return r[0] + (r[1] - r[0]) * _rand((b, 1), generator, device)
 
-    # Only the tails matter: two top-k calls are much cheaper than a full sort on the CPU.
-    rank0 = (uniform(contrast_low) / 100.0 * (n - 1)).round().long()  # (B, 1) rank of the low percentile
-    rank1 = (uniform(contrast_high) / 100.0 * (n - 1)).round().long()
-    v0 = sub.topk(int(rank0.max()) + 1, dim=1, largest=False).values.gather(1, rank0)  # ascending
-    v1 = sub.topk(n - int(rank1.min()), dim=1, largest=True).values.gather(1, (n - 1) - rank1)  # descending
+    # Only the tails matter: two top-k calls are much cheaper than a full sort on the CPU. Ranks are drawn
+    # on the CPU so that the top-k sizes need no device sync.
+    rank0 = (uniform(contrast_low).cpu() / 100.0 * (n - 1)).round().long()  # (B, 1) rank of the low percentile
+    rank1 = (uniform(contrast_high).cpu() / 100.0 * (n - 1)).round().long()
+    k0, k1 = int(rank0.max()) + 1, n - int(rank1.min())
+    v0 = sub.topk(k0, dim=1, largest=False).values.gather(1, rank0.to(device))  # ascending
+    v1 = sub.topk(k1, dim=1, largest=True).values.gather(1, ((n - 1) - rank1).to(device))  # descending
     vmin, vmax = sub.aminmax(dim=1, keepdim=True)  # of the subsample: voxels beyond are clamped below
     gamma = uniform(gamma_range)
     invert = _rand((b, 1), generator, device) < invert_prob
