@@ -1,0 +1,127 @@
+"""Evaluate a fine-tuned export on held-out cases, then publish it with the results in its model card.
+
+    python -m finetune.publish --model runs/finetune/model --test_dir DIR --output_dir runs/publish \\
+        [--repo_id org/nnynet --push]
+
+Evaluation runs the same path a user runs: ``NnyNet.from_pretrained`` -> ``nny_models.predict`` on the
+original CT (preprocessing from config.json, sliding window, restored to the input grid) -> metrics in mm
+on the original spacing. Reports: metrics.json, metrics_per_case.csv, metrics.md, overlay PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.evaluate import evaluate_case, summarize, write_reports
+from finetune.figures import save_overlays
+from finetune.run import card_metrics
+from nny_models.hub import NnyNet
+from nny_models.inference import predict
+from nny_models.io import discover_cases, load_volume, read_clinical_csv
+from pretrain.training import parse_config
+
+
+def evaluate_dataset(
+    model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: int = 3, keep_largest_liver: bool = False
+) -> tuple[list[dict], dict]:
+    """Per-case metrics of ``model`` on every labeled case of ``test_dir``; reports and overlays in out_dir."""
+    records = [r for r in discover_cases(test_dir) if r.label is not None]
+    if not records:
+        raise ValueError(f"{test_dir}: no labeled cases to evaluate")
+    table = None
+    if model.config.clinical_schema and (test_dir / "clinical.csv").is_file():
+        table = read_clinical_csv(test_dir / "clinical.csv", case_ids=[r.case_id for r in records])
+    labels = model.config.label_names
+    per_case = []
+    for i, record in enumerate(records):
+        clinical = table.loc[record.case_id].to_dict() if table is not None else None
+        pred = predict(model, record.image, clinical=clinical)
+        gt, affine = load_volume(record.label)
+        if keep_largest_liver:
+            from finetune.evaluate import keep_largest_component
+
+            pred = keep_largest_component(pred, label=labels.index("liver"))
+        spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
+        per_case.append(evaluate_case(pred, gt.astype(np.int64), spacing, labels, case_id=record.case_id))
+        if i < overlays:
+            image, _ = load_volume(record.image)
+            save_overlays(image, gt, pred, out_dir / "figures" / f"{record.case_id}_overlay.png", label_names=labels)
+    summary = summarize(per_case)
+    write_reports(per_case, summary, out_dir)
+    return per_case, summary
+
+
+def evaluate_and_publish(model_dir: Path, test_dir: Path, out: Path, repo_id: str | None = None) -> dict[str, Any]:
+    """Held-out evaluation, then save_pretrained to OUT/model with the metrics, reload it and check it."""
+    model_dir, test_dir, out = Path(model_dir), Path(test_dir), Path(out)
+    model = NnyNet.from_pretrained(model_dir)
+    eval_dir = out / "eval"
+    per_case, summary = evaluate_dataset(model, test_dir, eval_dir)
+    curves = model_dir.parent / "figures" / "training_curves.png"
+    if curves.is_file():
+        shutil.copy(curves, eval_dir / "figures" / "training_curves.png")
+
+    model.config.metrics = {
+        "split": f"held-out synthetic phantoms ({len(per_case)} cases), original voxel grid",
+        **card_metrics(summary),
+    }
+    training = json.loads((model_dir / "config.json").read_text()).get("metrics") or {}
+    card = {"training": {"validation (during fine-tuning)": training.get("mean_foreground_dice")}}
+    final = out / "model"
+    model.save_pretrained(final, model_card_kwargs=card)
+
+    # The published files must give back the same network, bit for bit.
+    reloaded = NnyNet.from_pretrained(final)
+    x = torch.randn(1, 1, *model.config.patch_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.equal(model.eval()(x), reloaded(x)):
+            raise RuntimeError(f"{final}: reloaded model gives different outputs than the saved one")
+    if repo_id:
+        model.push_to_hub(repo_id, model_card_kwargs=card)
+
+    example = discover_cases(test_dir)[0]
+    row = out / "prediction" / f"{example.case_id}_clinical.json"
+    row.parent.mkdir(parents=True, exist_ok=True)
+    if (test_dir / "clinical.csv").is_file():
+        clinical = read_clinical_csv(test_dir / "clinical.csv").loc[example.case_id].to_dict()
+        row.write_text(json.dumps({k: (None if _missing(v) else v) for k, v in clinical.items()}, default=str))
+    return {
+        "summary": summary,
+        "dice": {name: stats["dice_mean"] for name, stats in summary["per_class"].items()},
+        "report_md": eval_dir / "metrics.md",
+        "figures_dir": eval_dir / "figures",
+        "example_input": Path(example.image),
+        "example_clinical": row,
+    }
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return bool(np.isnan(value))
+    except TypeError:
+        return value is None
+
+
+@dataclass
+class PublishConfig:
+    model: str = "runs/finetune/model"  # fine-tuned export (save_pretrained directory)
+    test_dir: str = "runs/pipeline/data/test"  # held-out labeled cases (any layout nny_models.io reads)
+    output_dir: str = "runs/publish"  # eval/ reports and figures, model/ for the published files
+    repo_id: str | None = None  # Hub repo to push to (needs a token); None = local only
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(PublishConfig, argv, description=__doc__.splitlines()[0])
+    result = evaluate_and_publish(Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id)
+    print(result["report_md"].read_text())
+
+
+if __name__ == "__main__":
+    main()
