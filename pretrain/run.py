@@ -61,10 +61,10 @@ class PretrainConfig:
     max_steps: int = 100_000  # optimizer steps
     lr: float = 1e-4  # peak AdamW learning rate
     weight_decay: float = 1e-5  # AdamW weight decay
-    warmup_steps: int = 1000  # linear warmup steps, then cosine decay to 1% of lr
+    warmup_steps: int = 1000  # linear warmup steps, then cosine decay to 0.01 x lr
     grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
     mixed_precision: str = "no"  # no | bf16 | fp16
-    grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, about 30 percent slower)
     compile: bool = False  # torch.compile the model
     num_workers: int = 2  # DataLoader worker processes per rank
     seed: int = 0  # seeds weights, patch sampling and the pretext draws

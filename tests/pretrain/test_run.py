@@ -116,3 +116,15 @@ def test_kill9_then_resume_matches_uninterrupted_run(shared, full_run, tmp_path)
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
     assert _losses(out)[-1] == pytest.approx(_losses(full_run)[-1], abs=1e-5)
+
+
+def test_config_precedence_default_preset_json_flag(tmp_path):
+    from pretrain.run import load_config
+
+    cfg = load_config(["--preset", "cpu"])
+    assert cfg.size == "tiny" and tuple(cfg.patch_size) == (32, 32, 32)
+    (tmp_path / "run.json").write_text(json.dumps({"preset": "cpu", "lr": 0.5, "max_steps": 7}))
+    cfg = load_config(["--config", str(tmp_path / "run.json"), "--max_steps", "9"])
+    assert cfg.lr == 0.5 and cfg.max_steps == 9 and cfg.size == "tiny"  # JSON beats preset, flag beats JSON
+    with pytest.raises(ValueError, match="preset"):
+        load_config(["--preset", "huge"])
