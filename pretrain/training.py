@@ -214,7 +214,8 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
     for f in dataclasses.fields(cls):
         kind = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kw: dict[str, Any] = {"help": f"{comments.get(f.name, '')} (default: {default})", "default": argparse.SUPPRESS}
+        help_text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help
+        kw: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) in (tuple, list):
