@@ -34,15 +34,20 @@ from nny_models.preprocessing import preprocess_volume  # noqa: E402
 
 
 def ct_volume(shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int = 0):
-    """A CT-like abdomen in HU: a phantom from nny_models.phantoms ("ct" preset) if available, else a
-    body ellipse with fat, muscle, liver, spine and noise of the requested shape."""
+    """A CT-like abdomen in HU: a phantom from nny_models.phantoms ("ct" preset, its central shape[2]
+    slices) if available, else a body ellipse with fat, muscle, liver, spine and noise of ``shape``."""
     try:
         from nny_models.phantoms import generate_phantom
 
         case = generate_phantom(seed, preset="ct", labeled=False)
-        return case.image.astype(np.float32), np.asarray(case.affine, dtype=np.float64), "phantom preset ct"
-    except Exception:  # phantoms not available: fall back to the procedural stand-in below
-        pass
+    except ImportError:  # phantoms not available: fall back to the procedural stand-in below
+        case = None
+    if case is not None:
+        z0 = max(0, (case.image.shape[2] - shape[2]) // 2)
+        image = np.ascontiguousarray(case.image[:, :, z0 : z0 + shape[2]], dtype=np.float32)
+        affine = np.asarray(case.affine, dtype=np.float64).copy()
+        affine[:3, 3] += affine[:3, 2] * z0  # the cropped grid starts at slice z0
+        return image, affine, f"phantom preset ct, slices {z0}..{z0 + image.shape[2] - 1} of {case.image.shape[2]}"
     rng = np.random.default_rng(seed)
     x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
     r = (x / 0.85) ** 2 + (y / 0.6) ** 2
@@ -83,7 +88,7 @@ def monai_pipeline(vol: np.ndarray, affine: np.ndarray, net: torch.nn.Module, cf
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", type=int, nargs=3, default=(512, 512, 100), help="synthetic volume size (no phantoms)")
+    p.add_argument("--shape", type=int, nargs=3, default=(512, 512, 100), help="volume size; with phantoms only the slice count applies")
     p.add_argument("--spacing", type=float, nargs=3, default=(0.75, 0.75, 2.5))
     p.add_argument("--feature-size", type=int, default=None, help="default: 48 on CUDA, 12 on CPU")
     p.add_argument("--roi", type=int, default=None, help="default: 96 on CUDA, 64 on CPU")
