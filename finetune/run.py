@@ -32,6 +32,7 @@ from nny_models.cache import build_cache
 from nny_models.config import DEFAULT_LABELS, NnyNetConfig, PreprocessConfig
 from nny_models.hub import NnyNet, load_config, load_state_dict
 from nny_models.io import discover_cases, read_clinical_csv
+from nny_models.phantoms import embedded_dataset
 from nny_models.sampling import PatchDataset
 from nny_models.transfer import transfer_weights
 from pretrain.training import (
@@ -93,19 +94,6 @@ class FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def embedded_dataset(cases: int, seed: int, unlabeled: bool = False) -> Path:
-    """The embedded default: phantoms generated once into ~/.cache/nnynet (or $NNYNET_CACHE)."""
-    import os
-
-    from nny_models.phantoms import write_dataset
-
-    root = Path(os.environ.get("NNYNET_CACHE", Path.home() / ".cache" / "nnynet"))
-    out = root / f"phantoms_{'unlabeled' if unlabeled else 'labeled'}_{cases}_seed{seed}"
-    if not (out / "dataset.json").is_file():
-        write_dataset(out, cases=cases, seed=seed, unlabeled=unlabeled)
-    return out
 
 
 class AugmentedPatches(torch.utils.data.Dataset):

@@ -1,6 +1,6 @@
 """Volume Fusion pretraining (MIS-FM) of a zoo network on unannotated CT, with Hugging Face Accelerate.
 
-    python pretrain/run.py --preset cpu                                  # CPU demo on generated phantoms
+    accelerate launch pretrain/run.py                                    # CPU demo on generated phantoms
     accelerate launch pretrain/run.py --preset paper --data_dir /data/ct --output_dir runs/vf
     accelerate launch --multi_gpu --num_processes 2 pretrain/run.py ...   # DDP (gloo on a CPU-only box)
     python pretrain/run.py --config run.json --resume                   # continue from the latest checkpoint
@@ -46,29 +46,29 @@ from pretrain.training import (  # noqa: E402
 class PretrainConfig:
     """Everything a pretraining run reads; CLI flags and --config JSON fill it (flags win)."""
 
-    preset: str | None = None  # "cpu" (CPU demo, minutes) or "paper" (96^3, base size, bf16); flags override it
+    preset: str | None = None  # "paper" = MIS-FM scale (96^3, base size, bf16); the defaults are a CPU demo. Flags override it
     data_dir: str | None = None  # unannotated CT: MSD / nnU-Net raw / plain folder / CSV or JSONL manifest; None = phantoms
     output_dir: str = "runs/pretrain"  # checkpoints/, logs/, metrics.jsonl and the exported model/
     cache_dir: str | None = None  # preprocessed-volume cache (default OUTPUT_DIR/cache); share it between runs
-    phantom_dir: str | None = None  # where phantoms are generated without --data_dir (default ~/.cache/nnynet/...)
+    phantom_dir: str | None = None  # where phantoms are generated without --data_dir (default ~/.cache/nnynet)
     phantom_cases: int = 8  # number of unlabeled phantoms generated without --data_dir
     model: str = "nnynet"  # zoo name (nny_models.list_models())
-    size: str = "base"  # zoo size preset: tiny | small | base
-    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)  # target voxel spacing (mm) of the preprocessing
-    patch_size: tuple[int, int, int] = (96, 96, 96)  # network input patch (voxels); divisible by the model's size_divisor
+    size: str = "tiny"  # zoo size preset: tiny | small | base
+    spacing: tuple[float, float, float] = (2.0, 2.0, 3.0)  # target voxel spacing (mm) of the preprocessing
+    patch_size: tuple[int, int, int] = (64, 64, 64)  # network input patch (voxels); divisible by the model's size_divisor
     batch_size: int = 2  # patches per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
-    max_steps: int = 100_000  # optimizer steps
-    lr: float = 1e-4  # peak AdamW learning rate
+    max_steps: int = 150  # optimizer steps
+    lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 1e-5  # AdamW weight decay
-    warmup_steps: int = 1000  # linear warmup steps, then cosine decay to 0.01 x lr
+    warmup_steps: int = 10  # linear warmup steps, then cosine decay to 0.01 x lr
     grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, about 30 percent slower)
     compile: bool = False  # torch.compile the model
-    num_workers: int = 2  # DataLoader worker processes per rank
+    num_workers: int = 1  # DataLoader worker processes per rank
     seed: int = 0  # seeds weights, patch sampling and the pretext draws
-    checkpoint_every: int = 1000  # save a resumable checkpoint every N steps (0 = only at the end)
+    checkpoint_every: int = 50  # save a resumable checkpoint every N steps (0 = only at the end)
     export_every: int = 0  # also export OUTPUT_DIR/model every N steps (0 = only at the end)
     resume: bool = False  # continue from OUTPUT_DIR/checkpoints/latest if it exists
     log_every: int = 1  # log loss / lr every N steps
@@ -79,12 +79,11 @@ class PretrainConfig:
 
 
 PRESETS = {
-    # A few minutes on 2 CPU cores: tiny network, coarse spacing, 32^3 patches, phantoms.
-    "cpu": dict(size="tiny", spacing=(3.0, 3.0, 4.0), patch_size=(32, 32, 32), batch_size=2, max_steps=120,
-                lr=2e-3, warmup_steps=10, checkpoint_every=40, num_workers=0, phantom_cases=4),
-    # MIS-FM scale: 96^3 patches, feature_size 48 (base), bf16, 2 patches per GPU.
-    "paper": dict(size="base", patch_size=(96, 96, 96), batch_size=2, mixed_precision="bf16", lr=1e-4,
-                  warmup_steps=1000, max_steps=100_000, checkpoint_every=1000, export_every=10_000, num_workers=4),
+    # MIS-FM scale: 96^3 patches, feature_size 48 (base), bf16, 2 patches per GPU. The dataclass defaults
+    # above are the CPU demo (tiny network, 64^3 patches, a few minutes on 2 cores).
+    "paper": dict(size="base", spacing=(1.5, 1.5, 2.0), patch_size=(96, 96, 96), batch_size=2, mixed_precision="bf16",
+                  lr=1e-4, warmup_steps=1000, max_steps=100_000, checkpoint_every=1000, export_every=10_000,
+                  num_workers=4),
 }
 
 
@@ -113,13 +112,10 @@ def prepare_cache(cfg: PretrainConfig, accelerator):
 
     data_dir = cfg.data_dir
     if data_dir is None:
-        data_dir = cfg.phantom_dir or str(Path.home() / ".cache" / "nnynet" / f"phantoms_unlabeled_{cfg.phantom_cases}")
-        with accelerator.main_process_first():
-            if not (Path(data_dir) / "dataset.json").is_file():
-                from nny_models.phantoms import write_dataset
+        from nny_models.phantoms import embedded_dataset
 
-                accelerator.print(f"generating {cfg.phantom_cases} unlabeled phantoms in {data_dir}")
-                write_dataset(data_dir, cases=cfg.phantom_cases, seed=cfg.seed, unlabeled=True)
+        with accelerator.main_process_first():
+            data_dir = embedded_dataset(cfg.phantom_cases, seed=cfg.seed, unlabeled=True, root=cfg.phantom_dir)
     records = [dataclasses.replace(r, label=None) for r in discover_cases(data_dir)]  # pretraining ignores labels
     prep = PreprocessConfig(spacing=tuple(cfg.spacing))
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")

@@ -9,6 +9,6 @@ CLI: ``python -m nny_models.phantoms --out DIR --cases N --seed S [--unlabeled] 
 
 from .generate import PhantomCase, generate_phantom
 from .presets import PRESETS
-from .dataset import save_preview, write_dataset
+from .dataset import embedded_dataset, save_preview, write_dataset
 
-__all__ = ["PhantomCase", "generate_phantom", "write_dataset", "save_preview", "PRESETS"]
+__all__ = ["PhantomCase", "generate_phantom", "write_dataset", "embedded_dataset", "save_preview", "PRESETS"]

@@ -73,6 +73,20 @@ def write_dataset(out_dir, cases: int, seed: int, *, unlabeled: bool = False, pr
     return out
 
 
+def embedded_dataset(cases: int, seed: int, *, unlabeled: bool = False, root: str | Path | None = None) -> Path:
+    """The embedded default data set: phantoms generated once into ROOT (default ~/.cache/nnynet or $NNYNET_CACHE).
+
+    Both training scripts fall back to it when no --data_dir is given; a second call reuses the files.
+    """
+    import os
+
+    root = Path(root or os.environ.get("NNYNET_CACHE") or Path.home() / ".cache" / "nnynet")
+    out = root / f"phantoms_{'unlabeled' if unlabeled else 'labeled'}_{cases}_seed{seed}"
+    if not (out / "dataset.json").is_file():  # dataset.json is written last: its presence means complete
+        write_dataset(out, cases=cases, seed=seed, unlabeled=unlabeled, workers=min(2, os.cpu_count() or 1))
+    return out
+
+
 def save_preview(case: PhantomCase, path) -> Path:
     """A few axial slices and one coronal slice with label overlays (W400/L40)."""
     import matplotlib

@@ -32,7 +32,8 @@ def shared(tmp_path_factory):
 
 def _args(shared, out: Path, *extra: str) -> list[str]:
     return [
-        "--preset", "cpu", "--model", "unet", "--size", "tiny", "--output_dir", str(out),
+        "--model", "unet", "--size", "tiny", "--patch_size", "32", "32", "32", "--spacing", "3", "3", "4",
+        "--phantom_cases", "4", "--num_workers", "0", "--output_dir", str(out),
         "--phantom_dir", str(shared["phantoms"]), "--cache_dir", str(shared["cache"]),
         "--max_steps", str(STEPS), "--checkpoint_every", str(CKPT_EVERY), "--lr", "3e-3", "--warmup_steps", "3",
         "--seed", "1", *extra,
@@ -121,10 +122,12 @@ def test_kill9_then_resume_matches_uninterrupted_run(shared, full_run, tmp_path)
 def test_config_precedence_default_preset_json_flag(tmp_path):
     from pretrain.run import load_config
 
-    cfg = load_config(["--preset", "cpu"])
-    assert cfg.size == "tiny" and tuple(cfg.patch_size) == (32, 32, 32)
-    (tmp_path / "run.json").write_text(json.dumps({"preset": "cpu", "lr": 0.5, "max_steps": 7}))
+    cfg = load_config([])
+    assert cfg.size == "tiny" and cfg.max_steps < 1000  # no arguments = the CPU demo
+    cfg = load_config(["--preset", "paper"])
+    assert cfg.size == "base" and tuple(cfg.patch_size) == (96, 96, 96) and cfg.mixed_precision == "bf16"
+    (tmp_path / "run.json").write_text(json.dumps({"preset": "paper", "lr": 0.5, "max_steps": 7}))
     cfg = load_config(["--config", str(tmp_path / "run.json"), "--max_steps", "9"])
-    assert cfg.lr == 0.5 and cfg.max_steps == 9 and cfg.size == "tiny"  # JSON beats preset, flag beats JSON
+    assert cfg.lr == 0.5 and cfg.max_steps == 9 and cfg.size == "base"  # JSON beats preset, flag beats JSON
     with pytest.raises(ValueError, match="preset"):
         load_config(["--preset", "huge"])
