@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nny_models.fusion import apply_fusion, check_fusion_args, check_image, make_fusion
 from nny_models.pctnet import PCTNet
-from nny_models.swin_next import SwinNeXt
+from nny_models.swin_next import SwinNeXt, use_fast_depthwise
 from nny_models.uxnet import UXNet3D
 
 SIZES = ("tiny", "small", "base")
@@ -165,7 +165,7 @@ def _mednext(variant: str) -> Callable[..., nn.Module]:
         if kernel_size not in (3, 5, 7):
             raise ValueError(f"mednext_{variant}: kernel_size must be 3, 5 or 7, got {kernel_size}")
         kwargs = {"use_residual_connection": True, "norm_type": "group", **_MEDNEXT_VARIANTS[variant], **kwargs}
-        return FusedMedNeXt(spatial_dims=3, kernel_size=kernel_size, **kwargs)
+        return use_fast_depthwise(FusedMedNeXt(spatial_dims=3, kernel_size=kernel_size, **kwargs))
 
     return build
 
@@ -191,8 +191,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mednext_b": _mednext("b"),
     "mednext_m": _mednext("m"),
     "mednext_l": _mednext("l"),
-    "uxnet3d": UXNet3D,
-    "pctnet": PCTNet,
+    "uxnet3d": lambda **kw: use_fast_depthwise(UXNet3D(**kw)),
+    "pctnet": lambda **kw: use_fast_depthwise(PCTNet(**kw)),
 }
 
 _MEDNEXT_SIZES = {"tiny": {"init_filters": 8}, "small": {"init_filters": 16}, "base": {"init_filters": 32}}
@@ -228,7 +228,7 @@ def list_models() -> list[str]:
 
 
 def _accepted_kwargs(name: str) -> set[str]:
-    builder = _BUILDERS[name]
+    builder = _BUILDERS[name] if name not in ("uxnet3d", "pctnet") else None
     targets = {"nnynet": SwinNeXt, "uxnet3d": UXNet3D, "pctnet": PCTNet, "swinunetr": SwinUNETR, "unetr": UNETR,
                "unet": UNet}  # fmt: skip
     keys = set()

@@ -1,0 +1,58 @@
+"""UpKern kernel interpolation and the weight-transfer report."""
+
+import torch
+import torch.nn as nn
+
+from nny_models.transfer import transfer_weights
+from nny_models.upkern import upkern_load
+from nny_models.zoo import create_model
+
+
+def test_upkern_mednext_k3_to_k5():
+    torch.manual_seed(0)
+    small = create_model("mednext_s", "tiny", kernel_size=3)
+    big = create_model("mednext_s", "tiny", kernel_size=5)
+    src = small.state_dict()
+    key = "enc_stages.0.0.conv1.weight"  # depthwise 3^3 kernel
+    src[key] = torch.full_like(src[key], 0.25)
+    report = upkern_load(big, src)
+    dst = big.state_dict()
+    assert not report.missing and not report.unexpected and not report.mismatched
+    assert report.fraction_loaded() == 1.0 and key in report.interpolated
+    assert dst[key].shape[2:] == (5, 5, 5)
+    assert torch.allclose(dst[key], torch.full_like(dst[key], 0.25))  # a constant kernel stays constant
+    other = "enc_stages.1.0.conv1.weight"
+    assert torch.allclose(dst[other][..., 2, 2, 2], src[other][..., 1, 1, 1])  # centre value kept
+    for k, v in src.items():
+        if k not in report.interpolated:
+            assert torch.equal(dst[k], v), k  # non-conv tensors (norms, 1x1 convs, biases) are copied
+    # Swin-NeXt decoder too (kernel 3 -> 7); the encoder is copied unchanged.
+    rep = upkern_load(create_model("nnynet", "tiny", kernel_size=7), create_model("nnynet", "tiny").state_dict())
+    assert rep.fraction_loaded() == 1.0 and rep.interpolated
+    assert all(not k.startswith("encoder.") for k in rep.interpolated)
+
+
+def test_transfer_report_counts_on_hand_made_mismatch():
+    dst = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))  # keys 0.weight 0.bias 2.weight 2.bias
+    src = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5)).state_dict()
+    src["extra.weight"] = torch.zeros(2)
+    del src["0.bias"]
+    report = transfer_weights(dst, src)
+    assert report.loaded == ["0.weight"]
+    assert report.missing == ["0.bias"]
+    assert report.unexpected == ["extra.weight"]
+    assert report.mismatched == [("2.weight", (5, 8), (3, 8)), ("2.bias", (5,), (3,))]
+    assert torch.equal(dst.state_dict()["0.weight"], src["0.weight"])
+    assert report.fraction_loaded("0.") == 0.5 and report.fraction_loaded("2.") == 0.0
+    assert "loaded 1/4" in report.summary() and "2.weight (5, 8)->(3, 8)" in report.summary()
+    excl = transfer_weights(dst, src, exclude_prefixes=("0.",))
+    assert excl.excluded == ["0.weight", "0.bias"] and not excl.loaded
+
+
+def test_encoder_transfer_from_pretraining_to_new_head():
+    pre = create_model("mednext_s", "tiny", out_channels=5)
+    fine = create_model("mednext_s", "tiny", out_channels=3, fusion="cross_attention", clinical_features=4)
+    report = transfer_weights(fine, pre.state_dict(), exclude_prefixes=fine.head_prefixes)
+    assert report.fraction_loaded(fine.encoder_prefixes) == 1.0
+    assert all(k.startswith("fusion.") for k in report.missing)
+    assert not report.mismatched and report.excluded
