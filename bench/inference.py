@@ -67,7 +67,7 @@ def monai_pipeline(vol: np.ndarray, affine: np.ndarray, net: torch.nn.Module, cf
     lo, hi = cfg.hu_window
     threshold = cfg.out_range[0] + (cfg.body_threshold_hu - lo) / (hi - lo) * (cfg.out_range[1] - cfg.out_range[0])
     pre = Compose([
-        Orientation(axcodes=cfg.orientation),
+        Orientation(axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacing(pixdim=cfg.spacing, mode="bilinear"),
         ScaleIntensityRange(a_min=lo, a_max=hi, b_min=cfg.out_range[0], b_max=cfg.out_range[1], clip=True),
         CropForeground(select_fn=lambda t: t > threshold, allow_smaller=True),
