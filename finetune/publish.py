@@ -44,12 +44,13 @@ def evaluate_dataset(
         clinical = table.loc[record.case_id].to_dict() if table is not None else None
         pred = predict(model, record.image, clinical=clinical)
         gt, affine = load_volume(record.label)
+        gt = np.rint(gt).astype(np.int64)  # load_volume returns float32
         if keep_largest_liver:
             from finetune.evaluate import keep_largest_component
 
             pred = keep_largest_component(pred, label=labels.index("liver"))
         spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
-        per_case.append(evaluate_case(pred, gt.astype(np.int64), spacing, labels, case_id=record.case_id))
+        per_case.append(evaluate_case(pred, gt, spacing, labels, case_id=record.case_id))
         if i < overlays:
             image, _ = load_volume(record.image)
             save_overlays(image, gt, pred, out_dir / "figures" / f"{record.case_id}_overlay.png", label_names=labels)

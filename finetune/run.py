@@ -269,7 +269,7 @@ def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: Preproc
     model.eval()
     per_case = []
     for cid in data["val_ids"]:
-        image = torch.from_numpy(np.asarray(data["cache"].image(cid)))[None].to(device)
+        image = torch.from_numpy(np.array(data["cache"].image(cid)))[None].to(device)  # copy out of the mmap
         clinical = data["vectors"].get(cid, {}).get("clinical")
         clinical = torch.as_tensor(clinical, device=device)[None] if clinical is not None else None
 
