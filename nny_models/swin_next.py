@@ -74,20 +74,52 @@ class FastDepthwiseConv3d(nn.Conv3d):
         return super().forward(x)
 
 
+class FastDepthwiseConvTranspose3d(nn.ConvTranspose3d):
+    """Depthwise nn.ConvTranspose3d (padding k // 2) computed on CPU as zero insertion + depthwise conv.
+
+    PyTorch's CPU transposed grouped conv loops over groups: 6 s for 768 channels at 2^3 (MedNeXt's
+    bottleneck up block). A transposed conv with stride s equals a conv of the input with s - 1 zeros
+    inserted between voxels, using the flipped kernel and the same padding; same parameters and state dict.
+    """
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if x.device.type != "cpu" or output_size is not None:
+            return super().forward(x, output_size)
+        s = self.stride
+        b, c, *size = x.shape
+        z = x.new_zeros(b, c, *((n - 1) * st + 1 for n, st in zip(size, s)))
+        z[:, :, :: s[0], :: s[1], :: s[2]] = x
+        weight = self.weight.flip(2, 3, 4)
+        if torch.is_grad_enabled():
+            return _DepthwiseConv3dFn.apply(z, weight, self.bias)
+        return F.conv3d(z, weight, self.bias, padding=self.padding, groups=c)
+
+
+def _is_depthwise(m: nn.Module, transposed: bool) -> bool:
+    k = m.kernel_size[0]
+    return (
+        k % 2 == 1
+        and m.groups == m.in_channels == m.out_channels
+        and m.kernel_size == (k, k, k)
+        and m.dilation == (1, 1, 1)
+        and m.padding == (k // 2,) * 3
+        and m.padding_mode == "zeros"
+        and (m.output_padding == (0, 0, 0) if transposed else m.stride == (1, 1, 1))
+    )
+
+
 def use_fast_depthwise(model: nn.Module) -> nn.Module:
-    """Swap every depthwise, stride-1, 'same'-padded nn.Conv3d of ``model`` for FastDepthwiseConv3d."""
+    """Swap depthwise 'same'-padded Conv3d / ConvTranspose3d layers for their fast CPU versions (in place)."""
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
-            k = m.kernel_size[0] if type(m) is nn.Conv3d else 0
-            if (
-                k % 2 == 1
-                and m.groups == m.in_channels == m.out_channels
-                and m.kernel_size == (k, k, k)
-                and m.stride == (1, 1, 1)
-                and m.dilation == (1, 1, 1)
-                and m.padding == (k // 2,) * 3
-                and m.padding_mode == "zeros"
-            ):
+            if type(m) is nn.ConvTranspose3d and _is_depthwise(m, transposed=True):
+                fast = FastDepthwiseConvTranspose3d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                                                    padding=m.padding, groups=m.groups, bias=m.bias is not None,
+                                                    device=m.weight.device, dtype=m.weight.dtype)  # fmt: skip
+                fast.weight, fast.bias = m.weight, m.bias
+                setattr(parent, name, fast)
+            if type(m) is nn.Conv3d and _is_depthwise(m, transposed=False):
+                k = m.kernel_size[0]
                 fast = FastDepthwiseConv3d(m.in_channels, m.out_channels, k, padding=k // 2, groups=m.groups,
                                            bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)  # fmt: skip
                 fast.weight, fast.bias = m.weight, m.bias

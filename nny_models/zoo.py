@@ -98,7 +98,10 @@ class FusedUNet(UNet):
             prefix, block = prefix + "1.submodule.", block[1].submodule
         self.encoder_prefixes = tuple(prefixes)
         self._clinical: torch.Tensor | None = None
-        block.register_forward_hook(lambda mod, inp, out: apply_fusion(self.fusion, out, self._clinical))
+        block.register_forward_hook(self._fuse_bottleneck)  # a bound method, so deepcopy (EMA) rebinds it
+
+    def _fuse_bottleneck(self, module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        return apply_fusion(self.fusion, out, self._clinical)
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         check_image(image, self.size_divisor, "unet")

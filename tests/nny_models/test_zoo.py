@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nny_models.swin_next import FastDepthwiseConv3d, use_fast_depthwise
+from nny_models.swin_next import FastDepthwiseConv3d, FastDepthwiseConvTranspose3d, use_fast_depthwise
 from nny_models.zoo import create_model, list_models
 
 F = 4  # clinical features
@@ -83,11 +83,15 @@ def test_presets_and_overrides():
 
 
 @pytest.mark.parametrize("k", [3, 7])
-def test_fast_depthwise_conv_matches_native_gradients(k):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fast_depthwise_conv_matches_native_gradients(k, transposed):
     torch.manual_seed(0)
-    ref = nn.Conv3d(4, 4, k, padding=k // 2, groups=4).double()
+    if transposed:  # MedNeXtUpBlock's upsampling conv
+        ref = nn.ConvTranspose3d(4, 4, k, stride=2, padding=k // 2, groups=4).double()
+    else:
+        ref = nn.Conv3d(4, 4, k, padding=k // 2, groups=4).double()
     fast = use_fast_depthwise(nn.Sequential(copy.deepcopy(ref)))[0]
-    assert isinstance(fast, FastDepthwiseConv3d)
+    assert isinstance(fast, FastDepthwiseConvTranspose3d if transposed else FastDepthwiseConv3d)
     x = torch.randn(2, 4, 9, 8, 7, dtype=torch.double)
     grads = []
     for conv in (ref, fast):
@@ -97,3 +101,28 @@ def test_fast_depthwise_conv_matches_native_gradients(k):
         grads.append((out, xi.grad, conv.weight.grad, conv.bias.grad))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-10)
+    with torch.no_grad():  # the inference path too
+        assert torch.allclose(ref(x), fast(x), atol=1e-10)
+
+
+def test_unet_fusion_hook_follows_deepcopy():
+    # EMA (torch.optim.swa_utils.AveragedModel) deep-copies the model: the copy must use its own fusion.
+    model = create_model("unet", "tiny", fusion="add", clinical_features=2).eval()
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.fusion.parameters():
+            p.add_(1.0)
+        x, c = torch.randn(1, 1, 32, 16, 16), torch.randn(1, 2)
+        assert not torch.allclose(model(x, c), ema(x, c))
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    plain = create_model("nnynet", "tiny").train()
+    torch.manual_seed(0)
+    ckpt = create_model("nnynet", "tiny", use_checkpoint=True).train()
+    x = _input(plain)
+    for m in (plain, ckpt):
+        m(x).square().mean().backward()
+    for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), n

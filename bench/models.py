@@ -1,0 +1,205 @@
+"""Swin-NeXt (nnynet) against MONAI SwinUNETR at equal feature_size 48 (one JSON line per comparison).
+
+Both networks get the same input (batch x 1 x S^3), the same torch thread count, out_channels=5 and an
+AdamW optimizer. Per input size S it reports: training step time (forward + backward + AdamW step),
+inference time (eval, inference_mode), parameter counts and peak memory of a training step (CPU: growth of
+peak RSS over the RSS before the first step, measured in a fresh subprocess per model; CUDA:
+torch.cuda.max_memory_allocated). On CUDA it also reports the bf16 (autocast) training throughput and the
+achieved TFLOP/s, with FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode.
+
+Timing: warmup, then the two models' runs are interleaved (ours, peer, ours, peer, ...) and the median of
+--repeats runs is reported, so that load from other processes hits both alike; each timing line also
+carries the median process CPU time (time.process_time, all threads), which contention inflates less.
+Depthwise convs use nny_models.swin_next's fast CPU path (PyTorch's own is ~100x slower in backward).
+
+CPU: S = 64. CUDA: S = 96 and 128. Target: nnynet training step <= 0.6x SwinUNETR's on CPU at 64^3.
+Run: python bench/models.py [--threads N] [--repeats R] [--sizes 64 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import device_name, emit, sync  # noqa: E402
+from nny_models.zoo import create_model  # noqa: E402
+
+OURS, PEER = "nnynet", "swinunetr"
+PEER_NAME = "MONAI SwinUNETR (feature_size 48)"
+
+
+def build(name: str, device: torch.device) -> torch.nn.Module:
+    return create_model(name, "base", feature_size=48, in_channels=1, out_channels=5).to(device)
+
+
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, bf16: bool = False):
+    """One forward + backward + AdamW step; returns the closure."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_fn(model: torch.nn.Module, x: torch.Tensor, bf16: bool = False):
+    model.eval()
+
+    def run() -> None:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(x)
+
+    return run
+
+
+def step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one training forward + backward (the optimizer step is negligible and not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x).float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def cpu_peak_rss_child(name: str, size: int, batch: int, threads: int) -> None:
+    """Subprocess body: peak RSS growth (MB) of two training steps, printed as JSON."""
+    import resource
+
+    import psutil
+
+    torch.set_num_threads(threads)
+    model = build(name, torch.device("cpu"))
+    x = torch.randn(batch, 1, size, size, size)
+    step = train_step_fn(model, x)
+    base = psutil.Process().memory_info().rss
+    step()
+    step()  # the second step holds AdamW state as well
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"peak_mb": (peak - base) / 2**20}))
+
+
+def cpu_peak_rss(name: str, size: int, batch: int, threads: int) -> float:
+    cmd = [sys.executable, __file__, "--_rss_child", name, "--sizes", str(size), "--batch", str(batch),
+           "--threads", str(threads)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def time_interleaved(fns: dict[str, object], device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median wall and CPU (process) seconds per fn, calling the fns in turn so that both see the same load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+
+
+def measure(size: int, batch: int, device: torch.device, args: argparse.Namespace) -> dict[str, dict]:
+    """All figures for OURS and PEER at one input size."""
+    torch.manual_seed(0)
+    models = {name: build(name, device) for name in (OURS, PEER)}
+    x = torch.randn(batch, 1, size, size, size, device=device)
+    res: dict[str, dict] = {n: {"params_m": sum(p.numel() for p in m.parameters()) / 1e6} for n, m in models.items()}
+    w, r = args.warmup, args.repeats
+    runs = {
+        "train": {n: train_step_fn(m, x) for n, m in models.items()},
+        "infer": {n: infer_fn(m, x) for n, m in models.items()},
+    }
+    if device.type == "cuda":
+        runs["bf16_train"] = {n: train_step_fn(m, x, bf16=True) for n, m in models.items()}
+        runs["bf16_infer"] = {n: infer_fn(m, x, bf16=True) for n, m in models.items()}
+    for kind, fns in runs.items():
+        for name, (wall, cpu) in time_interleaved(fns, device, w, r).items():
+            res[name][f"{kind}_s"] = wall
+            res[name][f"{kind}_cpu_s"] = cpu
+    for name, model in models.items():
+        if device.type == "cuda":
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            train_step_fn(model, x)()  # a fresh optimizer: peak includes AdamW state creation
+            res[name]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            res[name]["flops"] = step_flops(model, x)
+        else:
+            res[name]["peak_mb"] = cpu_peak_rss(name, size, batch, args.threads)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="cube sides (default 64 CPU, 96 128 CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 1 CPU, 2 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both models (default: all cores)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per model, interleaved; medians reported")
+    p.add_argument("--_rss_child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    args.threads = args.threads or os.cpu_count() or 1
+    args.batch = args.batch or (2 if device.type == "cuda" else 1)
+    args.sizes = args.sizes or ([96, 128] if device.type == "cuda" else [64])
+    if args._rss_child:
+        cpu_peak_rss_child(args._rss_child, args.sizes[0], args.batch, args.threads)
+        return
+    torch.set_num_threads(args.threads)  # the same for both models (and their RSS subprocesses)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    dev = device_name(device)
+
+    for size in args.sizes:
+        res = measure(size, args.batch, device, args)
+        ours, peer = res[OURS], res[PEER]
+        tag = {"input": f"{args.batch}x1x{size}^3", "threads": torch.get_num_threads()}
+
+        def line(metric: str, key: str, better: str, target: str | None = None, **extra) -> None:
+            emit("models", metric, ours[key], peer[key], PEER_NAME, better, target, dev, **tag, **extra)
+
+        target = "<= 0.6 (ratio)" if device.type == "cpu" else None
+        cpu_time = {"ours": ours["train_cpu_s"], "peer": peer["train_cpu_s"]}
+        line(f"train_step_s_{size}", "train_s", "lower", target, dtype="float32", process_cpu_s=cpu_time)
+        cpu_time = {"ours": ours["infer_cpu_s"], "peer": peer["infer_cpu_s"]}
+        line(f"inference_s_{size}", "infer_s", "lower", dtype="float32", process_cpu_s=cpu_time)
+        line(f"params_millions_{size}", "params_m", "lower")
+        kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth (subprocess)"
+        line(f"train_peak_memory_mb_{size}", "peak_mb", "lower", memory=kind)
+        if device.type == "cuda":
+            voxels = args.batch * size**3
+            for r in (ours, peer):
+                r["bf16_vox_s"] = voxels / r["bf16_train_s"]
+                r["bf16_tflops"] = r["flops"] / r["bf16_train_s"] / 1e12
+                r["bf16_infer_vox_s"] = voxels / r["bf16_infer_s"]
+            line(f"bf16_train_throughput_voxels_per_s_{size}", "bf16_vox_s", "higher", dtype="bfloat16")
+            line(f"bf16_inference_throughput_voxels_per_s_{size}", "bf16_infer_vox_s", "higher", dtype="bfloat16")
+            line(f"bf16_train_achieved_tflops_{size}", "bf16_tflops", "higher", dtype="bfloat16",
+                 flops_per_step={"ours": ours["flops"], "peer": peer["flops"]})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
