@@ -3,9 +3,10 @@
 Both networks get the same input (batch x 1 x S^3), the same torch thread count, out_channels=5 and an
 AdamW optimizer. Per input size S it reports: training step time (forward + backward + AdamW step),
 inference time (eval, inference_mode), parameter counts and peak memory of a training step (CPU: growth of
-peak RSS over the RSS before the first step, measured in a fresh subprocess per model; CUDA:
-torch.cuda.max_memory_allocated). On CUDA it also reports the bf16 (autocast) training throughput and the
-achieved TFLOP/s, with FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode.
+peak RSS over the RSS before the first step, the smaller of two fresh subprocesses per model; CUDA: growth of
+torch.cuda.max_memory_allocated over the memory allocated before the step). On CUDA it also reports the
+bf16 (autocast) training throughput and the achieved TFLOP/s, with FLOPs of one step counted by
+torch.utils.flop_counter.FlopCounterMode.
 
 Timing: warmup, then the two models' runs are interleaved (ours, peer, ours, peer, ...) and the median of
 --repeats runs is reported, so that load from other processes hits both alike; each timing line also
@@ -95,11 +96,18 @@ def cpu_peak_rss_child(name: str, size: int, batch: int, threads: int) -> None:
     print(json.dumps({"peak_mb": (peak - base) / 2**20}))
 
 
-def cpu_peak_rss(name: str, size: int, batch: int, threads: int) -> float:
+def cpu_peak_rss(name: str, size: int, batch: int, threads: int, runs: int = 2) -> float:
+    """Smallest peak RSS growth over ``runs`` fresh subprocesses (allocator noise only ever inflates it)."""
     cmd = [sys.executable, __file__, "--_rss_child", name, "--sizes", str(size), "--batch", str(batch),
            "--threads", str(threads)]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    # A fixed glibc mmap threshold: tensors >= 1 MiB are mmapped and returned on free, so RSS follows live
+    # memory. With the default dynamic threshold the same step measured 2.1-3.1 GB from run to run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    peaks = []
+    for _ in range(runs):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        peaks.append(json.loads(out.strip().splitlines()[-1])["peak_mb"])
+    return min(peaks)
 
 
 def time_interleaved(fns: dict[str, object], device: torch.device, warmup: int, repeats: int) -> dict:
@@ -143,8 +151,9 @@ def measure(size: int, batch: int, device: torch.device, args: argparse.Namespac
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            train_step_fn(model, x)()  # a fresh optimizer: peak includes AdamW state creation
-            res[name]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            base = torch.cuda.memory_allocated()  # both models' weights and earlier optimizer states
+            train_step_fn(model, x)()  # a fresh optimizer: the growth includes AdamW state creation
+            res[name]["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             res[name]["flops"] = step_flops(model, x)
         else:
             res[name]["peak_mb"] = cpu_peak_rss(name, size, batch, args.threads)
@@ -187,7 +196,7 @@ def main() -> None:
         cpu_time = {"ours": ours["infer_cpu_s"], "peer": peer["infer_cpu_s"]}
         line(f"inference_s_{size}", "infer_s", "lower", dtype="float32", process_cpu_s=cpu_time)
         line(f"params_millions_{size}", "params_m", "lower")
-        kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth (subprocess)"
+        kind = "cuda max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth (subprocess)"
         line(f"train_peak_memory_mb_{size}", "peak_mb", "lower", memory=kind)
         if device.type == "cuda":
             voxels = args.batch * size**3

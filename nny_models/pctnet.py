@@ -70,7 +70,9 @@ class ParallelBlock(nn.Module):
 class PCTEncoder(nn.Module):
     """Five levels (strides 1..16); returns every level's output."""
 
-    def __init__(self, in_channels: int, dims: Sequence[int], deep_blocks: int, num_heads: int, drop_path: float) -> None:
+    def __init__(
+        self, in_channels: int, dims: Sequence[int], deep_blocks: int, num_heads: int, drop_path: float
+    ) -> None:
         super().__init__()
         self.levels = nn.ModuleList([conv_block(in_channels, dims[0])])
         for i in range(1, len(dims)):

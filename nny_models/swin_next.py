@@ -121,7 +121,8 @@ def use_fast_depthwise(model: nn.Module) -> nn.Module:
             if type(m) is nn.Conv3d and _is_depthwise(m, transposed=False):
                 k = m.kernel_size[0]
                 fast = FastDepthwiseConv3d(m.in_channels, m.out_channels, k, padding=k // 2, groups=m.groups,
-                                           bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)  # fmt: skip
+                                           bias=m.bias is not None, device=m.weight.device,
+                                           dtype=m.weight.dtype)  # fmt: skip
                 fast.weight, fast.bias = m.weight, m.bias
                 setattr(parent, name, fast)
     return model

@@ -61,9 +61,11 @@ class UXNetEncoder(nn.Module):
 
     def __init__(self, in_channels: int, dims: Sequence[int], depths: Sequence[int], drop_path_rate: float) -> None:
         super().__init__()
-        self.downsample = nn.ModuleList([nn.Sequential(nn.Conv3d(in_channels, dims[0], 7, stride=2, padding=3), ChannelLayerNorm(dims[0]))])
+        stem = nn.Sequential(nn.Conv3d(in_channels, dims[0], 7, stride=2, padding=3), ChannelLayerNorm(dims[0]))
+        self.downsample = nn.ModuleList([stem])
         for i in range(len(dims) - 1):
-            self.downsample.append(nn.Sequential(ChannelLayerNorm(dims[i]), nn.Conv3d(dims[i], dims[i + 1], 2, stride=2)))
+            down = nn.Sequential(ChannelLayerNorm(dims[i]), nn.Conv3d(dims[i], dims[i + 1], 2, stride=2))
+            self.downsample.append(down)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):

@@ -4,6 +4,8 @@ MONAI's SwinUNETR, UNETR, UNet and MedNeXt are subclassed (their state-dict keys
 checkpoints still load) with a forward that calls their submodules in order and applies the clinical
 fusion module on the bottleneck. Every model takes ``forward(image, clinical=None)`` and carries
 ``size_divisor``, ``encoder_prefixes``, ``head_prefixes`` and ``fusion`` (ClinicalFusion or None).
+Networks with depthwise convs (nnynet, mednext_*, uxnet3d, pctnet) get the fast CPU depthwise layers of
+``nny_models.swin_next.use_fast_depthwise`` (same parameters and state dict).
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ class FusedMedNeXt(MedNeXt):
     encoder_prefixes = ("stem.", "enc_stages.", "down_blocks.")
     head_prefixes = ("out_0.", "out_blocks.")
 
-    def __init__(self, fusion: str = "none", clinical_features: int = 0, use_checkpoint: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, fusion: str = "none", clinical_features: int = 0, use_checkpoint: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.use_checkpoint = use_checkpoint
         bottleneck_ch = kwargs["init_filters"] * 2 ** len(self.enc_stages)
@@ -203,8 +207,16 @@ _MEDNEXT_SIZES = {"tiny": {"init_filters": 8}, "small": {"init_filters": 16}, "b
 # Preset sizes: "tiny" for CPU tests/demos, "base" = paper scale.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # tiny uses 4^3 attention windows: 7^3 windows make CPU attention ~3x slower at 64^3.
-    "nnynet": {"tiny": {"feature_size": 12, "window_size": 4}, "small": {"feature_size": 24}, "base": {"feature_size": 48}},
-    "swinunetr": {"tiny": {"feature_size": 12, "window_size": 4}, "small": {"feature_size": 24}, "base": {"feature_size": 48}},
+    "nnynet": {
+        "tiny": {"feature_size": 12, "window_size": 4},
+        "small": {"feature_size": 24},
+        "base": {"feature_size": 48},
+    },
+    "swinunetr": {
+        "tiny": {"feature_size": 12, "window_size": 4},
+        "small": {"feature_size": 24},
+        "base": {"feature_size": 48},
+    },
     "unetr": {
         "tiny": {"feature_size": 8, "hidden_size": 96, "mlp_dim": 384, "num_heads": 4, "img_size": 32},
         "small": {"feature_size": 16, "hidden_size": 384, "mlp_dim": 1536, "num_heads": 6, "img_size": 64},
