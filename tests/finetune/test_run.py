@@ -1,0 +1,106 @@
+"""finetune/run.py end to end: a 2-step fine-tune from a 2-step Volume Fusion export, the transfer report,
+the refusal to train from a checkpoint whose encoder does not load, and --resume continuing the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+# Coarse spacing keeps the volumes (and the end-of-run sliding-window validation) small.
+PATCH = ["--patch_size", "64", "64", "32", "--batch_size", "1", "--num_workers", "0", "--seed", "3", "--spacing", "5", "5", "6"]
+
+
+def _run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from nny_models.phantoms import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("ft") / "labeled", cases=4, seed=5)
+
+
+@pytest.fixture(scope="module")
+def pretrained(phantoms, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "run"
+    _run("pretrain/run.py", "--data_dir", str(phantoms), "--output_dir", str(out), "--max_steps", "2",
+         "--checkpoint_every", "0", *PATCH)  # fmt: skip
+    return out / "model"
+
+
+def _finetune(phantoms: Path, out: Path, pretrained: Path | str, *extra: str, check: bool = True):
+    return _run("finetune/run.py", "--data_dir", str(phantoms), "--output_dir", str(out), "--pretrained",
+                str(pretrained), "--folds", "4", "--val_every", "0", "--cache_dir", str(out.parent / "cache"),
+                *PATCH, *extra, check=check)  # fmt: skip
+
+
+def test_two_step_finetune_from_two_step_pretrain_export(phantoms, pretrained, tmp_path):
+    from nny_models.hub import NnyNet
+
+    out = tmp_path / "ft"
+    proc = _finetune(phantoms, out, pretrained, "--max_steps", "2", "--fusion", "cross_attention")
+    assert "encoder tensors loaded: 100.0%" in proc.stdout, proc.stdout[-2000:]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["transfer_loaded"] > 0 and rows[0]["transfer_missing"] > 0  # new head and fusion are missing
+    assert [r["step"] for r in rows[1:]] == [1, 2] and "val_dice" in rows[-1]
+
+    model = NnyNet.from_pretrained(out / "model")
+    assert model.config.task == "segmentation" and model.config.label_names[1] == "liver"
+    assert model.config.model_kwargs["fusion"] == "cross_attention"
+    assert model.config.clinical_schema and model.config.model_kwargs["clinical_features"] > 0
+    assert model.config.metrics["per_class"]["liver"].keys() >= {"Dice", "IoU", "HD95 (mm)"}
+    assert (out / "figures" / "training_curves.png").is_file()
+
+    # The encoder started from the export: two small steps later it is still close to the pretrained one.
+    before = load_file(pretrained / "model.safetensors")
+    after = model.state_dict()
+    key = next(k for k in before if k.startswith("net.encoder.") and k.endswith("weight") and before[k].dim() > 1)
+    fresh = NnyNet(model.config).state_dict()[key]
+    assert (after[key] - before[key]).abs().mean() < 0.5 * (fresh - before[key]).abs().mean()
+
+
+def test_checkpoint_whose_encoder_does_not_load_is_refused(phantoms, pretrained, tmp_path):
+    bad = tmp_path / "renamed"
+    bad.mkdir()
+    (bad / "config.json").write_text((pretrained / "config.json").read_text())
+    state = load_file(pretrained / "model.safetensors")
+    save_file({k.replace("net.encoder.", "net.backbone."): v for k, v in state.items()}, bad / "model.safetensors")
+    proc = _finetune(phantoms, tmp_path / "ft", bad, "--max_steps", "1", check=False)
+    assert proc.returncode != 0
+    assert "encoder tensors" in proc.stderr and "0.0%" in proc.stderr
+
+
+def test_resume_after_a_crash_continues_the_same_run(phantoms, pretrained, tmp_path):
+    import shutil
+
+    args = ("--max_steps", "3", "--checkpoint_every", "2", "--fusion", "add", "--augment")
+    _finetune(phantoms, tmp_path / "full", pretrained, *args)
+    # A crash right after the step-2 checkpoint: everything written later never happened.
+    out = tmp_path / "crashed"
+    _finetune(phantoms, out, pretrained, *args)
+    shutil.rmtree(out / "checkpoints" / "step_0000003")
+    shutil.rmtree(out / "model")
+    (out / "best.json").unlink()
+    (out / "checkpoints" / "latest").write_text("step_0000002")
+
+    _finetune(phantoms, out, pretrained, *args, "--resume")
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    a = load_file(out / "model" / "model.safetensors")
+    b = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
