@@ -32,8 +32,10 @@ class PipelineConfig:
     pretrain_cases: int = 24  # unlabeled phantoms for Volume Fusion pretraining
     finetune_cases: int = 24  # labeled phantoms (with clinical.csv) for fine-tuning
     test_cases: int = 6  # held-out labeled phantoms for the final evaluation
-    pretrain_steps: int = 150  # Volume Fusion optimizer steps
-    finetune_steps: int = 400  # fine-tuning optimizer steps
+    pretrain_steps: int = 80  # Volume Fusion optimizer steps
+    finetune_steps: int = 300  # fine-tuning optimizer steps
+    spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # preprocessing spacing (mm) of both stages
+    patch_size: tuple[int, int, int] = (64, 64, 32)  # training patch / sliding-window ROI of both stages
     model: str = "nnynet"  # zoo name
     size: str = "tiny"  # zoo size preset (tiny fits a 2-core CPU in ~15 minutes)
     fusion: str = "cross_attention"  # clinical fusion used for fine-tuning
@@ -70,9 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"phantoms ready in {time.perf_counter() - t0:.0f}s under {data}", flush=True)
 
     # 2. pretraining (Volume Fusion)
-    common = ["--model", cfg.model, "--size", cfg.size, "--seed", str(cfg.seed)]
+    common = ["--model", cfg.model, "--size", cfg.size, "--seed", str(cfg.seed),
+              "--patch_size", *map(str, cfg.patch_size)]  # fmt: skip
     run([py, "pretrain/run.py", "--data_dir", str(data / "unlabeled"), "--output_dir", str(out / "pretrain"),
-         "--max_steps", str(cfg.pretrain_steps), *common])  # fmt: skip
+         "--max_steps", str(cfg.pretrain_steps), "--spacing", *map(str, cfg.spacing), *common])  # fmt: skip
 
     # 3. fine-tuning (clinical cross-attention, Dice + Focal + CE)
     run([py, "finetune/run.py", "--data_dir", str(data / "train"), "--output_dir", str(out / "finetune"),
