@@ -130,6 +130,8 @@ def time_interleaved(fns: dict[str, object], device: torch.device, warmup: int, 
 
 def measure(size: int, batch: int, device: torch.device, args: argparse.Namespace) -> dict[str, dict]:
     """All figures for OURS and PEER at one input size."""
+    # CPU memory first, while this process holds nothing big (fresh subprocesses either way).
+    rss = {n: cpu_peak_rss(n, size, batch, args.threads) for n in (OURS, PEER)} if device.type == "cpu" else {}
     torch.manual_seed(0)
     models = {name: build(name, device) for name in (OURS, PEER)}
     x = torch.randn(batch, 1, size, size, size, device=device)
@@ -156,7 +158,7 @@ def measure(size: int, batch: int, device: torch.device, args: argparse.Namespac
             res[name]["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             res[name]["flops"] = step_flops(model, x)
         else:
-            res[name]["peak_mb"] = cpu_peak_rss(name, size, batch, args.threads)
+            res[name]["peak_mb"] = rss[name]
     return res
 
 
