@@ -35,6 +35,7 @@ from nny_models.io import discover_cases, read_clinical_csv
 from nny_models.phantoms import embedded_dataset
 from nny_models.sampling import PatchDataset
 from nny_models.transfer import transfer_weights
+from nny_models.zoo import accepted_kwargs
 from pretrain.training import (
     CheckpointManager,
     MetricsLog,
@@ -218,13 +219,9 @@ def build_model(cfg: FinetuneConfig, pretrained: str | None, data: dict, preproc
     name = source.model if source else cfg.model
     kwargs = dict(source.model_kwargs) if source else {"size": cfg.size}
     schema = data["schema"]
-    kwargs.update(
-        out_channels=len(data["labels"]),
-        fusion=cfg.fusion,
-        clinical_features=schema.num_features if schema else 0,
-        deep_supervision=cfg.deep_supervision,
-        use_checkpoint=cfg.grad_checkpointing,
-    )
+    kwargs.update(out_channels=len(data["labels"]), fusion=cfg.fusion, clinical_features=schema.num_features if schema else 0)
+    optional = {"deep_supervision": cfg.deep_supervision, "use_checkpoint": cfg.grad_checkpointing}
+    kwargs.update({k: v for k, v in optional.items() if k in accepted_kwargs(name)})  # not every zoo model has them
     config = NnyNetConfig(
         model=name,
         model_kwargs=kwargs,

@@ -242,6 +242,13 @@ def list_models() -> list[str]:
     return list(_BUILDERS)
 
 
+def accepted_kwargs(name: str) -> set[str]:
+    """The keyword options ``create_model(name, ...)`` accepts besides ``size``."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
+    return _accepted_kwargs(name)
+
+
 def _accepted_kwargs(name: str) -> set[str]:
     builder = _BUILDERS[name] if name not in ("uxnet3d", "pctnet") else None
     targets = {"nnynet": SwinNeXt, "uxnet3d": UXNet3D, "pctnet": PCTNet, "swinunetr": SwinUNETR, "unetr": UNETR,

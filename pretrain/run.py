@@ -55,6 +55,7 @@ class PretrainConfig:
     model: str = "nnynet"  # zoo name (nny_models.list_models())
     size: str = "tiny"  # zoo size preset: tiny | small | base
     spacing: tuple[float, float, float] = (2.0, 2.0, 3.0)  # target voxel spacing (mm) of the preprocessing
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # HU clip range mapped to [-1, 1] (MIS-FM uses -1000..1000)
     patch_size: tuple[int, int, int] = (64, 64, 64)  # network input patch (voxels); divisible by the model's size_divisor
     batch_size: int = 2  # patches per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -117,7 +118,7 @@ def prepare_cache(cfg: PretrainConfig, accelerator):
         with accelerator.main_process_first():
             data_dir = embedded_dataset(cfg.phantom_cases, seed=cfg.seed, unlabeled=True, root=cfg.phantom_dir)
     records = [dataclasses.replace(r, label=None) for r in discover_cases(data_dir)]  # pretraining ignores labels
-    prep = PreprocessConfig(spacing=tuple(cfg.spacing))
+    prep = PreprocessConfig(spacing=tuple(cfg.spacing), hu_window=tuple(cfg.hu_window))
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
     with accelerator.main_process_first():
         cache = build_cache(records, prep, cache_dir)
