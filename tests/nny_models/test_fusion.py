@@ -9,14 +9,7 @@ from nny_models.zoo import create_model
 MODES = ["add", "concat", "cross_attention"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2-core CI machines shared with other jobs: OpenMP threads that wait on a descheduled peer make a
-    # step up to 20x slower; one thread keeps these small tests fast and predictable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("mode", MODES)
