@@ -59,18 +59,21 @@ def evaluate_dataset(
     return per_case, summary
 
 
-def evaluate_and_publish(model_dir: Path, test_dir: Path, out: Path, repo_id: str | None = None) -> dict[str, Any]:
+def evaluate_and_publish(
+    model_dir: Path, test_dir: Path, out: Path, repo_id: str | None = None, keep_largest_liver: bool = False
+) -> dict[str, Any]:
     """Held-out evaluation, then save_pretrained to OUT/model with the metrics, reload it and check it."""
     model_dir, test_dir, out = Path(model_dir), Path(test_dir), Path(out)
     model = NnyNet.from_pretrained(model_dir)
     eval_dir = out / "eval"
-    per_case, summary = evaluate_dataset(model, test_dir, eval_dir)
+    per_case, summary = evaluate_dataset(model, test_dir, eval_dir, keep_largest_liver=keep_largest_liver)
     curves = model_dir.parent / "figures" / "training_curves.png"
     if curves.is_file():
         shutil.copy(curves, eval_dir / "figures" / "training_curves.png")
 
     model.config.metrics = {
-        "split": f"held-out synthetic phantoms ({len(per_case)} cases), original voxel grid",
+        "split": f"held-out synthetic phantoms ({len(per_case)} cases), original voxel grid"
+        + (", liver = largest connected component" if keep_largest_liver else ""),
         **card_metrics(summary),
     }
     training = json.loads((model_dir / "config.json").read_text()).get("metrics") or {}
@@ -116,11 +119,14 @@ class PublishConfig:
     test_dir: str = "runs/pipeline/data/test"  # held-out labeled cases (any layout nny_models.io reads)
     output_dir: str = "runs/publish"  # eval/ reports and figures, model/ for the published files
     repo_id: str | None = None  # Hub repo to push to (needs a token); None = local only
+    keep_largest_liver: bool = False  # post-processing: keep only the largest connected liver component
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(PublishConfig, argv, description=__doc__.splitlines()[0])
-    result = evaluate_and_publish(Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id)
+    result = evaluate_and_publish(
+        Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id, keep_largest_liver=cfg.keep_largest_liver
+    )
     print(result["report_md"].read_text())
 
 
