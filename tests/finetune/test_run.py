@@ -47,12 +47,18 @@ def _finetune(phantoms: Path, out: Path, pretrained: Path | str, *extra: str, ch
                 *PATCH, *extra, check=check)  # fmt: skip
 
 
-def test_two_step_finetune_from_two_step_pretrain_export(phantoms, pretrained, tmp_path):
+@pytest.fixture(scope="module")
+def finetuned(phantoms, pretrained, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("ft2") / "ft"
+    proc = _finetune(phantoms, out, pretrained, "--max_steps", "2", "--fusion", "cross_attention")
+    return out, proc.stdout
+
+
+def test_two_step_finetune_from_two_step_pretrain_export(finetuned, pretrained):
     from nny_models.hub import NnyNet
 
-    out = tmp_path / "ft"
-    proc = _finetune(phantoms, out, pretrained, "--max_steps", "2", "--fusion", "cross_attention")
-    assert "encoder tensors loaded: 100.0%" in proc.stdout, proc.stdout[-2000:]
+    out, stdout = finetuned
+    assert "encoder tensors loaded: 100.0%" in stdout, stdout[-2000:]
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["transfer_loaded"] > 0 and rows[0]["transfer_missing"] > 0  # new head and fusion are missing
@@ -104,3 +110,25 @@ def test_resume_after_a_crash_continues_the_same_run(phantoms, pretrained, tmp_p
     b = load_file(tmp_path / "full" / "model" / "model.safetensors")
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, phantoms, tmp_path):
+    from finetune.publish import evaluate_and_publish
+    from nny_models.hub import NnyNet
+
+    out, _ = finetuned
+    result = evaluate_and_publish(out / "model", phantoms, tmp_path / "pub", keep_largest_liver=True)
+    summary = json.loads((tmp_path / "pub" / "eval" / "metrics.json").read_text())
+    assert len(summary["per_case"]) == 4  # every labeled case, evaluated on its original grid
+    assert set(result["dice"]) == {"liver", "tumor", "portal_vein", "aorta"}
+    assert "| liver |" in (tmp_path / "pub" / "eval" / "metrics.md").read_text()
+    assert len(list((tmp_path / "pub" / "eval" / "figures").glob("*_overlay.png"))) == 3
+    published = NnyNet.from_pretrained(tmp_path / "pub" / "model")
+    assert "largest connected component" in published.config.metrics["split"]
+    assert published.config.metrics["per_class"]["liver"]["Dice"] == pytest.approx(result["dice"]["liver"])
+    assert "Dice" in (tmp_path / "pub" / "model" / "README.md").read_text()  # the card shows the table
+    def no_nan(token: str):
+        raise AssertionError(f"{token} in the clinical row JSON: missing values must be null")
+
+    row = json.loads(result["example_clinical"].read_text(), parse_constant=no_nan)
+    assert {"age", "afp_ng_ml", "child_pugh"} <= row.keys()  # a row nnynet-predict --clinical accepts
