@@ -29,6 +29,9 @@ class AblationConfig:
     fusions: tuple[str, ...] = FUSIONS  # fusion modes to compare
     size: str = "tiny"  # zoo size preset for every model
     steps: int = 150  # fine-tuning steps per run (the fixed budget)
+    spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # preprocessing spacing (mm), as in the pipeline
+    hu_window: tuple[float, float] = (-200.0, 300.0)  # soft-tissue HU window, as in the pipeline
+    patch_size: tuple[int, int, int] = (64, 64, 32)  # training patch / sliding-window ROI, as in the pipeline
     train_cases: int = 24  # labeled phantoms for training (shared by all runs)
     test_cases: int = 6  # held-out phantoms for the table (shared by all runs)
     seed: int = 0  # same seed for every run
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                 cmd = [sys.executable, "finetune/run.py", "--data_dir", str(train), "--output_dir", str(run_dir),
                        "--pretrained", "none", "--model", model, "--size", cfg.size, "--fusion", fusion,
                        "--max_steps", str(cfg.steps), "--val_every", "0", "--seed", str(cfg.seed),
-                       "--cache_dir", str(out / "cache")]  # fmt: skip
+                       "--cache_dir", str(out / "cache"), "--spacing", *map(str, cfg.spacing),
+                       "--hu_window", *map(str, cfg.hu_window), "--patch_size", *map(str, cfg.patch_size)]  # fmt: skip
                 print("\n$ " + " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True, cwd=REPO)
             _, summary = evaluate_dataset(NnyNet.from_pretrained(run_dir / "model"), test, run_dir / "eval", overlays=0)
