@@ -22,7 +22,6 @@ from typing import Any
 import monai.transforms as mt
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from sklearn.model_selection import KFold
 
 from finetune.clinical import fit_clinical_schema
@@ -31,6 +30,7 @@ from finetune.loss import DiceFocalCELoss
 from nny_models.cache import build_cache
 from nny_models.config import DEFAULT_LABELS, NnyNetConfig, PreprocessConfig
 from nny_models.hub import NnyNet, load_config, load_state_dict
+from nny_models.inference import sliding_window_probs
 from nny_models.io import discover_cases, read_clinical_csv
 from nny_models.phantoms import embedded_dataset
 from nny_models.sampling import PatchDataset
@@ -262,21 +262,17 @@ def param_groups(model: NnyNet, cfg: FinetuneConfig) -> list[dict]:
 
 @torch.no_grad()
 def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: PreprocessConfig, device) -> dict[str, Any]:
-    """Sliding-window (Gaussian) inference on the preprocessed validation cases; mean foreground Dice."""
-    model.eval()
+    """Sliding-window (Gaussian) inference on the preprocessed validation cases, the same code path as predict."""
     per_case = []
     for cid in data["val_ids"]:
-        image = torch.from_numpy(np.array(data["cache"].image(cid)))[None].to(device)  # copy out of the mmap
+        image = torch.from_numpy(np.array(data["cache"].image(cid)))[None]  # copy out of the mmap
         clinical = data["vectors"].get(cid, {}).get("clinical")
-        clinical = torch.as_tensor(clinical, device=device)[None] if clinical is not None else None
-
-        def predictor(x: torch.Tensor) -> torch.Tensor:
-            return model(x, None if clinical is None else clinical.expand(x.shape[0], -1))
-
-        logits = sliding_window_inference(
-            image, cfg.patch_size, sw_batch_size=2, predictor=predictor, overlap=cfg.val_overlap, mode="gaussian"
-        )
-        pred = logits.argmax(1)[0].cpu().numpy()
+        clinical = torch.as_tensor(clinical)[None] if clinical is not None else None
+        probs = sliding_window_probs(
+            model, image, cfg.patch_size, clinical, overlap=cfg.val_overlap, device=device,
+            cval=preprocess.out_range[0],  # pad with air, as predict does
+        )  # fmt: skip
+        pred = probs.argmax(1)[0].cpu().numpy()
         gt = np.asarray(data["cache"].label(cid))[0]
         per_case.append(evaluate_case(pred, gt, preprocess.spacing, data["labels"], case_id=cid))
     model.train()
