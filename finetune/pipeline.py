@@ -42,7 +42,7 @@ class PipelineConfig:
     fusion: str = "cross_attention"  # clinical fusion used for fine-tuning
     seed: int = 0  # seeds data generation (test cases use seed + 1000) and both trainings
     keep_largest_liver: bool = True  # held-out evaluation keeps only the largest connected liver component
-    quick: bool = False  # a ~2-minute smoke run (tiny step counts); metrics are then meaningless
+    quick: bool = False  # a smoke run of a few minutes (tiny step counts); metrics are then meaningless
 
 
 def run(cmd: list[str]) -> None:
