@@ -33,13 +33,12 @@ from monai.metrics import (
     compute_iou,
     get_confusion_matrix,
 )
-from scipy import ndimage
 
 METRICS = ("dice", "iou", "hd95", "accuracy", "precision", "recall")
 
 
 def _as_labels(x: Any, name: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x))
+    t = torch.as_tensor(np.array(x))  # a copy: read-only mmap arrays cannot back a tensor
     if t.ndim != 3:
         raise ValueError(f"evaluate_case: {name} must be a (X, Y, Z) label volume, got shape {tuple(t.shape)}")
     if t.is_floating_point() and not torch.equal(t, t.round()):
@@ -186,24 +185,3 @@ def write_reports(per_case: Sequence[dict[str, Any]], summary: dict[str, Any], o
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
 
-
-def keep_largest_component(
-    pred: np.ndarray | torch.Tensor, label: int | Sequence[int] = 1
-) -> np.ndarray | torch.Tensor:
-    """Keep only the largest 26-connected component of ``label`` (e.g. the liver) in a (X, Y, Z) label
-    volume; removed voxels become background. Returns the same type as ``pred``.
-
-    Same result as ``monai.transforms.KeepLargestConnectedComponent(applied_labels, independent=True)``,
-    which needs scikit-image (not a dependency here), so scipy.ndimage.label does the labelling."""
-    if np.ndim(pred) != 3:
-        raise ValueError(
-            f"keep_largest_component: expected a (X, Y, Z) label volume, got shape {tuple(np.shape(pred))}"
-        )
-    is_tensor = isinstance(pred, torch.Tensor)
-    out = pred.detach().cpu().numpy().copy() if is_tensor else np.array(pred, copy=True)
-    for lab in [label] if isinstance(label, int) else list(label):
-        components, n = ndimage.label(out == lab, structure=np.ones((3, 3, 3), bool))
-        if n > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            out[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
-    return torch.as_tensor(out, device=pred.device) if is_tensor else out

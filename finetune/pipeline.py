@@ -41,7 +41,6 @@ class PipelineConfig:
     size: str = "tiny"  # zoo size preset (tiny fits a 2-core CPU in ~15 minutes)
     fusion: str = "cross_attention"  # clinical fusion used for fine-tuning
     seed: int = 0  # seeds data generation (test cases use seed + 1000) and both trainings
-    keep_largest_liver: bool = True  # held-out evaluation keeps only the largest connected liver component
     quick: bool = False  # a smoke run of a few minutes (tiny step counts); metrics are then meaningless
 
 
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     # 4. + 5. held-out evaluation, publishing, reload, CLI prediction
     from finetune.publish import evaluate_and_publish
 
-    result = evaluate_and_publish(out / "finetune" / "model", data / "test", out, keep_largest_liver=cfg.keep_largest_liver)
+    result = evaluate_and_publish(out / "finetune" / "model", data / "test", out)
     case = result["example_input"]
     run([py, "-m", "nny_models.cli", "--model", str(out / "model"), "--input", str(case),
          "--clinical", str(result["example_clinical"]), "--output", str(out / "prediction" / "mask.nii.gz")])  # fmt: skip

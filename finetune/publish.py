@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,9 @@ from nny_models.io import discover_cases, load_volume, read_clinical_csv
 from pretrain.training import parse_config
 
 
-def evaluate_dataset(
-    model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: int = 3, keep_largest_liver: bool = False
-) -> tuple[list[dict], dict]:
-    """Per-case metrics of ``model`` on every labeled case of ``test_dir``; reports and overlays in out_dir."""
+def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: int = 3) -> tuple[list[dict], dict]:
+    """Per-case metrics of ``model`` on every labeled case of ``test_dir``; reports and overlays in out_dir.
+    Predictions are post-processed as the model's config says (config.keep_largest), exactly as predict does."""
     records = [r for r in discover_cases(test_dir) if r.label is not None]
     if not records:
         raise ValueError(f"{test_dir}: no labeled cases to evaluate")
@@ -45,10 +45,6 @@ def evaluate_dataset(
         pred = predict(model, record.image, clinical=clinical)
         gt, affine = load_volume(record.label)
         gt = np.rint(gt).astype(np.int64)  # load_volume returns float32
-        if keep_largest_liver:
-            from finetune.evaluate import keep_largest_component
-
-            pred = keep_largest_component(pred, label=labels.index("liver"))
         spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
         per_case.append(evaluate_case(pred, gt, spacing, labels, case_id=record.case_id))
         if i < overlays:
@@ -60,20 +56,32 @@ def evaluate_dataset(
 
 
 def evaluate_and_publish(
-    model_dir: Path, test_dir: Path, out: Path, repo_id: str | None = None, keep_largest_liver: bool = False
+    model_dir: Path,
+    test_dir: Path,
+    out: Path,
+    repo_id: str | None = None,
+    keep_largest: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Held-out evaluation, then save_pretrained to OUT/model with the metrics, reload it and check it."""
+    """Held-out evaluation, then save_pretrained to OUT/model with the metrics, reload it and check it.
+
+    keep_largest: None keeps the post-processing the model was trained with; a list replaces it (in the
+    evaluation and in the published config alike)."""
     model_dir, test_dir, out = Path(model_dir), Path(test_dir), Path(out)
     model = NnyNet.from_pretrained(model_dir)
+    if keep_largest is not None:
+        unknown = sorted(set(keep_largest) - set(model.config.label_names))
+        if unknown:
+            raise ValueError(f"keep_largest: {unknown} not among the model's labels {model.config.label_names}")
+        model.config.keep_largest = list(keep_largest)
     eval_dir = out / "eval"
-    per_case, summary = evaluate_dataset(model, test_dir, eval_dir, keep_largest_liver=keep_largest_liver)
+    per_case, summary = evaluate_dataset(model, test_dir, eval_dir)
     curves = model_dir.parent / "figures" / "training_curves.png"
     if curves.is_file():
         shutil.copy(curves, eval_dir / "figures" / "training_curves.png")
 
     model.config.metrics = {
         "split": f"held-out synthetic phantoms ({len(per_case)} cases), original voxel grid"
-        + (", liver = largest connected component" if keep_largest_liver else ""),
+        + (f", largest connected {' + '.join(model.config.keep_largest)} component kept" if model.config.keep_largest else ""),
         **card_metrics(summary),
     }
     training = json.loads((model_dir / "config.json").read_text()).get("metrics") or {}
@@ -119,13 +127,14 @@ class PublishConfig:
     test_dir: str = "runs/pipeline/data/test"  # held-out labeled cases (any layout nny_models.io reads)
     output_dir: str = "runs/publish"  # eval/ reports and figures, model/ for the published files
     repo_id: str | None = None  # Hub repo to push to (needs a token); None = local only
-    keep_largest_liver: bool = False  # post-processing: keep only the largest connected liver component
+    keep_largest: tuple[str, ...] | None = None  # labels forming one organ whose largest component predict keeps;
+    # None = as the model was trained, a bare flag = no post-processing
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(PublishConfig, argv, description=__doc__.splitlines()[0])
     result = evaluate_and_publish(
-        Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id, keep_largest_liver=cfg.keep_largest_liver
+        Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id, keep_largest=cfg.keep_largest
     )
     print(result["report_md"].read_text())
 

@@ -33,6 +33,7 @@ from nny_models.hub import NnyNet, load_config, load_state_dict
 from nny_models.inference import sliding_window_probs
 from nny_models.io import discover_cases, read_clinical_csv
 from nny_models.phantoms import embedded_dataset
+from nny_models.postprocess import keep_largest_component, label_indices
 from nny_models.sampling import PatchDataset
 from nny_models.transfer import transfer_weights
 from nny_models.zoo import accepted_kwargs
@@ -83,6 +84,8 @@ class FinetuneConfig:
     fold: int = 0  # which fold validates
     val_every: int = 100  # validate (sliding window, Gaussian blending) every N steps; 0 = only at the end
     val_overlap: float = 0.25  # sliding-window overlap during validation
+    keep_largest: tuple[str, ...] = ("liver", "tumor")  # labels forming one organ whose largest connected
+    # component validation and predict keep (names the label map lacks are skipped); pass none to turn it off
     min_encoder_loaded: float = 0.9  # fail if a smaller fraction of encoder tensors loads from --pretrained
     phantom_cases: int = 24  # number of labeled phantoms generated when data_dir is None
     cache_dir: str | None = None  # preprocessed-case cache; None = OUTPUT_DIR/cache
@@ -229,6 +232,7 @@ def build_model(cfg: FinetuneConfig, pretrained: str | None, data: dict, preproc
         preprocessing=preprocess.to_dict(),
         patch_size=cfg.patch_size,
         clinical_schema=schema.to_dict() if schema else None,
+        keep_largest=[n for n in cfg.keep_largest if n in data["labels"]],
     )
     model = NnyNet(config)
     report = None
@@ -273,6 +277,8 @@ def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: Preproc
             cval=preprocess.out_range[0],  # pad with air, as predict does
         )  # fmt: skip
         pred = probs.argmax(1)[0].cpu().numpy()
+        if model.config.keep_largest:  # the same post-processing predict applies
+            pred = keep_largest_component(pred, label_indices(data["labels"], model.config.keep_largest))
         gt = np.asarray(data["cache"].label(cid))[0]
         per_case.append(evaluate_case(pred, gt, preprocess.spacing, data["labels"], case_id=cid))
     model.train()

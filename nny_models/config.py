@@ -51,6 +51,8 @@ class NnyNetConfig:
     clinical_schema: dict[str, Any] | None = None  # fitted clinical preprocessing (nny_models.clinical), or None
     task: str = "segmentation"  # "segmentation" or "volume_fusion_pretext"
     metrics: dict[str, Any] | None = None  # evaluation summary shown in the model card, or None
+    keep_largest: list[str] = field(default_factory=list)  # labels forming one organ (e.g. liver, tumor): predict
+    # keeps only its largest connected component (nny_models.postprocess); empty = raw argmax
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -63,7 +65,11 @@ class NnyNetConfig:
             raise ValueError(f"NnyNetConfig: unknown field(s) {sorted(unknown)} in config.json")
         if "patch_size" in d:
             d["patch_size"] = tuple(int(v) for v in d["patch_size"])
-        return cls(**d)
+        config = cls(**d)
+        unknown = sorted(set(config.keep_largest) - set(config.label_names))
+        if unknown:
+            raise ValueError(f"NnyNetConfig: keep_largest names {unknown} are not labels {config.label_names}")
+        return config
 
     @property
     def preprocess(self) -> PreprocessConfig:

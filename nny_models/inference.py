@@ -21,6 +21,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from nny_models.postprocess import keep_largest_component, label_indices
+
 # A CT in Hounsfield units has air (about -1000 HU) somewhere in the scan, or at least fat
 # (about -100 HU), and spans hundreds of HU. An image in [0, 1] or [0, 255] (PNG, RGB, an MR or a CT
 # stored without its rescale slope/intercept) fails at least one of these two simple checks.
@@ -223,7 +225,9 @@ def predict(
         clinical schema (absent columns are imputed and reported with a warning).
     amp: bf16 autocast; None = on for CUDA, off on CPU.
     return_probabilities: also return softmax probabilities (C, X, Y, Z) float32 on the original grid
-        (resampled linearly, so their argmax can differ from the label volume at boundaries).
+        (resampled linearly, so their argmax can differ from the label volume at boundaries). The label
+        volume is post-processed as config.keep_largest says (largest liver + tumor component); the
+        probabilities are not.
     The model is put in eval mode and moved to ``device``. Raises ValueError for an input that is not
     a 3D CT in HU (see check_ct_volume) or a clinical row the schema cannot read.
     """
@@ -264,6 +268,8 @@ def predict(
         )[0]
         labels = probs.argmax(dim=0, keepdim=True).to(torch.uint8).cpu().numpy()
         probs = probs.cpu().numpy() if return_probabilities else None
+    if config.keep_largest:  # on the model grid, where the network decided
+        labels[0] = keep_largest_component(labels[0], label_indices(config.label_names, config.keep_largest))
 
     mask = np.asarray(restore_to_original(labels, state))[0].astype(np.uint8)
     if mask.shape != volume.shape:

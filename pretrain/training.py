@@ -219,7 +219,8 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) in (tuple, list):
-            kw.update(nargs="+", type=typing.get_args(kind)[0])
+            # tuple[str, ...] may be empty (a bare flag); fixed-length tuples need their values
+            kw.update(nargs="*" if Ellipsis in typing.get_args(kind) else "+", type=typing.get_args(kind)[0])
         else:
             kw["type"] = kind
         parser.add_argument(f"--{f.name}", **kw)

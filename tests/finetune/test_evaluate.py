@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune.evaluate import evaluate_case, keep_largest_component, summarize, write_reports
+from finetune.evaluate import evaluate_case, summarize, write_reports
 
 NAMES = ["background", "liver", "tumor", "portal_vein", "aorta"]
 
@@ -99,16 +99,3 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="spacing"):
         evaluate_case(pred, gt, (1, 1), NAMES)
 
-
-def test_keep_largest_component():
-    pred = np.zeros((16, 16, 16), np.uint8)
-    pred[1:8, 1:8, 1:8] = 1
-    pred[12:14, 12:14, 12:14] = 1  # small liver island -> removed
-    pred[3:5, 3:5, 3:5] = 2  # tumor inside the liver is untouched
-    pred[14:16, 0:2, 0:2] = 2  # other labels keep all their components
-    out = keep_largest_component(pred, label=1)
-    assert out.dtype == pred.dtype and out.shape == pred.shape
-    assert (out[12:14, 12:14, 12:14] == 0).all()
-    assert (out == 1).sum() == 7**3 - 8 and (out == 2).sum() == 16
-    t = keep_largest_component(torch.as_tensor(pred), label=1)
-    assert isinstance(t, torch.Tensor) and torch.equal(t, torch.as_tensor(out))

@@ -117,14 +117,18 @@ def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, p
     from nny_models.hub import NnyNet
 
     out, _ = finetuned
-    result = evaluate_and_publish(out / "model", phantoms, tmp_path / "pub", keep_largest_liver=True)
+    assert NnyNet.from_pretrained(out / "model").config.keep_largest == ["liver", "tumor"]  # fine-tuning's default
+    with pytest.raises(ValueError, match="spleen"):
+        evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", keep_largest=["spleen"])
+    result = evaluate_and_publish(out / "model", phantoms, tmp_path / "pub", keep_largest=["liver"])
     summary = json.loads((tmp_path / "pub" / "eval" / "metrics.json").read_text())
     assert len(summary["per_case"]) == 4  # every labeled case, evaluated on its original grid
     assert set(result["dice"]) == {"liver", "tumor", "portal_vein", "aorta"}
     assert "| liver |" in (tmp_path / "pub" / "eval" / "metrics.md").read_text()
     assert len(list((tmp_path / "pub" / "eval" / "figures").glob("*_overlay.png"))) == 3
     published = NnyNet.from_pretrained(tmp_path / "pub" / "model")
-    assert "largest connected component" in published.config.metrics["split"]
+    assert published.config.keep_largest == ["liver"]  # the override is what users of the export get
+    assert "largest connected liver component" in published.config.metrics["split"]
     assert published.config.metrics["per_class"]["liver"]["Dice"] == pytest.approx(result["dice"]["liver"])
     assert "Dice" in (tmp_path / "pub" / "model" / "README.md").read_text()  # the card shows the table
     def no_nan(token: str):

@@ -76,7 +76,7 @@ def test_local_round_trip_is_bitwise_and_writes_card(tmp_path: Path) -> None:
     assert {"medical-imaging", "segmentation", "3d", "ct"} <= set(front["tags"])
     for text in ["portal_vein", "aorta", "| class | dice | iou | hd95 |", "| liver | 0.9312 | 0.8713 | 4.2500 |",
                  "mean_dice: 0.7666", "max_steps: 123", "32 x 32 x 32", "2501.01406", "2306.16925", "MedNeXt",
-                 "Swin UNETR", "Not a medical device", "synthetic CT phantoms"]:
+                 "Swin UNETR", "Not a medical device", "synthetic CT phantoms", "Post-processing: none"]:
         assert text in card, text
 
     # A re-save refreshes the card (the mixin alone would keep a stale README.md).
@@ -90,6 +90,19 @@ def test_card_lists_clinical_columns(tmp_path: Path) -> None:
     seeded_model(tiny_config(clinical_schema=schema), 0).save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
     assert "- age (numeric)" in card and "- child_pugh (categorical)" in card
+
+
+def test_card_states_post_processing(tmp_path: Path) -> None:
+    seeded_model(tiny_config(keep_largest=["liver", "tumor"]), 0).save_pretrained(tmp_path)
+    assert "largest connected component of liver + tumor" in (tmp_path / "README.md").read_text()
+    assert load_config(tmp_path).keep_largest == ["liver", "tumor"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "keep_largest": ["spleen"]}))
+    with pytest.raises(ValueError, match=r"keep_largest.*spleen"):
+        load_config(tmp_path)
+    del config["keep_largest"]  # a config.json written before the field existed: no post-processing
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_config(tmp_path).keep_largest == []
 
 
 def test_other_architecture_fails_strictly_naming_keys(tmp_path: Path) -> None:

@@ -100,6 +100,18 @@ def test_file_input_and_probabilities(tmp_path):
     assert (probs[1][ndimage.binary_erosion(cube)] > 0.5).all()
 
 
+def test_keep_largest_from_the_config_drops_a_second_blob():
+    vol, cube = synthetic_ct()
+    vol[30:36, 28:34, 12:16] = 300.0  # a second, smaller bright blob: label 1 too without post-processing
+    raw = predict(ThresholdNet(make_config()), vol, spacing=(0.9, 0.9, 3.0), device="cpu")
+    assert (raw[30:36, 28:34, 12:16] == 1).any()
+    config = make_config()
+    config.keep_largest = ["liver", "tumor"]  # label 1 is "liver" in the default label map
+    mask = predict(ThresholdNet(config), vol, spacing=(0.9, 0.9, 3.0), device="cpu")
+    assert (mask[30:36, 28:34, 12:16] == 0).all()
+    assert_on_cube(mask, cube)
+
+
 def test_array_with_spacing_only():
     vol, cube = synthetic_ct()
     mask = predict(ThresholdNet(make_config()), vol, spacing=(0.9, 0.9, 3.0), device="cpu")

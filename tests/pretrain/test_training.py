@@ -84,9 +84,14 @@ def test_parse_config_precedence_and_types(tmp_path):
         patch_size: tuple[int, int, int] = (32, 32, 32)  # patch
         amp: bool = False  # mixed precision
         lr: float = 1e-3  # learning rate
+        names: tuple[str, ...] = ("a", "b")  # any number of names
 
     cfg = parse_config(Cfg, ["--max_steps", "5", "--patch_size", "16", "16", "16", "--amp"])
     assert cfg == Cfg(max_steps=5, patch_size=(16, 16, 16), amp=True)
+    assert parse_config(Cfg, ["--names"]).names == ()  # a bare flag empties a variable-length tuple
+    assert parse_config(Cfg, ["--names", "c"]).names == ("c",)
+    with pytest.raises(SystemExit):  # a fixed-length tuple still needs values
+        parse_config(Cfg, ["--patch_size"])
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 0.5, "max_steps": 7, "data_dir": "x"}))
     assert parse_config(Cfg, ["--config", str(path), "--max_steps", "3"]) == Cfg(data_dir="x", max_steps=3, lr=0.5)
