@@ -59,6 +59,22 @@ class TransferReport:
 Resizer = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
+def rename_prefixes(state_dict: Mapping[str, torch.Tensor], renames: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Keys starting with an ``old`` prefix get the ``new`` one instead, rule by rule in order; others are kept.
+
+    For checkpoints of other code bases, e.g. a MONAI SwinUNETR's encoder into nnynet's:
+    ``rename_prefixes(state, {"module.": "", "swinViT.": "encoder."})`` (DDP's ``module.`` first)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        for old, new in renames.items():  # each rule once, in order: "module.swinViT.x" -> "swinViT.x" -> "encoder.x"
+            if key.startswith(old):
+                key = new + key[len(old):]
+        if key in out:
+            raise ValueError(f"rename_prefixes: two tensors map to {key!r}")
+        out[key] = value
+    return out
+
+
 def transfer_weights(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],

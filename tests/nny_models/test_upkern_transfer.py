@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nny_models.transfer import transfer_weights
+from nny_models.transfer import rename_prefixes, transfer_weights
 from nny_models.upkern import upkern_load
 from nny_models.zoo import create_model
 
@@ -60,3 +60,17 @@ def test_encoder_transfer_from_pretraining_to_new_head():
     assert report.fraction_loaded(fine.encoder_prefixes) == 1.0
     assert all(k.startswith("fusion.") for k in report.missing)
     assert not report.mismatched and report.excluded
+
+
+def test_swinunetr_encoder_loads_into_nnynet_after_renaming():
+    """A MONAI SwinUNETR checkpoint (DDP-wrapped, keys "module.swinViT.*") gives nnynet its whole encoder."""
+    swin = create_model("swinunetr", "tiny")
+    state = {"module." + k: v for k, v in swin.state_dict().items()}
+    nnynet = create_model("nnynet", "tiny")
+    assert transfer_weights(nnynet, state).fraction_loaded(nnynet.encoder_prefixes) == 0.0  # as given: nothing
+    report = transfer_weights(nnynet, rename_prefixes(state, {"module.": "", "swinViT.": "encoder."}))
+    assert report.fraction_loaded(nnynet.encoder_prefixes) == 1.0
+    key = next(k for k in nnynet.state_dict() if k.startswith("encoder."))
+    assert torch.equal(nnynet.state_dict()[key], swin.state_dict()["swinViT." + key.removeprefix("encoder.")])
+    with pytest.raises(ValueError, match="two tensors"):
+        rename_prefixes({"a.w": torch.zeros(1), "b.w": torch.zeros(1)}, {"a.": "c.", "b.": "c."})
