@@ -31,7 +31,8 @@ class AblationConfig:
     steps: int = 150  # fine-tuning steps per run (the fixed budget)
     spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # preprocessing spacing (mm), as in the pipeline
     hu_window: tuple[float, float] = (-200.0, 300.0)  # soft-tissue HU window, as in the pipeline
-    patch_size: tuple[int, int, int] = (64, 64, 32)  # training patch / sliding-window ROI, as in the pipeline
+    patch_size: tuple[int, int, int] = (96, 96, 32)  # training patch / sliding-window ROI, as in the pipeline
+    batch_size: int = 1  # patches per step, as in the pipeline
     train_cases: int = 24  # labeled phantoms for training (shared by all runs)
     test_cases: int = 6  # held-out phantoms for the table (shared by all runs)
     seed: int = 0  # same seed for every run
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
                        "--pretrained", "none", "--model", model, "--size", cfg.size, "--fusion", fusion,
                        "--max_steps", str(cfg.steps), "--val_every", "0", "--seed", str(cfg.seed),
                        "--cache_dir", str(out / "cache"), "--spacing", *map(str, cfg.spacing),
-                       "--hu_window", *map(str, cfg.hu_window), "--patch_size", *map(str, cfg.patch_size)]  # fmt: skip
+                       "--hu_window", *map(str, cfg.hu_window), "--patch_size", *map(str, cfg.patch_size),
+                       "--batch_size", str(cfg.batch_size)]  # fmt: skip
                 print("\n$ " + " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True, cwd=REPO)
             _, summary = evaluate_dataset(NnyNet.from_pretrained(run_dir / "model"), test, run_dir / "eval", overlays=0)
@@ -69,18 +71,28 @@ def main(argv: list[str] | None = None) -> None:
                 **{f"dice_{name}": c["dice_mean"] for name, c in per_class.items() if name != "background"},
             })  # fmt: skip
 
-    (out / "ablation.json").write_text(json.dumps(rows, indent=2))
+    note = (f"Budget per run: {cfg.steps} steps, size '{cfg.size}', from scratch, seed {cfg.seed}; "
+            f"{cfg.train_cases} training / {cfg.test_cases} held-out phantoms. One seed: differences of a few "
+            "Dice points are within run-to-run noise.")  # fmt: skip
+    print(write_table(rows, out, note))
+
+
+def write_table(rows: list[dict], out: Path, note: str) -> str:
+    """ablation.json (the rows) and ablation.md (one line per run, the best mean Dice in bold); returns the Markdown."""
+    plain = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+    (out / "ablation.json").write_text(json.dumps({"note": note, "runs": plain}, indent=2, allow_nan=False))
     classes = [k for k in rows[0] if k.startswith("dice_")]
     header = ["model", "fusion", "mean Dice", "mIoU", "mean HD95 (mm)", *[c.removeprefix("dice_") for c in classes]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = max(rows, key=lambda r: -math.inf if math.isnan(r["mean_dice"]) else r["mean_dice"])
     for r in rows:
-        values = [r["mean_dice"], r["miou"], r["mean_hd95"], *[r[c] for c in classes]]
-        lines.append(f"| {r['model']} | {r['fusion']} | " + " | ".join(_fmt(v) for v in values) + " |")
-    note = (f"\nBudget per run: {cfg.steps} steps, size '{cfg.size}', from scratch, seed {cfg.seed}; "
-            f"{cfg.train_cases} training / {cfg.test_cases} held-out phantoms. One seed: differences of a few "
-            "Dice points are within run-to-run noise.\n")  # fmt: skip
-    (out / "ablation.md").write_text("\n".join(lines) + "\n" + note)
-    print("\n".join(lines) + "\n" + note)
+        values = [_fmt(v) for v in (r["mean_dice"], r["miou"], r["mean_hd95"], *[r[c] for c in classes])]
+        if r is best:
+            values[0] = f"**{values[0]}**"
+        lines.append(f"| {r['model']} | {r['fusion']} | " + " | ".join(values) + " |")
+    text = "\n".join(lines) + "\n\n" + note + "\n"
+    (out / "ablation.md").write_text(text)
+    return text
 
 
 def _nanmean(values: list[float]) -> float:
