@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class FinetuneConfig:
     ce_weight: float = 1.0  # weight of the cross-entropy term
     fg_prob: float = 0.67  # probability that a patch is centred on a (rare-class-balanced) foreground voxel
     augment: bool = True  # flips, rotation, scaling and intensity jitter on training patches
+    flip_axes: tuple[int, ...] = (0, 1)  # RAS axes mirrored at random (p=0.5 each) when augmenting; a bare flag = none
     clinical_dropout: float = 0.1  # probability of hiding a sample's whole clinical vector (robustness to missing data)
     folds: int = 5  # k-fold split by patient; the validation fold is held out of training
     fold: int = 0  # which fold validates
@@ -103,13 +105,14 @@ class FinetuneConfig:
 class AugmentedPatches(torch.utils.data.Dataset):
     """MONAI dictionary augmentation on top of a PatchDataset, seeded per index so resume stays exact."""
 
-    def __init__(self, patches: PatchDataset, seed: int, clinical_dropout: float):
+    def __init__(self, patches: PatchDataset, seed: int, clinical_dropout: float, flip_axes: Sequence[int] = (0, 1)):
         self.patches, self.seed, self.clinical_dropout = patches, seed, clinical_dropout
+        if not set(flip_axes) <= {0, 1, 2}:
+            raise ValueError(f"flip_axes: expected spatial axes among 0, 1, 2 (RAS x, y, z), got {list(flip_axes)}")
         keys = ("image", "label")
         self.transform = mt.Compose(
             [
-                mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
-                mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
+                *[mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes],
                 mt.RandAffined(
                     keys,
                     prob=0.3,
@@ -178,7 +181,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, accelerator) -> 
         fg_prob=cfg.fg_prob,
         extras=vectors or None,
     )
-    dataset = AugmentedPatches(patches, cfg.seed, cfg.clinical_dropout) if cfg.augment else patches
+    dataset = AugmentedPatches(patches, cfg.seed, cfg.clinical_dropout, cfg.flip_axes) if cfg.augment else patches
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
