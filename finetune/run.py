@@ -79,8 +79,9 @@ class FinetuneConfig:
     focal_weight: float = 1.0  # weight of the softmax focal term
     ce_weight: float = 1.0  # weight of the cross-entropy term
     fg_prob: float = 0.67  # probability that a patch is centred on a (rare-class-balanced) foreground voxel
-    augment: bool = True  # flips, rotation, scaling and intensity jitter on training patches
-    flip_axes: tuple[int, ...] = (0, 1)  # RAS axes mirrored at random (p=0.5 each) when augmenting; a bare flag = none
+    augment: bool = True  # rotation, scaling, intensity jitter (and flips, see flip_axes) on training patches
+    flip_axes: tuple[int, ...] = ()  # RAS axes mirrored at random (p=0.5 each). None by default: volumes are in RAS,
+    # and a left-right mirror hides the side, the one cue between liver and spleen (same HU); e.g. 0 1 2 for other organs
     clinical_dropout: float = 0.1  # probability of hiding a sample's whole clinical vector (robustness to missing data)
     folds: int = 5  # k-fold split by patient; the validation fold is held out of training
     fold: int = 0  # which fold validates
@@ -105,7 +106,7 @@ class FinetuneConfig:
 class AugmentedPatches(torch.utils.data.Dataset):
     """MONAI dictionary augmentation on top of a PatchDataset, seeded per index so resume stays exact."""
 
-    def __init__(self, patches: PatchDataset, seed: int, clinical_dropout: float, flip_axes: Sequence[int] = (0, 1)):
+    def __init__(self, patches: PatchDataset, seed: int, clinical_dropout: float, flip_axes: Sequence[int] = ()):
         self.patches, self.seed, self.clinical_dropout = patches, seed, clinical_dropout
         if not set(flip_axes) <= {0, 1, 2}:
             raise ValueError(f"flip_axes: expected spatial axes among 0, 1, 2 (RAS x, y, z), got {list(flip_axes)}")
