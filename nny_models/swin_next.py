@@ -211,6 +211,12 @@ class SwinNeXt(nn.Module):
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         check_image(image, self.size_divisor, "nnynet")
+        if self.training and all(s == self.size_divisor for s in image.shape[2:]):
+            # the 1-voxel bottleneck leaves GroupNorm one value per channel: nothing to normalise
+            raise ValueError(
+                f"nnynet: training needs a bottleneck of more than one voxel, i.e. at least "
+                f"{2 * self.size_divisor} voxels along one axis; got {tuple(image.shape[2:])}"
+            )
         hidden = self.forward_features(image)
         skips = [hidden[3], hidden[2], hidden[1], hidden[0], self.stem(image)]
         y = self._run(self.bottleneck, apply_fusion(self.fusion, hidden[4], clinical))

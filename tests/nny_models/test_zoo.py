@@ -77,6 +77,8 @@ def test_user_errors_raise_value_error():
         model(torch.randn(1, 1, 32, 32, 40))
     with pytest.raises(ValueError, match="divisible by 32"):
         create_model("nnynet", "tiny")(torch.randn(1, 1, 48, 32, 32))
+    with pytest.raises(ValueError, match="at least 64 voxels along one axis"):  # not GroupNorm's own error
+        create_model("nnynet", "tiny").train()(torch.randn(1, 1, 32, 32, 32))
 
 
 def test_presets_and_overrides():
