@@ -38,7 +38,7 @@ METRICS = ("dice", "iou", "hd95", "accuracy", "precision", "recall")
 
 
 def _as_labels(x: Any, name: str) -> torch.Tensor:
-    t = torch.as_tensor(np.array(x))  # a copy: read-only mmap arrays cannot back a tensor
+    t = torch.tensor(np.asarray(x))  # a copy: a read-only mmap array cannot back a tensor
     if t.ndim != 3:
         raise ValueError(f"evaluate_case: {name} must be a (X, Y, Z) label volume, got shape {tuple(t.shape)}")
     if t.is_floating_point() and not torch.equal(t, t.round()):
