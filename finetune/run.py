@@ -88,7 +88,7 @@ class FinetuneConfig:
     val_every: int = 100  # validate (sliding window, Gaussian blending) every N steps; 0 = only at the end
     val_overlap: float = 0.25  # sliding-window overlap during validation
     keep_largest: tuple[str, ...] = ("liver", "tumor")  # labels forming one organ whose largest connected
-    # component validation and predict keep (names the label map lacks are skipped); pass none to turn it off
+    # component validation and predict keep (names the label map lacks are skipped); a bare flag turns it off
     min_encoder_loaded: float = 0.9  # fail if a smaller fraction of encoder tensors loads from --pretrained
     phantom_cases: int = 24  # number of labeled phantoms generated when data_dir is None
     cache_dir: str | None = None  # preprocessed-case cache; None = OUTPUT_DIR/cache
