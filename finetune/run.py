@@ -88,7 +88,7 @@ class FinetuneConfig:
     val_every: int = 100  # validate (sliding window, Gaussian blending) every N steps; 0 = only at the end
     val_overlap: float = 0.25  # sliding-window overlap during validation
     keep_largest: tuple[str, ...] = ("liver", "tumor")  # labels forming one organ whose largest connected
-    # component validation and predict keep (names the label map lacks are skipped); a bare flag turns it off
+    # component validation and predict keep; a bare flag turns it off (the default skips names the label map lacks)
     min_encoder_loaded: float = 0.9  # fail if a smaller fraction of encoder tensors loads from --pretrained
     phantom_cases: int = 24  # number of labeled phantoms generated when data_dir is None
     cache_dir: str | None = None  # preprocessed-case cache; None = OUTPUT_DIR/cache
@@ -220,6 +220,16 @@ def resolve_pretrained(cfg: FinetuneConfig) -> str | None:
     return cfg.pretrained
 
 
+def _keep_largest(cfg: FinetuneConfig, labels: list[str]) -> list[str]:
+    """cfg.keep_largest as stored in config.json: the default adapts to the label map, a name the user gave
+    that is not a label is an error (a typo must not silently turn post-processing off)."""
+    default = next(f.default for f in dataclasses.fields(FinetuneConfig) if f.name == "keep_largest")
+    unknown = [n for n in cfg.keep_largest if n not in labels]
+    if unknown and tuple(cfg.keep_largest) != default:
+        raise ValueError(f"--keep_largest: {unknown} are not labels of this dataset; expected some of {labels}")
+    return [n for n in cfg.keep_largest if n in labels]
+
+
 def build_model(cfg: FinetuneConfig, pretrained: str | None, data: dict, preprocess: PreprocessConfig, accelerator):
     """NnyNet for the task's labels and clinical schema; encoder and decoder transferred from the export."""
     source = load_config(pretrained) if pretrained else None
@@ -236,7 +246,7 @@ def build_model(cfg: FinetuneConfig, pretrained: str | None, data: dict, preproc
         preprocessing=preprocess.to_dict(),
         patch_size=cfg.patch_size,
         clinical_schema=schema.to_dict() if schema else None,
-        keep_largest=[n for n in cfg.keep_largest if n in data["labels"]],
+        keep_largest=_keep_largest(cfg, data["labels"]),
     )
     model = NnyNet(config)
     report = None
@@ -308,6 +318,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
     model, report = build_model(cfg, pretrained, data, preprocess, accelerator)
     accelerator.print(
         f"{len(data['train_ids'])} training / {len(data['val_ids'])} validation cases, labels {data['labels']}, "
+        f"post-processing: largest component of {model.config.keep_largest or 'nothing'}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, from "
         f"{pretrained or 'scratch'}"
     )

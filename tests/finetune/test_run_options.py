@@ -29,3 +29,13 @@ def test_default_keeps_the_side_and_flip_axes_mirrors_it():
 def test_bad_flip_axis_is_refused():
     with pytest.raises(ValueError, match="flip_axes"):
         AugmentedPatches(_patches(1), seed=0, clinical_dropout=0.0, flip_axes=(3,))
+
+
+def test_keep_largest_default_adapts_but_a_typo_is_an_error():
+    from finetune.run import FinetuneConfig, _keep_largest
+
+    assert _keep_largest(FinetuneConfig(), ["background", "liver", "tumor"]) == ["liver", "tumor"]
+    assert _keep_largest(FinetuneConfig(), ["background", "liver", "spleen"]) == ["liver"]  # no tumor class
+    assert _keep_largest(FinetuneConfig(keep_largest=()), ["background", "liver"]) == []
+    with pytest.raises(ValueError, match="livr"):
+        _keep_largest(FinetuneConfig(keep_largest=("livr",)), ["background", "liver"])
