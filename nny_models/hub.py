@@ -32,7 +32,14 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "nnynet.md.j2"
+# model_cards/ at the top of the repository is the template's one source. A wheel ships it as the package data
+# nny_models/model_cards/ (pyproject maps the folder there); a checkout or an editable install reads it in place.
+_CARD_FILE = "nnynet.md.j2"
+MODEL_CARD_TEMPLATE = next(
+    (p for p in (Path(__file__).resolve().parent / "model_cards" / _CARD_FILE,
+                 Path(__file__).resolve().parents[1] / "model_cards" / _CARD_FILE) if p.is_file()),
+    Path(__file__).resolve().parent / "model_cards" / _CARD_FILE,
+)
 CARD_TAGS = ["medical-imaging", "segmentation", "3d", "ct", "nnynet"]
 
 
@@ -202,8 +209,8 @@ def render_model_card(config: NnyNetConfig, *, training: dict[str, Any] | None =
                       trained_on: str | None = None, notes: str | None = None) -> ModelCard:
     """Model card (YAML front matter + markdown) for ``config``, from model_cards/nnynet.md.j2."""
     if not MODEL_CARD_TEMPLATE.is_file():
-        raise FileNotFoundError(f"model card template {MODEL_CARD_TEMPLATE} not found: nny_models.hub expects the "
-                                "repository layout (model_cards/ beside nny_models/); use an editable install")
+        raise FileNotFoundError(f"model card template {MODEL_CARD_TEMPLATE} not found: the nnynet installation is "
+                                "incomplete (the wheel ships it as nny_models/model_cards/); reinstall nnynet")
     card_data = ModelCardData(
         library_name="nnynet",
         license="apache-2.0",

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.run import AugmentedPatches
+from finetune.augment import AugmentedPatches
 
 
 def _patches(n: int = 16) -> list[dict]:
