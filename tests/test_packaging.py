@@ -5,6 +5,7 @@ phantoms CLI)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -41,9 +42,13 @@ def test_einops_is_declared():
 def installed(tmp_path_factory) -> Path:
     """The wheel built from this checkout, installed (without dependencies: they are this venv's) into a folder."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Build from a copy: setuptools reuses an in-tree build/ folder, which can hold modules deleted since.
+    source = tmp / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                                  "__pycache__", ".pytest_cache"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
-         str(REPO)],
+         str(source)],
         check=True, cwd=tmp, timeout=300,
     )  # fmt: skip
     wheel = next((tmp / "dist").glob("nnynet-*.whl"))
