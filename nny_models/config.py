@@ -1,16 +1,34 @@
 """Configuration dataclasses shared by the library, both training stages and the Hub.
 
 Data flows one way: CLI -> run config (in pretrain/ or finetune/) -> ``NnyNetConfig`` ->
-config.json on the Hub -> ``NnyNet.from_pretrained``. Everything here is plain JSON-able.
+config.json on the Hub -> ``NnyNet.from_pretrained``. Everything here is plain JSON-able, and both
+dataclasses validate themselves when built, so a bad value fails where it is read, with its field named
+(``nny_models.hub.load_config`` adds the config.json path).
+
+config.json formats (``NnyNetConfig.format_version``):
+    1  model_kwargs are the explicit arguments of the network (``nny_models.zoo.resolve_model_kwargs``);
+       nothing in them depends on a preset table or on training-only switches.
+    0  (no format_version field; written by nnynet 0.1) model_kwargs held a preset name ("size": "tiny")
+       and sometimes training switches (deep_supervision, use_checkpoint). Read through
+       ``nny_models.zoo.upgrade_v0_model_kwargs``, against a frozen copy of the 0.1 presets, so that
+       later preset edits never change what an old checkpoint means.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_LABELS = ("background", "liver", "tumor", "portal_vein", "aorta")
+FORMAT_VERSION = 1  # the config.json format this code writes (see the module docstring)
+TASKS = ("segmentation", "volume_fusion_pretext")
+SPACING_RANGE_MM = (0.05, 50.0)  # a voxel spacing outside this range is a header or config error, not a CT
 
 
 @dataclass
@@ -24,6 +42,26 @@ class PreprocessConfig:
     crop_foreground: bool = True  # crop to the body (voxels above body_threshold_hu) before training
     body_threshold_hu: float = -500.0  # HU above which a voxel counts as body for the crop
 
+    def __post_init__(self) -> None:
+        lo, hi = SPACING_RANGE_MM
+        self.spacing = _floats(self.spacing, 3, "spacing")
+        if not all(lo <= s <= hi for s in self.spacing):
+            raise ValueError(f"PreprocessConfig.spacing: expected 3 voxel sizes in [{lo}, {hi}] mm, "
+                             f"got {list(self.spacing)}")
+        for name in ("hu_window", "out_range"):
+            low, high = _floats(getattr(self, name), 2, name)
+            if not low < high:
+                raise ValueError(f"PreprocessConfig.{name}: expected [low, high] with low < high, got [{low}, {high}]")
+            setattr(self, name, (low, high))
+        axes = str(self.orientation).upper()
+        if len(axes) != 3 or sorted(_AXIS_OF[c] for c in axes if c in _AXIS_OF) != [0, 1, 2]:
+            raise ValueError(f"PreprocessConfig.orientation: expected 3 axcodes, one of L/R, A/P and S/I each "
+                             f"(e.g. 'RAS'), got {self.orientation!r}")
+        self.orientation = axes
+        if not isinstance(self.crop_foreground, bool):
+            raise ValueError(f"PreprocessConfig.crop_foreground: expected true or false, got {self.crop_foreground!r}")
+        self.body_threshold_hu = _floats([self.body_threshold_hu], 1, "body_threshold_hu")[0]
+
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
@@ -33,10 +71,10 @@ class PreprocessConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"PreprocessConfig: unknown field(s) {sorted(unknown)}")
-        for key in ("spacing", "hu_window", "out_range"):
-            if key in d:
-                d[key] = tuple(float(v) for v in d[key])
         return cls(**d)
+
+
+_AXIS_OF = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 
 
 @dataclass
@@ -44,7 +82,8 @@ class NnyNetConfig:
     """Everything inference needs, saved as config.json next to model.safetensors."""
 
     model: str = "nnynet"  # zoo name passed to nny_models.create_model
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model overrides (sizes, fusion, ...)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # explicit network arguments
+    # (nny_models.zoo.resolve_model_kwargs); a "size" key is resolved against the presets when the config is built
     label_names: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))  # index -> class name
     preprocessing: dict[str, Any] = field(default_factory=lambda: PreprocessConfig().to_dict())  # PreprocessConfig
     patch_size: tuple[int, int, int] = (96, 96, 96)  # sliding-window ROI in voxels after preprocessing
@@ -53,27 +92,121 @@ class NnyNetConfig:
     metrics: dict[str, Any] | None = None  # evaluation summary shown in the model card, or None
     keep_largest: list[str] = field(default_factory=list)  # labels forming one organ (e.g. liver, tumor): predict
     # keeps only its largest connected component (nny_models.postprocess); empty = raw argmax
+    format_version: int = FORMAT_VERSION  # config.json format (module docstring); absent in a file = 0
+
+    def __post_init__(self) -> None:
+        from nny_models import zoo  # lazy: zoo imports torch and MONAI
+
+        if self.format_version not in (0, FORMAT_VERSION):
+            raise ValueError(f"NnyNetConfig.format_version: this nnynet reads formats 0 and {FORMAT_VERSION}, "
+                             f"got {self.format_version!r}; upgrade nnynet")
+        if not isinstance(self.model, str) or self.model not in zoo.list_models():
+            raise ValueError(f"NnyNetConfig.model: unknown model {self.model!r}; expected one of {zoo.list_models()}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"NnyNetConfig.model_kwargs: expected an object, got {type(self.model_kwargs).__name__}")
+        if self.format_version == 0:
+            self.model_kwargs, notes = zoo.upgrade_v0_model_kwargs(self.model, self.model_kwargs)
+            logger.info("config format 0 (nnynet 0.1) read: %s; save the model again to write format %d",
+                        "; ".join(notes), FORMAT_VERSION)
+            self.format_version = FORMAT_VERSION
+        else:
+            self.model_kwargs = _explicit_kwargs(self.model, self.model_kwargs)
+        self._check_labels()
+        self.preprocessing = _section("preprocessing", PreprocessConfig.from_dict, self.preprocessing).to_dict()
+        patch = self.patch_size
+        if not isinstance(patch, (list, tuple)) or len(patch) != 3 or \
+                not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch):
+            raise ValueError(f"NnyNetConfig.patch_size: expected 3 positive integers, got {patch!r}")
+        self.patch_size = tuple(patch)
+        if self.task not in TASKS:
+            raise ValueError(f"NnyNetConfig.task: expected one of {list(TASKS)}, got {self.task!r}")
+        self._check_clinical()
+
+    def _check_labels(self) -> None:
+        names = self.label_names
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"NnyNetConfig.label_names: expected a list of non-empty names, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"NnyNetConfig.label_names: names must be unique, got {names}")
+        out = self.model_kwargs.get("out_channels")
+        if out != len(names):
+            raise ValueError(f"NnyNetConfig.label_names: {len(names)} names {names} for a network with "
+                             f"out_channels={out} (model_kwargs); expected one name per output channel")
+        if not isinstance(self.keep_largest, list):
+            raise ValueError(f"NnyNetConfig.keep_largest: expected a list of label names, got {self.keep_largest!r}")
+        unknown = sorted(set(self.keep_largest) - set(names))
+        if unknown:
+            raise ValueError(f"NnyNetConfig.keep_largest: names {unknown} are not labels {names}")
+
+    def _check_clinical(self) -> None:
+        schema = self.clinical_schema
+        if schema is None:
+            return
+        from nny_models.clinical import ClinicalSchema
+
+        parsed = _section("clinical_schema", ClinicalSchema.from_dict, schema)
+        features = self.model_kwargs.get("clinical_features", 0)
+        if self.model_kwargs.get("fusion", "none") != "none" and parsed.num_features != features:
+            raise ValueError(f"NnyNetConfig.clinical_schema: the schema makes {parsed.num_features} features but "
+                             f"model_kwargs.clinical_features is {features}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "NnyNetConfig":
-        d = dict(d)
+        """From config.json's object; a dict without format_version is format 0 (nnynet 0.1)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"NnyNetConfig: expected a JSON object, got {type(d).__name__}")
+        d = {"format_version": 0, **d}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"NnyNetConfig: unknown field(s) {sorted(unknown)} in config.json")
-        if "patch_size" in d:
-            d["patch_size"] = tuple(int(v) for v in d["patch_size"])
-        config = cls(**d)
-        unknown = sorted(set(config.keep_largest) - set(config.label_names))
-        if unknown:
-            raise ValueError(f"NnyNetConfig: keep_largest names {unknown} are not labels {config.label_names}")
-        return config
+            raise ValueError(f"NnyNetConfig: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
 
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.preprocessing)
+
+
+def _explicit_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Format-1 model_kwargs, made complete: a "size" is resolved now (code may pass one for convenience),
+    training switches are dropped with a warning, the zoo-wide defaults fill what is absent."""
+    from nny_models import zoo
+
+    kwargs = dict(kwargs)
+    switches = sorted(set(kwargs) & set(zoo.TRAINING_SWITCHES))
+    if switches:
+        warnings.warn(f"NnyNetConfig.model_kwargs: {switches} are training-only switches and are not stored in "
+                      "config.json; pass NnyNet(config, deep_supervision=..., grad_checkpointing=...) instead",
+                      stacklevel=4)
+        for key in switches:
+            del kwargs[key]
+    if "size" in kwargs:
+        return _plain(zoo.resolve_model_kwargs(model, kwargs.pop("size"), **kwargs))
+    return _plain({**zoo.BASE_KWARGS, **kwargs})
+
+
+def _section(name: str, parse, value: Any):
+    """parse(value), with errors prefixed by the NnyNetConfig field they come from."""
+    if not isinstance(value, dict):
+        raise ValueError(f"NnyNetConfig.{name}: expected an object, got {type(value).__name__}")
+    try:
+        return parse(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"NnyNetConfig.{name}: {e}") from e
+
+
+def _floats(value: Any, n: int, name: str) -> tuple[float, ...]:
+    """``value`` as n finite floats, or a ValueError naming the PreprocessConfig field."""
+    try:
+        out = tuple(float(v) for v in value)
+        ok = len(out) == n and all(math.isfinite(v) for v in out) and not any(isinstance(v, bool) for v in value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"PreprocessConfig.{name}: expected {n} finite number(s), got {value!r}")
+    return out
 
 
 def _plain(obj: Any) -> Any:

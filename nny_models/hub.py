@@ -7,7 +7,10 @@ A saved model (local directory or Hub repo) holds three files:
 
 ``PyTorchModelHubMixin`` does the Hub plumbing (push_to_hub, hf_hub_download, caching, revisions).
 We override the parts whose defaults do not suit medical weights: loading is strict by default,
-safetensors only (no pytorch_model.bin fallback), and a mismatch names the offending keys.
+safetensors only (no pytorch_model.bin fallback), and a mismatch names the offending keys. Loading reads
+config.json and model.safetensors itself (so every error names its file) and goes through the one loader,
+``nny_models.transfer.transfer_weights``: ``from_pretrained`` strictly, ``NnyNet.transfer_from`` (fine-tuning
+from a pretrained export) leniently, both with the same file checks and one report type, TransferReport.
 No ``from __future__ import annotations`` here: the mixin inspects the ``__init__`` annotations.
 """
 
@@ -16,17 +19,19 @@ import logging
 import math
 import os
 import re
-from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from nny_models import zoo
 from nny_models.config import NnyNetConfig
-from nny_models.zoo import create_model
+from nny_models.transfer import Resizer, TransferReport, WeightsMismatchError, transfer_weights
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +48,6 @@ MODEL_CARD_TEMPLATE = next(
 CARD_TAGS = ["medical-imaging", "segmentation", "3d", "ct", "nnynet"]
 
 
-class WeightsMismatchError(ValueError):
-    """Checkpoint tensors do not match the network built from the config."""
-
-
 class NnyNet(
     nn.Module,
     PyTorchModelHubMixin,
@@ -56,9 +57,16 @@ class NnyNet(
     tags=CARD_TAGS,
     paper_url="https://arxiv.org/abs/2501.01406",
 ):
-    """A zoo network (``.net``) plus the config (``.config``) that rebuilds and preprocesses for it."""
+    """A zoo network (``.net``) plus the config (``.config``) that rebuilds and preprocesses for it.
 
-    def __init__(self, config: NnyNetConfig | dict) -> None:
+    ``deep_supervision`` / ``grad_checkpointing`` are training-only switches: they apply where the network
+    has them (``nny_models.zoo.training_switches``; ``self.deep_supervision`` / ``self.grad_checkpointing``
+    say what is on), are never written to config.json, and save_pretrained leaves the deep-supervision
+    heads out of model.safetensors, so the saved model is exactly the inference model.
+    """
+
+    def __init__(self, config: NnyNetConfig | dict, *, deep_supervision: bool = False,
+                 grad_checkpointing: bool = False) -> None:
         super().__init__()
         if isinstance(config, dict):
             config = NnyNetConfig.from_dict(config)
@@ -68,10 +76,20 @@ class NnyNet(
         # save/load round trip and ``loaded.config == model.config`` holds.
         self.config = NnyNetConfig.from_dict(config.to_dict())
         self._hub_mixin_config = self.config  # what the mixin falls back to; we always pass ours explicitly
-        self.net = create_model(self.config.model, **self.config.model_kwargs)
+        name, has = self.config.model, zoo.training_switches(self.config.model)
+        self.deep_supervision = bool(deep_supervision) and "deep_supervision" in has
+        self.grad_checkpointing = bool(grad_checkpointing) and "use_checkpoint" in has
+        switches = {"deep_supervision": self.deep_supervision, "use_checkpoint": self.grad_checkpointing}
+        self.net = zoo.build_model(name, self.config.model_kwargs, **{k: v for k, v in switches.items() if k in has})
+        _check_patch_size(self.net, self.config)
 
     def forward(self, image: Tensor, clinical: Tensor | None = None) -> Tensor | list[Tensor]:
         return self.net(image, clinical)
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The state dict without training-only tensors (deep-supervision heads): what model.safetensors holds."""
+        drop = tuple("net." + p for p in zoo.deep_supervision_prefixes(self.config.model))
+        return {k: v for k, v in self.state_dict().items() if not (drop and k.startswith(drop))}
 
     # ---- saving -------------------------------------------------------------------------------
 
@@ -85,7 +103,8 @@ class NnyNet(
         model_card_kwargs: dict[str, Any] | None = None,
         **push_to_hub_kwargs: Any,
     ) -> str | None:
-        """Write model.safetensors, config.json (= ``self.config.to_dict()``) and README.md.
+        """Write model.safetensors (``inference_state_dict()``), config.json (= ``self.config.to_dict()``)
+        and README.md.
 
         ``model_card_kwargs`` go to the card template: ``training`` (dict of training settings),
         ``trained_on`` (data description; default: synthetic phantoms), ``notes`` (free text).
@@ -105,6 +124,11 @@ class NnyNet(
             model_card_kwargs=model_card_kwargs,
             **push_to_hub_kwargs,
         )
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # Called by the mixin's save_pretrained: the inference tensors only, so from_pretrained loads strictly.
+        state = {k: v.detach().cpu().contiguous() for k, v in self.inference_state_dict().items()}
+        safetensors.torch.save_file(state, str(Path(save_directory) / WEIGHTS_NAME), metadata={"format": "pt"})
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """Render model_cards/nnynet.md.j2 with the config, metrics and citations."""
@@ -126,83 +150,103 @@ class NnyNet(
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
     ) -> "NnyNet":
-        """Load from a save_pretrained directory or a Hub repo id (optionally at ``revision``).
+        """Load from a save_pretrained directory or a Hub repo id (optionally at ``revision``), in eval mode.
 
         ``config`` overrides the stored config.json (the weights must still fit it).
         ``strict=False`` loads only the tensors whose names and shapes match, with a warning.
+        Errors name the file: an invalid config.json, weights that do not fit, NaN / inf weights.
         """
-        extra = {} if config is None else {"config": _as_config(config)}
-        return super().from_pretrained(
-            pretrained_model_name_or_path,
-            revision=revision,
-            strict=strict,
-            map_location=map_location,
-            force_download=force_download,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            **extra,
-        )
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        config: NnyNetConfig | dict | None = None,
-        map_location: str = "cpu",
-        strict: bool = True,
-        **unused: Any,
-    ) -> "NnyNet":
-        # Called by the mixin with config = parsed config.json (or None when the file is missing).
-        if unused:
-            raise TypeError(f"NnyNet.from_pretrained: unexpected argument(s) {sorted(unused)}")
+        hub_kwargs = dict(revision=revision, force_download=force_download, token=token, cache_dir=cache_dir,
+                          local_files_only=local_files_only)
+        where = str(pretrained_model_name_or_path)
         if config is None:
-            raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME} found (revision={revision}); "
-                                    "expected a directory or repo written by NnyNet.save_pretrained")
-        model = cls(config)
-        state = load_state_dict(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
-                                token=token, local_files_only=local_files_only)
-        model.load_weights(state, strict=strict, source=f"{model_id}/{WEIGHTS_NAME}")
+            config, path = _read_config(pretrained_model_name_or_path, **hub_kwargs)
+            where = str(path)
+        try:
+            model = cls(_as_config(config))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: cannot build the model it describes: {e}") from e
+        state, path = _read_weights(pretrained_model_name_or_path, **hub_kwargs)
+        model.load_weights(state, strict=strict, source=str(path))
         return model.to(map_location).eval()
 
-    def load_weights(self, state: dict[str, Tensor], *, strict: bool = True, source: str = "state dict") -> None:
-        """Load an NnyNet state dict; with strict, any missing/unexpected/mis-shaped key is an error."""
-        missing, unexpected, mismatched = _compare_state_dict(self, state)
-        if missing or unexpected or mismatched:
-            msg = _mismatch_message(source, self.config, missing, unexpected, mismatched)
-            if strict:
-                raise WeightsMismatchError(msg + "\nPass the config these weights were saved with, "
-                                           "or strict=False to load only the matching tensors.")
-            logger.warning(msg)
-        bad = set(unexpected) | {k for k, _, _ in mismatched}
-        self.load_state_dict({k: v for k, v in state.items() if k not in bad}, strict=False)
+    def load_weights(self, state: dict[str, Tensor], *, strict: bool = True, source: str = "state dict"
+                     ) -> TransferReport:
+        """Load an NnyNet state dict (keys "net.*") through the one loader, ``transfer_weights``.
+
+        strict: the report must be clean, else WeightsMismatchError naming keys and shapes (model untouched).
+        Deep-supervision heads in ``state`` that this model does not have are dropped (0.1 saved them).
+        """
+        drop = tuple("net." + p for p in zoo.deep_supervision_prefixes(self.config.model))
+        own = self.state_dict().keys()
+        extra = [k for k in state if drop and k.startswith(drop) and k not in own]
+        if extra:
+            logger.info("%s: %d deep-supervision tensor(s) not used by the inference model dropped", source, len(extra))
+            state = {k: v for k, v in state.items() if k not in set(extra)}
+        try:
+            report = transfer_weights(self, state, strict=strict, source=source)
+        except WeightsMismatchError as e:
+            raise WeightsMismatchError(
+                f"{e}. The model is '{self.config.model}' with model_kwargs {self.config.model_kwargs}: pass the "
+                "config these weights were saved with, or strict=False to load only the matching tensors"
+            ) from None
+        if not report.clean:
+            logger.warning("%s; loaded the %d matching tensor(s)", report.mismatch_message(source), len(report.loaded))
+        return report
+
+    def transfer_from(
+        self,
+        source: str | Path,
+        *,
+        exclude_prefixes: Iterable[str] = (),
+        revision: str | None = None,
+        resize: Resizer | None = None,
+    ) -> TransferReport:
+        """Copy the matching tensors of a saved model (directory or Hub repo) into ``self.net``; never strict.
+
+        The source is read as from_pretrained reads it (config.json checked, safetensors only, NaN / inf
+        refused). Report keys are ``self.net`` keys, e.g. ``report.fraction_loaded(self.net.encoder_prefixes)``.
+        ``exclude_prefixes`` are net keys left as initialised (e.g. ``self.net.head_prefixes``); ``resize``
+        may map a mismatched tensor to the target shape (``nny_models.upkern.interpolate_kernel``).
+        """
+        load_config(source, revision=revision)  # a broken or foreign config.json fails here, named
+        state, path = _read_weights(source, revision=revision)
+        net_state = {k.removeprefix("net."): v for k, v in state.items()}
+        return transfer_weights(self.net, net_state, exclude_prefixes=tuple(exclude_prefixes), resize=resize,
+                                source=str(path))
 
 
-# ---- helpers usable without building a model (fine-tuning transfers weights with these) ----------
+# ---- helpers usable without building a model ------------------------------------------------------
 
 
 def load_config(repo_or_dir: str | Path, revision: str | None = None, **hub_kwargs: Any) -> NnyNetConfig:
-    """Read config.json of a save_pretrained directory or Hub repo into an NnyNetConfig."""
-    path = _resolve_file(repo_or_dir, CONFIG_NAME, revision=revision, **hub_kwargs)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with NnyNetConfig fields, got {type(data).__name__}")
-    return NnyNetConfig.from_dict(data)
+    """Read config.json of a save_pretrained directory or Hub repo into an NnyNetConfig (errors name the file)."""
+    return _read_config(repo_or_dir, revision=revision, **hub_kwargs)[0]
 
 
 def load_state_dict(repo_or_dir: str | Path, revision: str | None = None, **hub_kwargs: Any) -> dict[str, Tensor]:
     """Read model.safetensors (never a pickle) of a directory or Hub repo; keys are NnyNet keys ("net.")."""
-    path = _resolve_file(repo_or_dir, WEIGHTS_NAME, revision=revision, **hub_kwargs)
-    return safetensors.torch.load_file(str(path), device="cpu")
+    return _read_weights(repo_or_dir, revision=revision, **hub_kwargs)[0]
+
+
+def _read_config(repo_or_dir: str | Path, **hub_kwargs: Any) -> tuple[NnyNetConfig, Path]:
+    path = _resolve_file(repo_or_dir, CONFIG_NAME, **hub_kwargs)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    try:
+        return NnyNetConfig.from_dict(data), path
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid config: {e}") from e
+
+
+def _read_weights(repo_or_dir: str | Path, **hub_kwargs: Any) -> tuple[dict[str, Tensor], Path]:
+    path = _resolve_file(repo_or_dir, WEIGHTS_NAME, **hub_kwargs)
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu"), path
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def render_model_card(config: NnyNetConfig, *, training: dict[str, Any] | None = None,
@@ -257,46 +301,26 @@ def _resolve_file(repo_or_dir: str | Path, filename: str, *, revision: str | Non
         return path
     if local.exists():
         raise ValueError(f"{local} is a file; expected a save_pretrained directory or a Hub repo id")
-    if isinstance(repo_or_dir, Path) or _looks_like_path(str(repo_or_dir)):
-        raise FileNotFoundError(f"model directory {local} does not exist")
+    name = str(repo_or_dir)
+    # "runs/model" while ./runs exists is a missing local folder, not the Hub repo "runs/model"
+    if isinstance(repo_or_dir, Path) or _looks_like_path(name) or ("/" in name and Path(name.split("/")[0]).is_dir()):
+        raise FileNotFoundError(f"model directory {local} not found (a local path, so not looked up on the Hub)")
     try:
         return Path(hf_hub_download(repo_id=str(repo_or_dir), filename=filename, revision=revision, **hub_kwargs))
     except RemoteEntryNotFoundError as e:
         raise FileNotFoundError(f"Hub repo {repo_or_dir} (revision {revision or 'main'}) has no {filename}{hint}") from e
 
 
-def _compare_state_dict(model: nn.Module, state: dict[str, Tensor]):
-    """(missing, unexpected, [(key, checkpoint_shape, model_shape)]) of ``state`` against ``model``."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        # safetensors stores tied tensors once: a key is not missing if a tensor sharing its memory was saved.
-        groups: dict[tuple, set[str]] = defaultdict(set)
-        for k, v in own.items():
-            groups[(v.data_ptr(), tuple(v.shape))].add(k)
-        missing = [k for k in missing
-                   if own[k].numel() == 0 or not (groups[(own[k].data_ptr(), tuple(own[k].shape))] & state.keys())]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [(k, tuple(state[k].shape), tuple(v.shape))
-                  for k, v in own.items() if k in state and state[k].shape != v.shape]
-    return missing, unexpected, mismatched
-
-
-def _mismatch_message(source: str, config: NnyNetConfig, missing, unexpected, mismatched, show: int = 8) -> str:
-    def listing(keys: list[str]) -> str:
-        more = f" ... (+{len(keys) - show} more)" if len(keys) > show else ""
-        return ", ".join(keys[:show]) + more
-
-    lines = [f"{source} does not fit model '{config.model}' (model_kwargs={config.model_kwargs}): "
-             f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched tensor(s)"]
-    if missing:
-        lines.append(f"  missing in checkpoint: {listing(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected in checkpoint: {listing(unexpected)}")
-    if mismatched:
-        shapes = [f"{k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched]
-        lines.append(f"  shape mismatch: {listing(shapes)}")
-    return "\n".join(lines)
+def _check_patch_size(net: nn.Module, config: NnyNetConfig) -> None:
+    """The sliding-window patch must suit the network, or predict fails (or pads) deep inside MONAI."""
+    patch, div = list(config.patch_size), int(getattr(net, "size_divisor", 1))
+    if any(p % div for p in patch):
+        raise ValueError(f"NnyNetConfig.patch_size {patch}: model '{config.model}' needs every side to be a "
+                         f"multiple of {div}")
+    img = getattr(net, "img_size", None)  # UNETR's learned position embeddings fix the input size
+    if img is not None and tuple(patch) != tuple(img):
+        raise ValueError(f"NnyNetConfig.patch_size {patch}: model '{config.model}' only takes inputs of its "
+                         f"img_size {list(img)}")
 
 
 def _fmt(value: Any) -> str:
@@ -306,50 +330,43 @@ def _fmt(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         return f"{value:.4f}"
-    if isinstance(value, dict) and "mean" in value:
-        return _fmt(value["mean"]) + (f" ± {_fmt(value['std'])}" if "std" in value else "")
     return str(value)
 
 
 def _metrics_table(metrics: dict[str, Any] | None, label_names: list[str]):
-    """Split config.metrics into a per-class table (columns, rows) and other scalar entries.
+    """config.metrics -> (columns, rows, scalars) of the card's evaluation section.
 
-    Accepts {class: {metric: value}} at the top level or under "per_class", and also the transposed
-    {metric: {class: value}}; values may be numbers or {"mean", "std"} dicts.
+    One layout, the one ``finetune.run.card_metrics`` writes: scalar entries at the top level
+    ("mean_foreground_dice", "miou", "split", ...) and "per_class": {class: {metric: value}}.
     """
     if not metrics:
         return [], [], []
-    per_class = metrics.get("per_class", metrics)
-    table = {k: v for k, v in per_class.items() if isinstance(v, dict) and "mean" not in v}
-    if table and not set(table) & set(label_names) and any(set(v) & set(label_names) for v in table.values()):
-        transposed: dict[str, dict[str, Any]] = defaultdict(dict)
-        for metric, by_class in table.items():
-            for name, value in by_class.items():
-                transposed[name][metric] = value
-        table = dict(transposed)
+    table = metrics.get("per_class") or {}
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError("NnyNetConfig.metrics.per_class: expected {class: {metric: value}}, "
+                         f"got {type(table).__name__}")
     columns = list(dict.fromkeys(m for row in table.values() for m in row))  # first-seen order
     order = [n for n in label_names if n in table] + [n for n in table if n not in label_names]
-    rows = [(name, [_fmt(table[name].get(m, "")) for m in columns]) for name in order]
-    scalars = [(k, _fmt(v)) for k, v in metrics.items() if k != "per_class" and k not in table
-               and (not isinstance(v, dict) or "mean" in v)]
+    rows = [(name, [_fmt(table[name].get(m)) for m in columns]) for name in order]
+    scalars = [(k, _fmt(v)) for k, v in metrics.items() if k != "per_class"]
     return columns, rows, scalars
 
 
 def _clinical_columns(schema: dict[str, Any] | None) -> list[str]:
-    """Column names (with type when known) of a fitted clinical schema, for the card."""
+    """One line per clinical input of a fitted schema: name, type, and the categories of categorical ones."""
     if not schema:
         return []
-    columns = schema.get("columns", [])
-    if isinstance(columns, dict):
-        columns = [{"name": k, **(v if isinstance(v, dict) else {"type": v})} for k, v in columns.items()]
+    from nny_models.clinical import ClinicalSchema
+
+    parsed = ClinicalSchema.from_dict(schema)
+    categories = dict(zip(parsed.categorical_columns, parsed.categories))
     out = []
-    for col in columns:
-        if isinstance(col, dict):
-            kind = col.get("type") or col.get("kind")
-            out.append(f"{col.get('name', '?')} ({kind})" if kind else str(col.get("name", "?")))
-        else:
-            out.append(str(col))
+    for name, kind in parsed.column_types.items():
+        cats = categories.get(name)
+        out.append(f"{name} ({kind}: {', '.join(cats)})" if kind == "categorical" and cats else f"{name} ({kind})")
+    out += [f"{name} (ignored: missing in every training row)" for name in parsed.dropped_columns]
     return out
 
 
-__all__ = ["NnyNet", "WeightsMismatchError", "load_config", "load_state_dict", "render_model_card"]
+__all__ = ["NnyNet", "TransferReport", "WeightsMismatchError", "load_config", "load_state_dict",
+           "render_model_card"]

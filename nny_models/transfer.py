@@ -1,9 +1,14 @@
-"""Weight transfer between networks with an honest report of what loaded.
+"""Weight loading and transfer between networks with an honest report of what loaded: the one loader.
 
 Pretrained weights fail silently all the time (key prefixes, a different head, a changed kernel size).
 ``transfer_weights`` loads every tensor whose name and shape match, leaves the rest at their current
 values, and returns a ``TransferReport`` listing loaded / missing / unexpected / mismatched keys, so
 callers can check e.g. ``report.fraction_loaded(model.encoder_prefixes) == 1.0``.
+
+Strict loading (``strict=True``, what ``NnyNet.from_pretrained`` uses) is the same pass with one rule more:
+the report must be clean (nothing missing, unexpected, mismatched or excluded), else ``WeightsMismatchError``
+names the keys and shapes, and the model is left untouched. Non-finite tensors (NaN / inf) are refused in
+both modes: such a network predicts background everywhere, with exit code 0.
 """
 
 from __future__ import annotations
@@ -13,6 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+
+class WeightsMismatchError(ValueError):
+    """Checkpoint tensors do not match the network they are loaded into (strict loading)."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """Checkpoint tensors contain NaN or inf."""
 
 
 @dataclass
@@ -26,6 +39,29 @@ class TransferReport:
     excluded: list[str] = field(default_factory=list)  # model keys skipped on purpose (exclude_prefixes)
     interpolated: list[str] = field(default_factory=list)  # loaded keys whose kernels were resized (UpKern)
     total: int = 0  # number of tensors in the model's state dict
+
+    @property
+    def clean(self) -> bool:
+        """True when every model tensor received a source tensor of its shape and nothing was left over."""
+        return not (self.missing or self.unexpected or self.mismatched or self.excluded)
+
+    def mismatch_message(self, source: str, max_keys: int = 8) -> str:
+        """Why a strict load failed: key names and shapes first, one kind per line, counts in full."""
+        def some(keys: list) -> str:
+            shown = ", ".join(str(k) for k in keys[:max_keys])
+            return shown + (f", ... (+{len(keys) - max_keys} more)" if len(keys) > max_keys else "")
+
+        lines = []
+        if self.mismatched:
+            shown = [f"{k} {list(s)} in checkpoint vs {list(d)} in model" for k, s, d in self.mismatched]
+            lines.append(f"{len(self.mismatched)} shape mismatch(es): {some(shown)}")
+        if self.missing:
+            lines.append(f"{len(self.missing)} missing in checkpoint: {some(self.missing)}")
+        if self.unexpected:
+            lines.append(f"{len(self.unexpected)} unexpected in checkpoint: {some(self.unexpected)}")
+        if self.excluded:
+            lines.append(f"{len(self.excluded)} excluded: {some(self.excluded)}")
+        return f"{source}: weights do not fit the model: " + "; ".join(lines)
 
     def fraction_loaded(self, prefixes: str | Iterable[str] = ("",)) -> float:
         """Fraction of model tensors under ``prefixes`` that were loaded (0.0 if none are under them)."""
@@ -81,31 +117,46 @@ def transfer_weights(
     *,
     exclude_prefixes: Iterable[str] = (),
     resize: Resizer | None = None,
+    strict: bool = False,
+    source: str = "state dict",
 ) -> TransferReport:
     """Copy matching tensors of ``state_dict`` into ``model`` in place and report what happened.
 
     ``resize(key, src, dst)`` may return a tensor of dst's shape for a shape mismatch (UpKern uses it).
+    ``strict``: the report must be clean, else WeightsMismatchError and nothing is copied. Tensors that
+    would be loaded must be finite, else NonFiniteWeightsError and nothing is copied. ``source`` names the
+    weights (e.g. the file) in those errors.
     """
     exclude = tuple(exclude_prefixes)
     target = model.state_dict()
     report = TransferReport(total=len(target))
     report.unexpected = [k for k in state_dict if k not in target]
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []  # (dst, src): copied only once every check passed
+    for key, dst in target.items():
+        if exclude and key.startswith(exclude):
+            report.excluded.append(key)
+            continue
+        if key not in state_dict:
+            report.missing.append(key)
+            continue
+        src = state_dict[key]
+        if src.shape != dst.shape:
+            resized = resize(key, src, dst) if resize is not None else None
+            if resized is None:
+                report.mismatched.append((key, tuple(src.shape), tuple(dst.shape)))
+                continue
+            src = resized
+            report.interpolated.append(key)
+        plan.append((dst, src))
+        report.loaded.append(key)
+    if strict and not report.clean:
+        raise WeightsMismatchError(report.mismatch_message(source))
+    bad = [k for k, (_, src) in zip(report.loaded, plan) if src.is_floating_point() and not torch.isfinite(src).all()]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f", ... (+{len(bad) - 8} more)" if len(bad) > 8 else "")
+        raise NonFiniteWeightsError(f"{source}: {len(bad)} tensor(s) contain NaN or inf: {shown}; "
+                                    "the checkpoint is corrupt (diverged training or a damaged file)")
     with torch.no_grad():
-        for key, dst in target.items():
-            if exclude and key.startswith(exclude):
-                report.excluded.append(key)
-                continue
-            if key not in state_dict:
-                report.missing.append(key)
-                continue
-            src = state_dict[key]
-            if src.shape != dst.shape:
-                resized = resize(key, src, dst) if resize is not None else None
-                if resized is None:
-                    report.mismatched.append((key, tuple(src.shape), tuple(dst.shape)))
-                    continue
-                src = resized
-                report.interpolated.append(key)
+        for dst, src in plan:
             dst.copy_(src.to(device=dst.device, dtype=dst.dtype))  # state_dict tensors share storage
-            report.loaded.append(key)
     return report

@@ -1,5 +1,10 @@
 """The model zoo: ``create_model(name, size="base", **overrides)`` and ``list_models()``.
 
+Presets are resolved once, when a config is written: ``resolve_model_kwargs(name, size, **overrides)`` gives
+the explicit arguments config.json stores, and ``build_model(name, model_kwargs, **switches)`` builds from
+them without looking at PRESETS again. Training-only switches (``TRAINING_SWITCHES``: deep supervision,
+gradient checkpointing) are constructor arguments and never part of model_kwargs.
+
 MONAI's SwinUNETR, UNETR, UNet and MedNeXt are subclassed (their state-dict keys stay MONAI's, so MONAI
 checkpoints still load) with a forward that calls their submodules in order and applies the clinical
 fusion module on the bottleneck. Every model takes ``forward(image, clinical=None)`` and carries
@@ -18,6 +23,7 @@ import torch.nn as nn
 from monai.networks.nets import UNETR, MedNeXt, SwinUNETR, UNet
 from torch.utils.checkpoint import checkpoint
 
+from nny_models.config import _plain
 from nny_models.fusion import apply_fusion, check_fusion_args, check_image, make_fusion
 from nny_models.pctnet import PCTNet
 from nny_models.swin_next import SwinNeXt, use_fast_depthwise
@@ -237,16 +243,71 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Frozen copy of PRESETS and of create_model's defaults as nnynet 0.1 wrote them into config.json format 0
+# (model_kwargs {"size": ..., overrides}). NEVER edit: old checkpoints mean exactly these values.
+_PRESETS_V0: dict[str, dict[str, dict[str, Any]]] = {
+    "nnynet": {"tiny": {"feature_size": 12, "window_size": 4}, "small": {"feature_size": 24},
+               "base": {"feature_size": 48}},
+    "swinunetr": {"tiny": {"feature_size": 12, "window_size": 4}, "small": {"feature_size": 24},
+                  "base": {"feature_size": 48}},
+    "unetr": {
+        "tiny": {"feature_size": 8, "hidden_size": 96, "mlp_dim": 384, "num_heads": 4, "img_size": 32},
+        "small": {"feature_size": 16, "hidden_size": 384, "mlp_dim": 1536, "num_heads": 6, "img_size": 64},
+        "base": {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12, "img_size": 96},
+    },
+    "unet": {
+        "tiny": {"channels": [8, 16, 32, 64, 128], "strides": [2, 2, 2, 2], "num_res_units": 1, "norm": "instance"},
+        "small": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "instance"},
+        "base": {"channels": [32, 64, 128, 256, 320], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "instance"},
+    },
+    **{f"mednext_{v}": {"tiny": {"init_filters": 8}, "small": {"init_filters": 16}, "base": {"init_filters": 32}}
+       for v in "sbml"},
+    "uxnet3d": {"tiny": {"feature_size": 8, "hidden_size": 64}, "small": {"feature_size": 24, "hidden_size": 384},
+                "base": {"feature_size": 48, "hidden_size": 768}},
+    "pctnet": {"tiny": {"feature_size": 8}, "small": {"feature_size": 16}, "base": {"feature_size": 32}},
+}  # fmt: skip
+_BASE_KWARGS_V0 = {"in_channels": 1, "out_channels": 5, "fusion": "none", "clinical_features": 0}
+
+# Arguments every zoo network takes, with the defaults create_model fills in.
+BASE_KWARGS: dict[str, Any] = {"in_channels": 1, "out_channels": 5, "fusion": "none", "clinical_features": 0}
+
+# Training-only switches: constructor arguments that change how a network trains, never what it predicts in
+# eval mode. They are NnyNet / create_model arguments and never part of config.json's model_kwargs.
+TRAINING_SWITCHES = ("deep_supervision", "use_checkpoint")
+_SUPPORTS = {  # which networks take which switch
+    "deep_supervision": {"nnynet", "mednext_s", "mednext_b", "mednext_m", "mednext_l"},
+    "use_checkpoint": {"nnynet", "swinunetr", "mednext_s", "mednext_b", "mednext_m", "mednext_l", "uxnet3d", "pctnet"},
+}
+# State-dict prefixes of the modules deep supervision adds (the extra 1x1x1 heads): not part of an inference model.
+_DEEP_SUPERVISION_PREFIXES = {"nnynet": ("ds_heads.",), **{f"mednext_{v}": ("out_blocks.",) for v in "sbml"}}
+
+
 def list_models() -> list[str]:
     """Names accepted by create_model."""
     return list(_BUILDERS)
 
 
 def accepted_kwargs(name: str) -> set[str]:
-    """The keyword options ``create_model(name, ...)`` accepts besides ``size``."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
+    """The keyword options ``create_model(name, ...)`` accepts besides ``size`` (training switches included)."""
+    _check_name(name)
     return _accepted_kwargs(name)
+
+
+def training_switches(name: str) -> set[str]:
+    """The training-only switches (of TRAINING_SWITCHES) that network ``name`` has."""
+    _check_name(name)
+    return {s for s in TRAINING_SWITCHES if name in _SUPPORTS[s]}
+
+
+def deep_supervision_prefixes(name: str) -> tuple[str, ...]:
+    """State-dict prefixes of the deep-supervision heads of ``name`` (empty if it has none)."""
+    _check_name(name)
+    return _DEEP_SUPERVISION_PREFIXES.get(name, ())
+
+
+def _check_name(name: str) -> None:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid names: {list_models()}")
 
 
 def _accepted_kwargs(name: str) -> set[str]:
@@ -264,19 +325,76 @@ def _accepted_kwargs(name: str) -> set[str]:
     return keys
 
 
-def create_model(name: str, size: str = "base", **overrides: Any) -> nn.Module:
-    """Build a zoo network; overrides replace preset values (in_channels=1, out_channels=5 by default)."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid names: {list_models()}")
+def resolve_model_kwargs(name: str, size: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The explicit network arguments for ``create_model(name, size, **overrides)``: what config.json stores.
+
+    ``size`` (default "base") picks a preset of PRESETS; overrides replace its values. The result has no
+    "size" key and no training switch, and builds the same network whatever later becomes of PRESETS.
+    """
+    _check_name(name)
+    size = "base" if size is None else size
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; valid sizes: {list(SIZES)}")
-    kwargs: dict[str, Any] = {"in_channels": 1, "out_channels": 5, "fusion": "none", "clinical_features": 0}
-    kwargs.update(PRESETS[name][size])
-    kwargs.update(overrides)
-    if name.startswith("mednext") and "deep_supervision" not in kwargs:
-        kwargs["deep_supervision"] = False
-    check_fusion_args(kwargs["fusion"], kwargs["clinical_features"])
+    switches = sorted(set(overrides) & set(TRAINING_SWITCHES))
+    if switches:
+        raise ValueError(f"{name}: {switches} are training-only switches, not model arguments; pass them to "
+                         "NnyNet(config, deep_supervision=..., grad_checkpointing=...) or create_model")
+    kwargs = {**BASE_KWARGS, **PRESETS[name][size], **overrides}
+    _check_kwargs(name, kwargs)
+    return _plain(kwargs)
+
+
+def upgrade_v0_model_kwargs(name: str, model_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Format-0 model_kwargs (nnynet 0.1: a preset "size" plus overrides) -> (explicit kwargs, notes).
+
+    The preset is read from the frozen 0.1 table, not from PRESETS; training switches are dropped."""
+    _check_name(name)
+    kwargs = dict(model_kwargs)
+    size = kwargs.pop("size", "base")  # 0.1's create_model default
+    if size not in _PRESETS_V0[name]:
+        raise ValueError(f"model_kwargs.size: unknown size {size!r}; valid sizes: {list(_PRESETS_V0[name])}")
+    notes = [f"preset size {size!r} of {name!r} expanded from the frozen 0.1 presets"]
+    dropped = [k for k in TRAINING_SWITCHES if k in kwargs]
+    for key in dropped:
+        del kwargs[key]
+    if dropped:
+        notes.append(f"training-only switches {dropped} removed")
+    kwargs = {**_BASE_KWARGS_V0, **_PRESETS_V0[name][size], **kwargs}
+    _check_kwargs(name, kwargs)
+    return _plain(kwargs), notes
+
+
+def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    check_fusion_args(kwargs.get("fusion", "none"), kwargs.get("clinical_features", 0))
     unknown = set(kwargs) - _accepted_kwargs(name)
     if unknown:
         raise ValueError(f"{name}: unsupported option(s) {sorted(unknown)}; accepted: {sorted(_accepted_kwargs(name))}")
+
+
+def build_model(name: str, model_kwargs: dict[str, Any], **switches: bool) -> nn.Module:
+    """The network of explicit ``model_kwargs`` (as config.json stores them; no preset is applied).
+
+    ``switches``: training-only options the network has (``training_switches(name)``), e.g. deep_supervision.
+    """
+    _check_name(name)
+    if "size" in model_kwargs:
+        raise ValueError(f"{name}: build_model takes explicit arguments; resolve 'size' with resolve_model_kwargs")
+    bad = sorted(set(model_kwargs) & set(TRAINING_SWITCHES)) + sorted(set(switches) - training_switches(name))
+    if bad:
+        raise ValueError(f"{name}: {bad} cannot be passed here; training switches of {name}: "
+                         f"{sorted(training_switches(name))}, and never inside model_kwargs")
+    kwargs = {**model_kwargs, **switches}
+    _check_kwargs(name, kwargs)
     return _BUILDERS[name](**kwargs)
+
+
+def create_model(name: str, size: str = "base", **overrides: Any) -> nn.Module:
+    """Build a zoo network; overrides replace preset values (in_channels=1, out_channels=5 by default).
+
+    Training switches (deep_supervision, use_checkpoint) may be passed too, where the network has them."""
+    _check_name(name)
+    switches = {k: overrides.pop(k) for k in TRAINING_SWITCHES if k in overrides}
+    unsupported = sorted(set(switches) - training_switches(name))
+    if unsupported:
+        raise ValueError(f"{name}: unsupported option(s) {unsupported}; accepted: {sorted(_accepted_kwargs(name))}")
+    return build_model(name, resolve_model_kwargs(name, size, **overrides), **switches)

@@ -20,8 +20,10 @@ import yaml
 
 from nny_models.config import NnyNetConfig
 from nny_models.hub import NnyNet, WeightsMismatchError, load_config, load_state_dict
+from nny_models.zoo import resolve_model_kwargs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REPO_ID = "radiology-lab/nnynet-tiny"
 METRICS = {"per_class": {"liver": {"dice": 0.9312, "iou": 0.8713, "hd95": 4.25},
                          "tumor": {"dice": 0.6021, "iou": 0.4307, "hd95": 11.5}},
@@ -30,8 +32,8 @@ METRICS = {"per_class": {"liver": {"dice": 0.9312, "iou": 0.8713, "hd95": 4.25},
 
 def tiny_config(model: str = "unet", out_channels: int = 5, **fields) -> NnyNetConfig:
     labels = ["background", "liver", "tumor", "portal_vein", "aorta"][:out_channels]
-    return NnyNetConfig(model=model, model_kwargs={"size": "tiny", "out_channels": out_channels},
-                        label_names=labels, patch_size=(32, 32, 32), **fields)
+    kwargs = resolve_model_kwargs(model, "tiny", out_channels=out_channels, **fields.pop("model_kwargs", {}))
+    return NnyNetConfig(model=model, model_kwargs=kwargs, label_names=labels, patch_size=(32, 32, 32), **fields)
 
 
 def fixed_input() -> torch.Tensor:
@@ -85,11 +87,73 @@ def test_local_round_trip_is_bitwise_and_writes_card(tmp_path: Path) -> None:
     assert "## Evaluation" not in (tmp_path / "README.md").read_text()
 
 
-def test_card_lists_clinical_columns(tmp_path: Path) -> None:
-    schema = {"columns": [{"name": "age", "type": "numeric"}, {"name": "child_pugh", "type": "categorical"}]}
-    seeded_model(tiny_config(clinical_schema=schema), 0).save_pretrained(tmp_path)
+def test_card_lists_clinical_inputs_of_a_fitted_schema(tmp_path: Path) -> None:
+    """The card's clinical section from a schema fit_clinical_schema really wrote (not a made-up dict)."""
+    import pandas as pd
+
+    from finetune.clinical import fit_clinical_schema
+
+    table = pd.DataFrame({"case_id": ["a", "b", "c", "d", "e"], "age": [61, 70, None, 55, 66],
+                          "child_pugh": ["A", "B", "A", None, "C"], "cirrhosis": ["yes", "no", "yes", "yes", None]})
+    schema = fit_clinical_schema(table)
+    kwargs = {"fusion": "cross_attention", "clinical_features": schema.num_features}
+    seeded_model(tiny_config(clinical_schema=schema.to_dict(), model_kwargs=kwargs), 0).save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
-    assert "- age (numeric)" in card and "- child_pugh (categorical)" in card
+    section = card.split("## Clinical inputs")[1].split("\n## ")[0]
+    items = [line for line in section.splitlines() if line.startswith("- ")]
+    assert items == ["- age (numeric)", "- child_pugh (categorical: A, B, C)", "- cirrhosis (boolean)"]
+    assert load_config(tmp_path).clinical_schema == schema.to_dict()
+
+
+def test_config_v0_fixture_loads_with_identical_outputs() -> None:
+    """A fine-tuning export written by nnynet 0.1 (config.json with "size": "tiny", training switches in
+    model_kwargs, deep-supervision heads in the weights; see fixtures/make_config_v0.py) loads strictly
+    and gives the logits that code computed."""
+    folder = FIXTURES / "config_v0"
+    raw = json.loads((folder / "config.json").read_text())
+    assert "format_version" not in raw and raw["model_kwargs"]["size"] == "tiny"  # it is the old format
+    assert raw["model_kwargs"]["deep_supervision"] is True
+    model = NnyNet.from_pretrained(folder)
+    assert model.config.format_version == 1 and "size" not in model.config.model_kwargs
+    assert not {"deep_supervision", "use_checkpoint"} & set(model.config.model_kwargs)
+    assert model.config.model_kwargs["window_size"] == 4  # the tiny preset of 0.1, resolved
+    expected = safetensors.torch.load_file(folder / "expected.safetensors")
+    with torch.no_grad():
+        logits = model(expected["image_int8"].float() / 32, expected["clinical"])
+    torch.testing.assert_close(logits[:, :, ::4, ::4, ::4], expected["logits_every_4th"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits.double().sum(dim=(2, 3, 4)), expected["logits_channel_sum"], atol=1e-3, rtol=0)
+    card = model.generate_model_card().content
+    for text in ["- child_pugh (categorical: A, B, C)", "- cirrhosis (boolean)", "- afp_ng_ml (numeric)",
+                 "| liver | 0.9000 |", "mean_foreground_dice: 0.5000", "largest connected component of liver"]:
+        assert text in card, text
+
+
+def test_training_switches_stay_out_of_the_saved_model(tmp_path: Path) -> None:
+    config = tiny_config("nnynet")
+    torch.manual_seed(0)
+    model = NnyNet(config, deep_supervision=True, grad_checkpointing=True)
+    assert model.deep_supervision and model.grad_checkpointing and model.net.use_checkpoint
+    assert any(k.startswith("net.ds_heads.") for k in model.state_dict())
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"deep_supervision", "use_checkpoint", "size"} & set(saved["model_kwargs"])
+    assert not any(k.startswith("net.ds_heads.") for k in load_state_dict(tmp_path))
+    loaded = NnyNet.from_pretrained(tmp_path, strict=True)
+    assert not loaded.deep_supervision and not hasattr(loaded.net, "ds_heads")
+    x = torch.randn(1, 1, 64, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run(loaded, x), run(model.eval(), x))
+    # A network without deep-supervision heads ignores the switch, and says so.
+    assert not NnyNet(tiny_config("unet"), deep_supervision=True).deep_supervision
+
+
+def test_inference_never_imports_accelerate(tmp_path: Path) -> None:
+    seeded_model(tiny_config(), 0).save_pretrained(tmp_path)
+    code = ("import sys, torch; from nny_models.hub import NnyNet; import nny_models.zoo, nny_models.config; "
+            f"m = NnyNet.from_pretrained({str(tmp_path)!r}); m(torch.zeros(1, 1, 32, 32, 32)); "
+            "assert 'accelerate' not in sys.modules, 'accelerate imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_card_states_post_processing(tmp_path: Path) -> None:
@@ -112,17 +176,22 @@ def test_other_architecture_fails_strictly_naming_keys(tmp_path: Path) -> None:
     with pytest.raises(WeightsMismatchError) as info:
         NnyNet.from_pretrained(tmp_path, config=nnynet_config)
     message = str(info.value)
-    assert "model 'nnynet'" in message
+    assert message.startswith(f"{tmp_path / 'model.safetensors'}: weights do not fit the model: ")
+    assert "model is 'nnynet'" in message
     assert "missing in checkpoint: " in message and "unexpected in checkpoint: " in message
     assert next(iter(unet.state_dict())) in message  # a unet key is named as unexpected
     assert next(iter(NnyNet(nnynet_config).state_dict())) in message  # an nnynet key is named as missing
+    # The cause (key names) comes before the long model_kwargs context, so a one-line summary keeps it.
+    assert message.index("unexpected in checkpoint") < message.index("model_kwargs")
 
 
 def test_shape_mismatch_strict_and_lenient(tmp_path: Path) -> None:
     source = seeded_model(tiny_config(out_channels=5), 0)
     source.save_pretrained(tmp_path)
     three_labels = tiny_config(out_channels=3)
-    with pytest.raises(WeightsMismatchError, match=r"shape mismatch: .*checkpoint \[5"):
+    cause = (r"4 shape mismatch\(es\): net\.model\.2\.0\.conv\.weight \[16, 5, 3, 3, 3\] in checkpoint "
+             r"vs \[16, 3, 3, 3, 3\]")
+    with pytest.raises(WeightsMismatchError, match=cause):
         NnyNet.from_pretrained(tmp_path, config=three_labels)
 
     lenient = NnyNet.from_pretrained(tmp_path, config=three_labels, strict=False)
@@ -141,7 +210,7 @@ def test_safetensors_only_and_clear_missing_files(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         NnyNet.from_pretrained(empty)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         load_config(tmp_path / "nowhere")
 
 

@@ -1,13 +1,19 @@
-"""Every zoo network: forward + backward on CPU at tiny size, with and without clinical fusion."""
+"""Every zoo network: forward + backward on CPU at tiny size, with and without clinical fusion; explicit
+model arguments (presets resolved when a config is written) and a save/load round trip of every network."""
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn as nn
 
+from nny_models import zoo
+from nny_models.config import NnyNetConfig
+from nny_models.hub import NnyNet
 from nny_models.swin_next import FastDepthwiseConv3d, FastDepthwiseConvTranspose3d, use_fast_depthwise
-from nny_models.zoo import create_model, list_models
+from nny_models.zoo import (TRAINING_SWITCHES, build_model, create_model, list_models, resolve_model_kwargs,
+                            training_switches)
 
 F = 4  # clinical features
 
@@ -131,3 +137,60 @@ def test_gradient_checkpointing_gives_same_gradients():
         m(x).square().mean().backward()
     for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), n
+
+
+def test_resolve_model_kwargs_gives_explicit_arguments():
+    tiny = resolve_model_kwargs("nnynet", "tiny", out_channels=3)
+    assert tiny == {"in_channels": 1, "out_channels": 3, "fusion": "none", "clinical_features": 0,
+                    "feature_size": 12, "window_size": 4}
+    assert resolve_model_kwargs("nnynet")["feature_size"] == 48  # size=None is create_model's default, "base"
+    assert resolve_model_kwargs("unet", "tiny")["channels"] == [8, 16, 32, 64, 128]  # JSON form, as stored
+    with pytest.raises(ValueError, match="training-only"):
+        resolve_model_kwargs("nnynet", "tiny", deep_supervision=True)
+    with pytest.raises(ValueError, match="unsupported option"):
+        resolve_model_kwargs("unet", "tiny", feature_size=8)
+    with pytest.raises(ValueError, match="valid sizes"):
+        resolve_model_kwargs("unet", "huge")
+    with pytest.raises(ValueError, match="explicit arguments"):
+        build_model("unet", {"size": "tiny"})
+    torch.manual_seed(0)
+    made = create_model("nnynet", "tiny", out_channels=3)
+    torch.manual_seed(0)
+    built = build_model("nnynet", tiny)
+    assert all(torch.equal(a, b) for a, b in zip(made.state_dict().values(), built.state_dict().values()))
+    assert training_switches("unet") == set() and training_switches("nnynet") == set(TRAINING_SWITCHES)
+
+
+def test_preset_edits_never_change_a_written_config(monkeypatch):
+    explicit = NnyNetConfig(model_kwargs=resolve_model_kwargs("nnynet", "tiny"), patch_size=(64, 64, 64))
+    old = {"model": "nnynet", "model_kwargs": {"size": "tiny"}, "patch_size": [64, 64, 64]}  # format 0 (0.1)
+    old_kwargs = NnyNetConfig.from_dict(old).model_kwargs
+    monkeypatch.setitem(zoo.PRESETS["nnynet"], "tiny", {"feature_size": 24, "kernel_size": 5})
+    assert NnyNet(explicit).net.encoder.embed_dim == 12  # the written config keeps its meaning
+    assert NnyNetConfig.from_dict(old).model_kwargs == old_kwargs  # 0.1 configs: the frozen 0.1 presets
+    assert resolve_model_kwargs("nnynet", "tiny")["feature_size"] == 24  # new configs see the edit
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_round_trips_through_save_pretrained(name, tmp_path):
+    """Trained with every training switch on, saved, reloaded strictly: the same outputs, bit for bit."""
+    kwargs = resolve_model_kwargs(name, "tiny", fusion="cross_attention", clinical_features=F)
+    probe = build_model(name, kwargs)
+    x = _input(probe)
+    config = NnyNetConfig(model=name, model_kwargs=kwargs, patch_size=tuple(x.shape[2:]))
+    torch.manual_seed(0)
+    model = NnyNet(config, deep_supervision=True, grad_checkpointing=True)
+    with torch.no_grad():  # make the fusion matter: its residual gate starts small
+        for p in model.net.fusion.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    assert not set(TRAINING_SWITCHES) & set(json.loads((tmp_path / "config.json").read_text())["model_kwargs"])
+    loaded = NnyNet.from_pretrained(tmp_path, strict=True)
+    assert loaded.config == model.config
+    heads = tuple("net." + p for p in zoo.deep_supervision_prefixes(name))  # trained with, saved without
+    if heads:
+        assert any(k.startswith(heads) for k in model.state_dict())
+        assert not any(k.startswith(heads) for k in loaded.state_dict())
+    clinical = torch.randn(1, F)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, clinical), model.eval()(x, clinical))
