@@ -23,26 +23,22 @@ from sklearn.impute import IterativeImputer, SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from nny_models.clinical import KINDS, ClinicalSchema, is_missing, load_rows
+from nny_models.clinical import KINDS, SCHEMA_VERSION, ClinicalSchema, infer_column_type, is_missing, load_rows
 
-_BOOL_WORDS = {"true", "false", "yes", "no"}
-
-
-def infer_column_type(series: pd.Series) -> str:
-    """numeric for number columns; boolean for bool columns or true/false/yes/no text; else categorical."""
-    values = [v for v in series.tolist() if not is_missing(v)]
-    boolean_like = all(isinstance(v, (bool, np.bool_)) or str(v).strip().lower() in _BOOL_WORDS for v in values)
-    if pd.api.types.is_bool_dtype(series) or (values and boolean_like):
-        return "boolean"
-    if pd.api.types.is_numeric_dtype(series):
-        return "numeric"
-    return "categorical"
+__all__ = ["fit_clinical_pipeline", "fit_clinical_schema", "infer_column_type", "prepared_frame"]
 
 
-def prepared_frame(schema: ClinicalSchema, rows) -> pd.DataFrame:
+def _where(df: pd.DataFrame, id_column: str):
+    """Row index -> "clinical table: row for case 'x'" (the DataFrame's index or id column names the case)."""
+    ids = df[id_column].tolist() if id_column in df.columns else df.index.tolist()
+    source = df.attrs.get("source", "clinical table")
+    return lambda i: f"{source}: row for case {str(ids[i])!r}"
+
+
+def prepared_frame(schema: ClinicalSchema, rows, where=None) -> pd.DataFrame:
     """The canonical frame sklearn sees: float64 numeric columns (NaN = missing) and object categorical
     columns of canonical strings (NaN = missing), built by the same code the schema uses at inference."""
-    numeric, categorical = schema.arrays(load_rows(rows))
+    numeric, categorical = schema.arrays(load_rows(rows), where)
     frame = pd.DataFrame(numeric, columns=schema.numeric_columns)
     for j, col in enumerate(schema.categorical_columns):
         frame[col] = pd.Series([np.nan if v is None else v for v in categorical[:, j]], dtype=object)
@@ -88,13 +84,16 @@ def fit_clinical_pipeline(
     if len(df) < 2:
         raise ValueError(f"fit_clinical_schema: need at least 2 training rows, got {len(df)}")
 
+    # Declared types win; then the types read_clinical_csv settled on; else inferred from the values.
+    table_types = df.attrs.get("column_types", {})
+    where = _where(df, id_column)
     kinds, dropped = {}, []
     for col in columns:
         if all(is_missing(v) for v in df[col].tolist()):
             dropped.append(col)  # nothing to learn from; sklearn would drop it silently
             warnings.warn(f"clinical column {col!r} is missing in every training row; it is ignored")
             continue
-        kinds[col] = column_types.get(col) or infer_column_type(df[col])
+        kinds[col] = column_types.get(col) or table_types.get(col) or infer_column_type(df[col].tolist(), col, where)
     numeric = [c for c in kinds if kinds[c] == "numeric"]
     categorical = [c for c in kinds if kinds[c] != "numeric"]
 
@@ -106,10 +105,11 @@ def fit_clinical_pipeline(
         clip_min=[None] * len(numeric), clip_max=[None] * len(numeric),
         scaler_mean=[0.0] * len(numeric), scaler_scale=[1.0] * len(numeric),
         category_fill=[""] * len(categorical), categories=[[] for _ in categorical],
-        dropped_columns=dropped, id_column=id_column,
+        dropped_columns=dropped, id_column=id_column, version=SCHEMA_VERSION,
     )  # fmt: skip
-    frame = prepared_frame(schema, df)
+    frame = prepared_frame(schema, df, where)
     for j, col in enumerate(numeric):
+        _check_finite_statistics(frame[col], col, where)
         lo, hi = float(np.nanmin(frame[col])), float(np.nanmax(frame[col]))
         schema.clip_min[j], schema.clip_max[j] = (lo, hi) if hi > lo else (None, None)
     clip_min = [-np.inf if v is None else v for v in schema.clip_min]
@@ -141,6 +141,19 @@ def fit_clinical_pipeline(
         schema.category_fill = [str(v) for v in cat.named_steps["impute"].statistics_]
         schema.categories = [[str(v) for v in c] for c in cat.named_steps["onehot"].categories_]
     return pipeline, schema
+
+
+def _check_finite_statistics(values: pd.Series, col: str, where) -> None:
+    """A value so large that the column's mean or variance overflows (1e308) is named, not fitted."""
+    x = values.to_numpy(dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ok = np.isfinite(np.nanmean(x)) and np.isfinite(np.nanvar(x))
+    if not ok:
+        i = int(np.nanargmax(np.abs(x)))
+        raise ValueError(
+            f"{where(i)}, column {col!r}: value {x[i]:g} is too large to fit (the column's mean or variance "
+            "overflows); a unit or typing error?"
+        )
 
 
 def fit_clinical_schema(
