@@ -41,11 +41,13 @@ class Body:
     rib_z12: float  # z where the 12th rib leaves the spine
     rib_step: float  # z distance between consecutive ribs at the spine
     rib_drop: float  # how far a rib descends from spine to its anterior end (mm)
+    heart_hu: float = 125.0  # blood pool (contrast phase)
+    heart_wall_hu: float = 110.0  # myocardium (liver-like in many scans)
 
 
-def sample_body(rng: np.random.Generator, obesity: float) -> Body:
-    """``obesity`` in [0, 1] scales body size and fat."""
-    a = rng.uniform(135, 165) + 25 * obesity
+def sample_body(rng: np.random.Generator, obesity: float, scale: float = 1.0) -> Body:
+    """``obesity`` in [0, 1] scales body size and fat; ``scale`` multiplies width and depth (habitus)."""
+    a = (rng.uniform(135, 165) + 25 * obesity) * scale
     b = a * rng.uniform(0.66, 0.8)
     t_sc = rng.uniform(8, 18) + 25 * obesity
     period = rng.uniform(30, 36)
@@ -152,7 +154,11 @@ def draw_body(canvas: Canvas, body: Body, rng: np.random.Generator) -> None:
                 lambda x, y, z: np.maximum(ellipsoid(x, y, z, hc, (r + 4 for r in hr)), diaphragm_z(body, x, y) - z),
                 -70.0)  # pericardial fat
     canvas.draw(np.subtract(hc, hr), np.add(hc, hr),
-                lambda x, y, z: np.maximum(ellipsoid(x, y, z, hc, hr), diaphragm_z(body, x, y) + 2 - z), 125.0)
+                lambda x, y, z: np.maximum(ellipsoid(x, y, z, hc, hr), diaphragm_z(body, x, y) + 2 - z), body.heart_wall_hu)
+    inner = tuple(r - 11.0 for r in hr)  # blood pool inside a ~1 cm myocardium
+    canvas.draw(np.subtract(hc, inner), np.add(hc, inner),
+                lambda x, y, z: np.maximum(ellipsoid(x, y, z, hc, inner), diaphragm_z(body, x, y) + 12 - z),
+                body.heart_hu)
 
     draw_back_muscles(canvas, body)
     draw_ribs(canvas, body)

@@ -10,7 +10,9 @@ import numpy as np
 
 from .clinical import COLUMNS
 from .generate import PhantomCase, generate_phantom
+from .randomization import Randomization, get_randomization
 
+GENERATOR_VERSION = 2  # bump when the generated world changes: the embedded cache folder name carries it
 LABELS = {"0": "background", "1": "liver", "2": "tumor", "3": "portal_vein", "4": "aorta"}
 
 
@@ -20,17 +22,18 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def _write_case(args) -> dict:
-    out, index, seed, preset, unlabeled = args
+    out, index, seed, preset, unlabeled, rand = args
     import nibabel as nib
 
     case_id = f"phantom_{index:03d}"
-    case = generate_phantom(case_seed(seed, index), preset=preset, labeled=not unlabeled, case_id=case_id)
+    case = generate_phantom(case_seed(seed, index), preset=preset, labeled=not unlabeled, case_id=case_id,
+                            randomization=rand)
     entry = {"image": f"./imagesTr/{case_id}.nii.gz"}
     nib.save(_nifti(case.image.astype(np.int16), case), out / entry["image"])
     if not unlabeled:
         entry["label"] = f"./labelsTr/{case_id}.nii.gz"
         nib.save(_nifti(case.label, case), out / entry["label"])
-    return {"entry": entry, "clinical": case.clinical}
+    return {"entry": entry, "clinical": case.clinical, "appearance": {"case_id": case_id, **case.appearance}}
 
 
 def _nifti(array: np.ndarray, case: PhantomCase):
@@ -45,26 +48,34 @@ def _nifti(array: np.ndarray, case: PhantomCase):
 
 
 def write_dataset(out_dir, cases: int, seed: int, *, unlabeled: bool = False, preset: str = "demo",
-                  workers: int = 1) -> Path:
+                  workers: int = 1, randomization: str | Randomization | None = None) -> Path:
     """Generate ``cases`` phantoms into ``out_dir`` (imagesTr/, labelsTr/ unless unlabeled, dataset.json,
-    clinical.csv keyed by case_id). Returns the output directory."""
+    clinical.csv keyed by case_id, appearance.csv with each case's randomized parameters).
+
+    randomization: "train" (default) or "ood" (a shifted held-out set: appearance at the edges of or outside
+    the training ranges, nny_models.phantoms.randomization) or a Randomization. Returns the output directory."""
     import pandas as pd
 
     if cases < 1:
         raise ValueError(f"write_dataset: cases must be >= 1, got {cases}")
+    rand = get_randomization(randomization)
     out = Path(out_dir)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     if not unlabeled:
         (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    jobs = [(out, i, seed, preset, unlabeled) for i in range(cases)]
+    jobs = [(out, i, seed, preset, unlabeled, rand) for i in range(cases)]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_write_case, jobs))
     else:
         results = [_write_case(j) for j in jobs]
     pd.DataFrame([r["clinical"] for r in results], columns=COLUMNS).to_csv(out / "clinical.csv", index=False)
+    pd.DataFrame([r["appearance"] for r in results]).to_csv(out / "appearance.csv", index=False)
     meta = {
-        "name": "nnynet-phantoms", "description": f"Procedural abdominal CT phantoms (preset {preset}, seed {seed})",
+        "name": "nnynet-phantoms",
+        "description": f"Procedural abdominal CT phantoms (preset {preset}, randomization {rand.name}, seed {seed}, "
+                       f"generator v{GENERATOR_VERSION})",
+        "randomization": rand.to_dict(),
         "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": dict(LABELS),
         "numTraining": cases, "numTest": 0, "training": [r["entry"] for r in results], "test": [],
         "clinical": "clinical.csv",
@@ -81,7 +92,7 @@ def embedded_dataset(cases: int, seed: int, *, unlabeled: bool = False, root: st
     import os
 
     root = Path(root or os.environ.get("NNYNET_CACHE") or Path.home() / ".cache" / "nnynet")
-    out = root / f"phantoms_{'unlabeled' if unlabeled else 'labeled'}_{cases}_seed{seed}"
+    out = root / f"phantoms_v{GENERATOR_VERSION}_{'unlabeled' if unlabeled else 'labeled'}_{cases}_seed{seed}"
     if not (out / "dataset.json").is_file():  # dataset.json is written last: its presence means complete
         write_dataset(out, cases=cases, seed=seed, unlabeled=unlabeled, workers=min(2, os.cpu_count() or 1))
     return out

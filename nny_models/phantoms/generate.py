@@ -12,7 +12,8 @@ from .clinical import clinical_row, sample_history, with_missing
 from .fields import Canvas, Grid, SmoothField, capsule, correlated_noise
 from .organs import LIVER, PORTAL_VEIN, draw_organs, liver_box, liver_sdf_fn, sample_organs
 from .presets import get_preset, sample_acquisition
-from .tumors import draw_tumors, measure_tumors, place_tumors, sample_diameters
+from .randomization import Randomization, get_randomization, phase_hu, uniform
+from .tumors import draw_tumors, measure_tumors, place_tumors, sample_count, sample_diameters
 from .vessels import LiverDepth, grow_tree
 
 
@@ -25,19 +26,39 @@ class PhantomCase:
     affine: np.ndarray  # 4x4 RAS voxel -> world (mm)
     clinical: dict  # clinical row as written to clinical.csv (with missing values: None / NaN)
     clinical_complete: dict = field(default_factory=dict)  # the same row before values were blanked
+    appearance: dict = field(default_factory=dict)  # the randomized parameters this case was drawn with
 
 
-def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, case_id: str | None = None) -> PhantomCase:
-    """Generate one phantom; the same seed and preset always give identical arrays."""
+def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, case_id: str | None = None,
+                     randomization: str | Randomization | None = None) -> PhantomCase:
+    """Generate one phantom; the same seed, preset and randomization always give identical arrays.
+
+    randomization: "train" (default), "ood" (the shifted held-out world) or a Randomization."""
     pre = get_preset(preset)
+    rand = get_randomization(randomization)
     rng = np.random.default_rng(seed)
     case_id = case_id or f"phantom_{seed}"
     hist = sample_history(rng)
-    body = sample_body(rng, hist["obesity"])
-    org = sample_organs(rng, body, bool(hist["cirrhosis"]), hist["ascites"])
+    phase = str(rng.choice(rand.phases, p=rand.phase_probs))
+    body = sample_body(rng, hist["obesity"], uniform(rng, rand.body_scale))
+    liver_like = bool(rng.random() < rand.liver_like_neighbours_prob)
+    org = sample_organs(rng, body, bool(hist["cirrhosis"]), hist["ascites"], phase_hu(rng, phase),
+                        liver_scale=uniform(rng, rand.liver_scale),
+                        liver_shift=rng.uniform(-rand.liver_shift_mm, rand.liver_shift_mm, 2),
+                        shape_jitter=rand.liver_shape_jitter, liver_like=liver_like)
 
-    spacing, shape = sample_acquisition(rng, pre, 2 * body.a)
-    z_top = float(rng.uniform(20, 60))  # coverage above the liver dome (lung bases)
+    # Field of view: from above the liver dome (lung bases) down; sometimes the liver is cut off at the top
+    # (z_top below the dome, z = 0) or at the bottom (coverage ends inside the liver, which reaches ~ -190 mm).
+    thickness = uniform(rng, rand.slice_thickness_mm)
+    fov = "full"
+    z_top, extent = float(rng.uniform(20, 60)), None
+    if rng.random() < rand.partial_fov_prob:
+        fov = str(rng.choice(["cut_top", "cut_bottom"]))
+        if fov == "cut_top":
+            z_top = -float(rng.uniform(15, 60))
+        else:
+            extent = z_top + float(rng.uniform(80, 140))
+    spacing, shape = sample_acquisition(rng, pre, 2 * body.a, thickness, extent)
     shift = rng.uniform(-15, 15, 2)  # patient not exactly centred on the table
     origin = (-(shape[0] - 1) / 2 * spacing[0] + shift[0], -(shape[1] - 1) / 2 * spacing[1] + shift[1] - 10,
               z_top - (shape[2] - 1) * spacing[2])
@@ -49,21 +70,30 @@ def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, c
     liver = _draw_liver(canvas, body, org, rng)
     depth = LiverDepth(grid, liver)
     _draw_liver_vessels(canvas, body, org, depth, liver, rng)
-    tumors = place_tumors(rng, depth, sample_diameters(rng, hist["tumor_count_target"]), org.liver_hu)
+    count = sample_count(rng, hist["tumor_count_target"], rand)
+    tumors = place_tumors(rng, depth, sample_diameters(rng, count, rand), org.liver_hu, rand, phase)
     draw_tumors(canvas, tumors, liver, rng)
 
-    # Partial volume along z (slice profile FWHM ~ slice thickness) and correlated CT noise.
-    img = ndimage.gaussian_filter1d(canvas.img, 0.42, axis=2, truncate=3.0)
-    noise_std = float(rng.uniform(*pre.noise_hu)) * (0.85 + 0.4 * hist["obesity"])
-    img += correlated_noise(rng, shape, noise_std)
+    # Slice profile along z (Gaussian, FWHM = slice thickness, at least one voxel), reconstruction blur in
+    # plane, then correlated CT noise (grain = in-plane correlation of the reconstruction kernel).
+    sigma_z = max(thickness, spacing[2]) / 2.355 / spacing[2]
+    blur = uniform(rng, rand.blur_mm)
+    img = ndimage.gaussian_filter(canvas.img, (blur / spacing[0], blur / spacing[1], sigma_z), truncate=3.0)
+    noise_std = uniform(rng, rand.noise_hu) * (0.85 + 0.4 * hist["obesity"])
+    grain = uniform(rng, rand.noise_grain_vox)
+    img += correlated_noise(rng, shape, noise_std, grain)
     img = np.rint(np.clip(img, -1024, 3071)).astype(np.float32)
 
     label = canvas.lab
     count, diameters = measure_tumors(label, spacing)
     liver_ml = float(liver.sum() * np.prod(spacing) / 1000.0)
     row = clinical_row(rng, case_id, hist, count, diameters, liver_ml)
+    appearance = dict(randomization=rand.name, phase=phase, slice_thickness_mm=round(thickness, 2),
+                      noise_hu=round(noise_std, 1), noise_grain_vox=round(grain, 2), blur_mm=round(blur, 2), fov=fov,
+                      liver_like_neighbours=liver_like, tumor_kinds=[t.kind for t in tumors],
+                      tumor_diameters_mm=[round(2 * t.radius, 1) for t in tumors])
     return PhantomCase(case_id, img, label if labeled else None, tuple(float(s) for s in spacing), grid.affine,
-                       with_missing(rng, row), row)
+                       with_missing(rng, row), row, appearance)
 
 
 def _draw_liver(canvas: Canvas, body, org, rng: np.random.Generator) -> np.ndarray:

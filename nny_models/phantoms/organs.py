@@ -31,11 +31,18 @@ class Organs:
     confluence: np.ndarray  # portal / splenic / mesenteric venous confluence
     hu: dict = field(default_factory=dict)  # tissue HU values
     ascites_mm: float = 0.0  # thickness of perihepatic fluid (0 = none)
+    stomach_wall_mm: float = 4.0  # gastric wall thickness (thick, liver-like walls confuse liver models)
 
 
-def sample_organs(rng: np.random.Generator, body: Body, cirrhosis: bool, ascites: str) -> Organs:
+def sample_organs(rng: np.random.Generator, body: Body, cirrhosis: bool, ascites: str, phase_hu: dict,
+                  liver_scale: float = 1.0, liver_shift=(0.0, 0.0, 0.0), shape_jitter: float = 0.0,
+                  liver_like: bool = False) -> Organs:
+    """Organ geometry and HU. ``phase_hu``: tissue HU of the contrast phase (randomization.phase_hu);
+    liver_scale / liver_shift (x, y in mm; z is ignored) / shape_jitter (relative radius change per lobe)
+    vary the liver;
+    liver_like: spleen, stomach wall and myocardium get HU close to the liver's."""
     a, bA, bP = body.a, body.b_ant, body.b_post
-    s = rng.uniform(0.88, 1.1) * (0.92 if cirrhosis else 1.0)  # overall liver size
+    s = rng.uniform(0.88, 1.1) * (0.92 if cirrhosis else 1.0) * liver_scale  # overall liver size
     r_scale = rng.uniform(0.66, 0.8) if cirrhosis else 1.0  # cirrhosis shrinks the right lobe ...
     l_scale = rng.uniform(1.1, 1.3) if cirrhosis else 1.0  # ... and enlarges left lobe and caudate
     yv = body.y_vb
@@ -48,6 +55,10 @@ def sample_organs(rng: np.random.Generator, body: Body, cirrhosis: bool, ascites
         ((0.3 * a + u(0, 20), 0.4 * bA, -35 + u(-8, 8)), np.array((u(30, 45), u(14, 20), u(18, 24))) * s * l_scale),
         ((-0.1 * a, yv + body.ry_vb + 30, -62), np.array((u(18, 24), u(16, 22), u(28, 36))) * s * l_scale),  # caudate
     ]
+    # The liver stays under the diaphragm: a shift moves it in x and y only, and a smaller liver is lifted so
+    # that its dome still fills the right hemidiaphragm (a fat-filled dome would be a world no CT shows).
+    shift = np.array([liver_shift[0], liver_shift[1], 70.0 * (1.0 - liver_scale)], np.float64)
+    parts = [(tuple(np.add(c, shift)), r * (1.0 + rng.uniform(-shape_jitter, shape_jitter, 3))) for c, r in parts]
     r_ao = u(10, 13)
     ao = (u(10, 18), yv + body.ry_vb + r_ao + 3, r_ao)
     ivc = (-(body.rx_vb + u(2, 8)), yv + body.ry_vb + u(8, 14), (u(11, 15), u(8, 11)))
@@ -65,13 +76,18 @@ def sample_organs(rng: np.random.Generator, body: Body, cirrhosis: bool, ascites
     ]
     gb = ((-0.22 * a, 0.35 * bA, -110 + u(-10, 10)), (u(14, 20), u(16, 22), u(30, 42))) if rng.random() < 0.85 else None
     confluence = np.array((u(-5, 10), ao[1] + r_ao + u(18, 26), zk + u(10, 25)), np.float32)
-    liver_hu = u(96, 115) if cirrhosis else u(100, 125)
-    pv = u(160, 195)
-    hu = dict(liver=liver_hu, pv=pv, hv=pv - u(5, 25), aorta=u(160, 200), ivc=u(125, 150), spleen=u(105, 125),
-              cortex=u(150, 185), medulla=u(100, 125), pancreas=u(80, 105), wall=u(55, 80), fluid=u(0, 20))
+    hu = {k: v for k, v in phase_hu.items() if k != "heart"}
+    liver_hu = hu["liver"] - (u(0, 10) if cirrhosis else 0.0)  # fibrotic parenchyma enhances less
+    hu.update(liver=liver_hu, wall=u(55, 80), fluid=u(0, 20))
+    wall_mm = 4.0
+    if liver_like:
+        hu.update(spleen=liver_hu + u(-8, 8), wall=liver_hu + u(-15, 5))
+        wall_mm = u(6, 12)
+    body.heart_hu = phase_hu.get("heart", body.heart_hu)
+    body.heart_wall_hu = liver_hu + u(-10, 10) if liver_like else u(85, 120)
     asc = {"none": 0.0, "mild": u(3, 8), "moderate": u(8, 18)}[ascites]
     return Organs(parts, liver_hu, u(4, 7), u(2.5, 4.0) if cirrhosis else 0.0, ao, ivc, kidneys, spleen, stomach,
-                  gb, confluence, hu, asc)
+                  gb, confluence, hu, asc, wall_mm)
 
 
 def _chain_sdf(x, y, z, pts):
@@ -161,7 +177,7 @@ def draw_organs(canvas: Canvas, body: Body, org: Organs, rng: np.random.Generato
 
     y_level = org.stomach[0][0][1] + float(rng.uniform(-5, 25))
     canvas.draw(lo, hi, stomach_sdf, hu["wall"])
-    canvas.draw(lo, hi, lambda x, y, z: stomach_sdf(x, y, z) + 4.0,
+    canvas.draw(lo, hi, lambda x, y, z: stomach_sdf(x, y, z) + org.stomach_wall_mm,
                 lambda x, y, z, d: np.where(y > y_level, -980.0, 15 + 5 * tex(x, y, z)).astype(np.float32))
 
     # Pancreas along the splenic vein, then the veins: SMV, splenic vein.

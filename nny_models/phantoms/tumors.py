@@ -1,5 +1,6 @@
-"""Hypodense liver tumors: lobulated noise-deformed spheres with internal texture, optional necrotic
-core and rim enhancement, clipped to the liver; plus their measurement (count, diameters)."""
+"""Liver tumors: lobulated noise-deformed spheres, hypo-, iso- or hyperdense relative to the liver, with
+internal texture and optionally a necrotic core, an enhancing rim and a fibrous capsule, clipped to the liver;
+plus their measurement (count, diameters)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from .fields import Canvas, SmoothField, occupancy, smin
+from .randomization import Randomization, log_uniform, uniform
 from .vessels import LiverDepth
 
 TUMOR = 2
@@ -23,16 +25,33 @@ class Tumor:
     hu: float  # mean HU of the viable tumor
     rim_hu: float  # extra HU in an enhancing rim (0 = none)
     necrosis: bool  # hypodense necrotic core in large lesions
+    kind: str = "hypo"  # hypo | iso | hyper (viable tumor relative to the liver)
+    capsule_hu: float = 0.0  # HU offset of a thin fibrous capsule (0 = none)
+    capsule_mm: float = 0.0  # capsule thickness
+    tex_hu: float = 7.0  # amplitude of the internal texture (iso lesions are mosaic)
 
 
-def sample_diameters(rng: np.random.Generator, count: int) -> list[float]:
-    """Largest lesion ~ log-normal around 35 mm (10-110 mm); satellites smaller."""
-    d1 = float(np.clip(rng.lognormal(np.log(35.0), 0.5), 10.0, 110.0))
-    rest = [float(np.clip(rng.lognormal(np.log(0.5 * d1 + 8), 0.4), 10.0, d1)) for _ in range(count - 1)]
+def sample_count(rng: np.random.Generator, history_count: int, rand: Randomization) -> int:
+    """Lesions in the case: none with no_tumor_prob, else the clinical history's count, sometimes more."""
+    if rand.max_tumors < 1 or rng.random() < rand.no_tumor_prob:
+        return 0
+    extra = int(rng.integers(1, 6)) if rng.random() < 0.15 else 0  # multifocal disease beyond the history
+    return int(min(rand.max_tumors, max(1, history_count + extra)))
+
+
+def sample_diameters(rng: np.random.Generator, count: int, rand: Randomization) -> list[float]:
+    """Log-uniform diameters in the randomization's range; the largest lesion from the upper part of it
+    (at least max(2 * low, high / 5)), satellites anywhere below the largest."""
+    lo, hi = rand.tumor_diameter_mm
+    if count < 1:
+        return []
+    d1 = log_uniform(rng, min(max(2 * lo, hi / 5), hi), hi)
+    rest = [log_uniform(rng, lo, d1) for _ in range(count - 1)]
     return [d1] + sorted(rest, reverse=True)
 
 
-def place_tumors(rng: np.random.Generator, depth: LiverDepth, diameters: list[float], liver_hu: float) -> list[Tumor]:
+def place_tumors(rng: np.random.Generator, depth: LiverDepth, diameters: list[float], liver_hu: float,
+                 rand: Randomization, phase: str) -> list[Tumor]:
     tumors: list[Tumor] = []
     for d in diameters:
         r = d / 2
@@ -51,9 +70,18 @@ def place_tumors(rng: np.random.Generator, depth: LiverDepth, diameters: list[fl
         for _ in range(rng.integers(0, 4)):
             v = rng.standard_normal(3)
             lobes.append((v / np.linalg.norm(v) * rr * rng.uniform(0.35, 0.6), rr * rng.uniform(0.45, 0.7)))
-        hu = min(float(rng.uniform(35, 75)), liver_hu - 30)
-        rim = float(rng.uniform(30, 60)) if rng.random() < 0.35 else 0.0
-        tumors.append(Tumor(c, rr, lobes, float(rng.uniform(0.05, 0.15)), hu, rim, bool(rr > 18 and rng.random() < 0.5)))
+        kind = str(rng.choice(rand.tumor_kinds, p=rand.tumor_kind_probs))
+        contrast = uniform(rng, rand.tumor_contrast_hu)
+        hu = {"hypo": max(liver_hu - contrast, 10.0), "iso": liver_hu + float(rng.uniform(-8, 8)),
+              "hyper": liver_hu + contrast}[kind]
+        rim = float(rng.uniform(30, 60)) if rng.random() < rand.rim_prob else 0.0
+        capsule = rng.random() < rand.capsule_prob
+        if kind == "iso" and not rim and not capsule:
+            capsule = True  # an iso-dense lesion without rim or capsule would be an invisible label
+        cap_hu = (float(rng.uniform(20, 45)) if phase == "delayed" else -float(rng.uniform(15, 35))) if capsule else 0.0
+        tumors.append(Tumor(c, rr, lobes, float(rng.uniform(0.05, 0.15)), hu, rim,
+                            bool(rr > 8 and rng.random() < rand.necrosis_prob), kind, cap_hu,
+                            float(rng.uniform(1.0, 2.5)) if capsule else 0.0, 12.0 if kind == "iso" else 7.0))
     return tumors
 
 
@@ -83,12 +111,14 @@ def draw_tumors(canvas: Canvas, tumors: list[Tumor], liver: np.ndarray, rng: np.
         if n > 1:
             sizes = ndimage.sum_labels(inside, lab, index=np.arange(1, n + 1))
             inside = lab == (1 + int(np.argmax(sizes)))
-        _, hu = canvas.field(lo, hi, lambda x, y, z, tex=tex, t=t: t.hu + 7.0 * tex(x, y, z))
+        _, hu = canvas.field(lo, hi, lambda x, y, z, tex=tex, t=t: t.hu + t.tex_hu * tex(x, y, z))
         if t.necrosis:
-            hu = np.where(sdf < -0.45 * t.radius + 3.0 * (hu - t.hu) / 7.0, np.float32(rng.uniform(15, 30)), hu)
+            hu = np.where(sdf < -0.45 * t.radius + 3.0 * (hu - t.hu) / t.tex_hu, np.float32(rng.uniform(10, 30)), hu)
         if t.rim_hu > 0:
             width = max(2.0, 0.12 * t.radius)
             hu = hu + t.rim_hu * np.clip(1.0 + sdf / width, 0, 1) * (sdf < 0.5 * canvas.width)
+        if t.capsule_hu != 0:  # thin shell just inside the boundary
+            hu = hu + t.capsule_hu * np.clip(1.0 + sdf / t.capsule_mm, 0, 1) * (sdf < 0.5 * canvas.width)
         alpha = occupancy(sdf, canvas.width) * ndimage.binary_dilation(inside) * liver[region]
         view = canvas.img[region]
         view += alpha * (hu - view)

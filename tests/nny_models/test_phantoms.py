@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from nny_models.phantoms import generate_phantom, write_dataset
+import dataclasses
+
+from nny_models.phantoms import PHASE_HU, RANDOMIZATIONS, Randomization, generate_phantom, write_dataset
 from nny_models.phantoms.clinical import COLUMNS, bclc, child_pugh
 from nny_models.phantoms.dataset import case_seed
 
@@ -25,21 +27,47 @@ def cases():
 def test_all_labels_present_and_shapes(cases):
     for c in cases:
         assert c.image.dtype == np.float32 and c.label.dtype == np.uint8
-        assert c.image.shape == c.label.shape and max(c.image.shape) <= 160 and c.image.shape[2] <= 80
-        assert set(np.unique(c.label)) == {0, 1, 2, 3, 4}, c.case_id
-        assert 2.0 <= c.spacing[0] <= 3.0 and 3.0 <= c.spacing[2] <= 5.0
+        assert c.image.shape == c.label.shape and max(c.image.shape) <= 160 and c.image.shape[2] <= 120
+        tumors = c.appearance["tumor_kinds"]
+        assert set(np.unique(c.label)) == ({0, 1, 2, 3, 4} if tumors else {0, 1, 3, 4}), c.case_id
+        assert 2.0 <= c.spacing[0] <= 3.0 and 2.5 <= c.spacing[2] <= 6.0
+        assert c.spacing[2] == pytest.approx(max(2.5, c.appearance["slice_thickness_mm"]), abs=0.01)
         np.testing.assert_allclose(np.diag(c.affine)[:3], c.spacing)
+    assert len({c.appearance["phase"] for c in cases}) == 3
 
 
-@pytest.mark.parametrize("label,lo,hi,erode", [(1, 90, 130, True), (2, 30, 80, False), (3, 150, 200, False),
-                                               (4, 150, 200, True)])
-def test_hu_median_per_label(cases, label, lo, hi, erode):
+def test_lesion_count_and_size_ranges():
+    from nny_models.phantoms.tumors import sample_count, sample_diameters
+
+    rng, rand = np.random.default_rng(0), RANDOMIZATIONS["train"]
+    counts = np.array([sample_count(rng, int(rng.integers(1, 7)), rand) for _ in range(2000)])
+    assert 0.07 < (counts == 0).mean() < 0.13 and counts.max() == 10 and (counts > 6).any()  # 0-10, some none
+    d = np.concatenate([sample_diameters(rng, 5, rand) for _ in range(400)])
+    assert 3.0 <= d.min() < 4.0 and 55 < d.max() <= 60.0 and (d < 10).mean() > 0.15
+
+
+@pytest.mark.parametrize("label,key,margin,erode", [(1, "liver", 12, True), (3, "pv", 20, False), (4, "aorta", 20, True)])
+def test_hu_median_per_label_matches_the_phase(cases, label, key, margin, erode):
     for c in cases:
         m = c.label == label
         if erode and ndimage.binary_erosion(m).sum() > 20:
             m = ndimage.binary_erosion(m)
+        lo, hi = PHASE_HU[c.appearance["phase"]][key]
         med = float(np.median(c.image[m]))
-        assert lo <= med <= hi, (c.case_id, label, med)
+        assert lo - margin - (10 if key == "liver" else 0) <= med <= hi + margin, (c.case_id, label, med)
+
+
+def test_tumor_density_relative_to_liver():
+    """hypo / hyper lesions are darker / brighter than the liver around them."""
+    rand = dataclasses.replace(RANDOMIZATIONS["train"], no_tumor_prob=0.0, tumor_diameter_mm=(25.0, 50.0),
+                               rim_prob=0.0, capsule_prob=0.0, necrosis_prob=0.0, noise_hu=(8.0, 8.0))
+    for kind, sign in (("hypo", -1), ("hyper", 1)):
+        c = generate_phantom(3, randomization=dataclasses.replace(rand, tumor_kinds=(kind,), tumor_kind_probs=(1.0,)))
+        assert set(c.appearance["tumor_kinds"]) == {kind}
+        tumor = ndimage.binary_erosion(c.label == 2)
+        liver = ndimage.binary_erosion(c.label == 1, iterations=2)
+        diff = float(np.median(c.image[tumor]) - np.median(c.image[liver]))
+        assert sign * diff > 12, (kind, diff)
 
 
 def test_air_fat_bone_present(cases):
@@ -68,7 +96,9 @@ def test_tumors_inside_liver(cases):
 def test_determinism():
     a, b, other = generate_phantom(7), generate_phantom(7), generate_phantom(8)
     assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
-    assert a.clinical_complete == b.clinical_complete
+    assert a.clinical_complete == b.clinical_complete and a.appearance == b.appearance
+    ood, ood2 = generate_phantom(7, randomization="ood"), generate_phantom(7, randomization="ood")
+    assert np.array_equal(ood.image, ood2.image) and ood.appearance == ood2.appearance
     assert a.image.shape != other.image.shape or not np.array_equal(a.image, other.image)
     unlabeled = generate_phantom(7, labeled=False)
     assert unlabeled.label is None and np.array_equal(unlabeled.image, a.image)
@@ -80,7 +110,7 @@ def test_clinical_rows_match_anatomy(cases):
         assert list(r) == COLUMNS and r["case_id"] == c.case_id
         n = ndimage.label(c.label == 2)[1]
         assert r["tumor_count"] == n
-        assert 8 <= r["largest_tumor_mm"] <= 130
+        assert 2 <= r["largest_tumor_mm"] <= 70 if n else r["largest_tumor_mm"] == 0  # 3-60 mm lesions
         liver_ml = np.isin(c.label, (1, 2)).sum() * np.prod(c.spacing) / 1000
         assert 0.8 * r["liver_volume_ml"] < liver_ml <= r["liver_volume_ml"] * 1.01
         assert r["child_pugh"] == child_pugh(r["bilirubin_mg_dl"], r["albumin_g_dl"], r["inr"], r["ascites"],
@@ -122,18 +152,63 @@ def test_write_dataset_layout(tmp_path):
     assert np.array_equal(np.asarray(lab.dataobj), ref.label)
     df = pd.read_csv(out / "clinical.csv", index_col="case_id")
     assert list(df.index) == ["phantom_000", "phantom_001"] and list(df.columns) == COLUMNS[1:]
+    assert meta["randomization"]["name"] == "train"
+    app = pd.read_csv(out / "appearance.csv")
+    assert list(app["case_id"]) == ["phantom_000", "phantom_001"] and set(app["phase"]) <= set(PHASE_HU)
 
 
 def test_unlabeled_and_cli(tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "nny_models.phantoms", "--out", str(out), "--cases", "1", "--seed", "1",
-           "--unlabeled", "--preview"]
+           "--unlabeled", "--preview", "--randomization", "ood"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["training"] == [{"image": "./imagesTr/phantom_000.nii.gz"}]
+    assert meta["randomization"]["name"] == "ood"
     assert not (out / "labelsTr").exists() and (out / "imagesTr" / "phantom_000.nii.gz").exists()
     assert (out / "preview.png").stat().st_size > 10_000
     bad = subprocess.run([sys.executable, "-m", "nny_models.phantoms", "--out", str(out), "--preset", "huge"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "huge" in bad.stderr
+
+
+def test_restricted_randomization_is_obeyed():
+    rand = Randomization(phases=("delayed",), phase_probs=(1.0,), slice_thickness_mm=(5.0, 5.0), partial_fov_prob=1.0,
+                         noise_hu=(30.0, 30.0), no_tumor_prob=1.0)
+    for seed in (0, 1, 2):
+        c = generate_phantom(seed, randomization=rand)
+        assert c.appearance["phase"] == "delayed" and c.spacing[2] == 5.0 and c.appearance["tumor_kinds"] == []
+        assert not (c.label == 2).any()
+        liver_z = np.flatnonzero((c.label == 1).any((0, 1)))
+        # the liver is cut off: it touches the first (bottom) or the last (top) slice
+        assert liver_z[0] == 0 or liver_z[-1] == c.label.shape[2] - 1, (c.appearance["fov"], liver_z)
+    with pytest.raises(ValueError, match="phases"):
+        Randomization(phases=("venous",), phase_probs=(1.0,))
+    with pytest.raises(ValueError, match="tumor_kind_probs"):
+        Randomization(tumor_kind_probs=(0.5, 0.5))
+    with pytest.raises(ValueError, match="huge"):
+        generate_phantom(0, randomization="huge")
+
+
+def test_ood_lies_at_the_edges_of_or_outside_training():
+    train, ood = RANDOMIZATIONS["train"], RANDOMIZATIONS["ood"]
+    assert ood.slice_thickness_mm[0] >= 0.8 * train.slice_thickness_mm[1] < ood.slice_thickness_mm[1]
+    assert ood.noise_hu[0] >= 0.8 * train.noise_hu[1] and ood.noise_hu[1] > train.noise_hu[1]
+    assert ood.blur_mm[1] > train.blur_mm[1] and ood.noise_grain_vox[1] > train.noise_grain_vox[1]
+    assert ood.body_scale[1] > train.body_scale[1] and ood.liver_scale[0] < train.liver_scale[0]
+    p_hyper = lambda r: r.tumor_kind_probs[r.tumor_kinds.index("hyper")]  # noqa: E731
+    assert p_hyper(ood) > 2 * p_hyper(train) and ood.tumor_diameter_mm[1] < train.tumor_diameter_mm[1]
+    c = generate_phantom(case_seed(1000, 0), randomization="ood")
+    assert c.appearance["randomization"] == "ood" and c.appearance["slice_thickness_mm"] >= 5.0
+    assert c.spacing[2] >= 5.0 and c.appearance["phase"] in ("arterial", "delayed")
+
+
+def test_ct_preset_keeps_thin_slices():
+    rand = dataclasses.replace(RANDOMIZATIONS["train"], slice_thickness_mm=(0.7, 0.7))
+    from nny_models.phantoms.presets import get_preset, sample_acquisition
+
+    spacing, shape = sample_acquisition(np.random.default_rng(0), get_preset("ct"), 320.0, 0.7)
+    assert spacing[2] == 0.7 and shape[0] == 512 and shape[2] <= 320
+    c = generate_phantom(0, preset="test", randomization=rand)
+    assert c.spacing[2] == 5.0 and max(c.image.shape) <= 64  # a coarse preset keeps its minimum spacing
