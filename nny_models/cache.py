@@ -115,12 +115,17 @@ def foreground_locations(label: np.ndarray, case_id: str) -> tuple[np.ndarray, d
     return (np.concatenate(rows) if rows else np.zeros((0, 4), np.int32)), offsets
 
 
-def _build_one(record: CaseRecord, cfg_dict: dict[str, Any], cases_dir: str, fingerprint: str) -> dict[str, Any]:
+def _build_one(
+    record: CaseRecord, cfg_dict: dict[str, Any], cases_dir: str, fingerprint: str, num_classes: int | None = None
+) -> dict[str, Any]:
     """Preprocess one case and write its .npy files atomically; returns its index entry."""
     from nny_models.preprocessing import preprocess_case
 
     cfg = PreprocessConfig.from_dict(cfg_dict)
-    out = preprocess_case(record.image, record.label, cfg)
+    try:
+        out = preprocess_case(record.image, record.label, cfg, num_classes=num_classes)
+    except ValueError as e:  # name the case: the message names the file, a data set has many
+        raise ValueError(f"case {record.case_id!r}: {e}") from e
     stem, cases = _file_stem(record.case_id), Path(cases_dir)
     entry = dict(out["meta"], case_id=record.case_id, fingerprint=fingerprint, stem=stem, classes={}, fg_offsets={})
     _atomic_save(cases / f"{stem}.image.npy", out["image"])
@@ -145,10 +150,35 @@ def _entry_files_exist(cases_dir: Path, entry: dict[str, Any]) -> bool:
     return all((cases_dir / f"{entry['stem']}{n}").exists() for n in names)
 
 
+def _check_label_values(entry: dict[str, Any], num_classes: int) -> None:
+    """A cached case's label values must lie in the label map 0..num_classes-1."""
+    # label_values: counts on the original grid; caches written before it existed have only "classes"
+    values = entry.get("label_values") or entry.get("classes") or {}
+    bad = {int(v): int(n) for v, n in values.items() if int(v) >= num_classes}
+    if bad:
+        found = ", ".join(f"{v} ({n} voxel{'s' if n > 1 else ''})" for v, n in sorted(bad.items()))
+        raise ValueError(
+            f"case {entry['case_id']!r}: {entry.get('label_path')}: label value(s) {found} are outside the label "
+            f"map of {num_classes} classes (expected 0..{num_classes - 1}); fix the label file or the label names"
+        )
+
+
 def build_cache(
-    records: Sequence[CaseRecord], cfg: PreprocessConfig, cache_dir: str | Path, *, num_workers: int = 0
+    records: Sequence[CaseRecord],
+    cfg: PreprocessConfig,
+    cache_dir: str | Path,
+    *,
+    num_workers: int = 0,
+    num_classes: int | None = None,
 ) -> "PreprocessedCache":
-    """Preprocess every case once into cache_dir (idempotent; stale cases rebuilt; safe for concurrent ranks)."""
+    """Preprocess every case once into cache_dir (idempotent; stale cases rebuilt; safe for concurrent ranks).
+
+    num_classes: size of the label map (len(label_names)). Every labeled case, built now or found in the
+    cache, must have label values in 0..num_classes-1, else a ValueError names the case, the file and the
+    values. None: no check (e.g. pretraining, which ignores labels).
+    """
+    if num_classes is not None and int(num_classes) < 1:
+        raise ValueError(f"build_cache: num_classes must be >= 1, got {num_classes}")
     cache_dir = Path(cache_dir)
     cases_dir = cache_dir / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
@@ -164,11 +194,14 @@ def build_cache(
             cid: e for cid, e in old.items()
             if cid in fingerprints and e.get("fingerprint") == fingerprints[cid] and _entry_files_exist(cases_dir, e)
         }
+        if num_classes is not None:  # cases cached by an earlier run that did not check
+            for entry in fresh.values():
+                _check_label_values(entry, int(num_classes))
         if index.get("fingerprint") == overall and len(fresh) == len(records):
             return PreprocessedCache(cache_dir)
         todo = [r for r in records if r.case_id not in fresh]
         log.info("build_cache: preprocessing %d of %d case(s) into %s", len(todo), len(records), cache_dir)
-        args = [(r, cfg.to_dict(), str(cases_dir), fingerprints[r.case_id]) for r in todo]
+        args = [(r, cfg.to_dict(), str(cases_dir), fingerprints[r.case_id], num_classes) for r in todo]
         if num_workers > 0 and len(todo) > 1:
             # fork (cheap: no re-import of MONAI) where available; like DataLoader workers, each worker
             # drops to one torch thread, which keeps OpenMP safe after fork

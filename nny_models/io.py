@@ -12,15 +12,12 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr")
-COLUMN_TYPES = ("numeric", "categorical", "boolean")
-_TRUE = {"true", "yes", "y", "t", "1", "1.0"}
-_FALSE = {"false", "no", "n", "f", "0", "0.0"}
 
 
 @dataclass
@@ -34,6 +31,14 @@ class CaseRecord:
 
 # ----------------------------------------------------------------------------- reading volumes
 
+# Geometry a CT header may claim. Outside this range the header is broken (pixdim 0, a unit mix-up), and
+# resampling with it would give a wrong mask, so it is refused instead of guessed.
+MIN_SPACING_MM = 0.01  # finer than any clinical or micro-CT voxel
+MAX_SPACING_MM = 50.0  # coarser than any CT slice (thick slices are 5-10 mm)
+# Largest volume decoded at once, as float32 bytes (2 GiB = 512 x 512 x 2048). A header claiming more is
+# checked before any allocation, so a corrupt header gives a clear error instead of a MemoryError.
+MAX_VOLUME_BYTES = 2 * 1024**3
+
 
 def _strip_suffix(name: str) -> str:
     for suffix in (*IMAGE_SUFFIXES, ".dcm"):
@@ -42,12 +47,79 @@ def _strip_suffix(name: str) -> str:
     return name
 
 
-def _is_dicom_dir(path: Path) -> bool:
-    if not path.is_dir():
+def _is_dicom_file(path: Path) -> bool:
+    """.dcm suffix, or the DICOM part-10 preamble ("DICM" at byte 128); needs no pydicom."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
         return False
-    from pydicom.misc import is_dicom
 
-    return any(f.suffix.lower() == ".dcm" or (f.is_file() and is_dicom(f)) for f in path.iterdir() if f.is_file())
+
+def _is_dicom_dir(path: Path) -> bool:
+    return path.is_dir() and any(_is_dicom_file(f) for f in path.iterdir() if f.is_file())
+
+
+def _need_pydicom(path: Path) -> None:
+    try:
+        import pydicom  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"{path}: reading a DICOM series needs pydicom, which is not installed: pip install 'nnynet[dicom]'"
+        ) from e
+
+
+def check_spacing(affine: np.ndarray, path: str | Path, source: str = "affine") -> tuple[float, ...]:
+    """Voxel spacing (mm) of a 4x4 affine; ValueError naming ``path`` and ``source`` unless it is plausible."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"{path}: the {source} is not a finite 4x4 matrix: {np.round(affine, 4).tolist()}")
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    if not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
+        raise ValueError(
+            f"{path}: voxel spacing {tuple(round(s, 6) for s in spacing)} mm from the {source} is implausible; "
+            f"expected {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm per axis (fix the header's pixdim / sform / qform)"
+        )
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{path}: the {source} is singular (axes collinear): {np.round(affine, 4).tolist()}")
+    return spacing
+
+
+def check_size(path: str | Path, shape: Sequence[int], max_bytes: int = MAX_VOLUME_BYTES) -> None:
+    """Refuse a header whose voxel count (decoded as float32) exceeds ``max_bytes``, before allocating it."""
+    shape = tuple(int(s) for s in shape)
+    voxels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if min(shape, default=0) < 0 or voxels * 4 > max_bytes:
+        raise ValueError(
+            f"{path}: the header claims shape {shape} ({voxels:,} voxels, {voxels * 4 / 1024**3:.1f} GiB as float32), "
+            f"above the limit of {max_bytes / 1024**3:.1f} GiB (nny_models.io.MAX_VOLUME_BYTES); is the header corrupt?"
+        )
+
+
+def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
+    """nib.load, refusing geometry nibabel would silently repair (pixdim 0 -> 1 mm) and oversized headers."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    img = nib.load(str(path))
+    with ImageOpener(str(path)) as f:  # the header as written: nib.load has already "fixed" pixdim
+        raw = type(img.header).from_fileobj(f, check=False)
+    check_size(path, raw.get_data_shape(), max_bytes)
+    sform, qform = int(raw["sform_code"]), int(raw["qform_code"])
+    if sform == 0:  # the affine comes from pixdim (qform or the bare pixdim scaling)
+        pixdim = [float(f"{v:.6g}") for v in raw["pixdim"][1:4]]  # float32 -> readable
+        if not all(np.isfinite(v) and v > 0 for v in pixdim):
+            missing = "no sform" if qform else "no sform or qform"
+            raise ValueError(
+                f"{path}: header pixdim[1:4] = {pixdim} with {missing}, so the voxel spacing is unknown "
+                "(nibabel would silently use 1 mm); expected positive spacings in mm"
+            )
+    source = "sform" if sform else "qform" if qform else "pixdim"
+    check_spacing(img.affine, path, f"NIfTI header ({source})")
+    return img
 
 
 def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
@@ -61,64 +133,105 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a .nii/.nii.gz/.nrrd file or a DICOM series folder -> (float32 (X,Y,Z), 4x4 RAS affine)."""
-    path = Path(path)
+def load_volume(path: str | Path, *, max_bytes: int = MAX_VOLUME_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Read a .nii/.nii.gz/.nrrd file or a DICOM series folder -> (float32 (X,Y,Z), 4x4 RAS affine).
+
+    The header is checked before the voxels are decoded: a shape above ``max_bytes`` (as float32) or a
+    voxel spacing outside [MIN_SPACING_MM, MAX_SPACING_MM] is a ValueError naming the file.
+    """
+    path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     name = path.name.lower()
     try:
         if name.endswith(NIFTI_SUFFIXES):
-            import nibabel as nib
-
-            img = nib.load(str(path))
+            img = _open_nifti(path, max_bytes)
             array, affine = img.get_fdata(dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
-        elif name.endswith((".nrrd", ".nhdr")) or _is_dicom_dir(path):
-            array, affine = _load_with_monai(path)
+        elif name.endswith((".nrrd", ".nhdr")):
+            array, affine = _load_with_monai(path, max_bytes)
+        elif path.is_dir():
+            if not _is_dicom_dir(path):
+                raise ValueError(
+                    f"{path}: a folder without DICOM files (.dcm or files with the DICM preamble); expected a "
+                    "DICOM series folder or a .nii, .nii.gz or .nrrd file"
+                )
+            _need_pydicom(path)
+            array, affine = _load_with_monai(path, max_bytes)
         else:
             raise ValueError(f"{path}: unsupported format; expected .nii, .nii.gz, .nrrd or a DICOM series folder")
     except (ValueError, ImportError):
         raise
     except Exception as e:  # truncated gzip, bad header, unreadable DICOM, ...
         raise ValueError(f"{path}: could not read the volume ({type(e).__name__}: {e}); is the file complete?") from e
+    if not name.endswith(NIFTI_SUFFIXES):
+        check_spacing(affine, path, "image affine")
     return np.ascontiguousarray(_as_3d(array, path), dtype=np.float32), affine
 
 
-def _load_with_monai(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """NRRD (MONAI NrrdReader, needs pynrrd) and DICOM series (MONAI PydicomReader), both with RAS affines."""
+def _load_with_monai(path: Path, max_bytes: int = MAX_VOLUME_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """NRRD (pynrrd) and DICOM series (MONAI PydicomReader), both with RAS affines."""
+    if not path.is_dir():
+        return _load_nrrd(path, max_bytes)
+    from monai.data import PydicomReader
     from monai.transforms import LoadImage
 
-    if path.is_dir():
-        from monai.data import PydicomReader
-
-        reader = PydicomReader()
-    else:
-        try:
-            import nrrd  # noqa: F401
-        except ImportError as e:
-            raise ImportError(f"{path}: reading NRRD needs pynrrd, which is not installed: pip install pynrrd") from e
-        from monai.data import NrrdReader
-
-        reader = NrrdReader()
+    shape, _ = _dicom_header(path)
+    check_size(path, shape, max_bytes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about optional GPU decoders on every DICOM read
-        img = LoadImage(reader=reader, image_only=True)(str(path))
+        img = LoadImage(reader=PydicomReader(), image_only=True)(str(path))
     return np.asarray(img, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+
+
+_NRRD_TO_RAS = {"left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
+                "right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1),
+                "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1)}
+
+
+def _load_nrrd(path: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """NRRD with pynrrd: "space directions" (rows = axis vectors) + optional "space origin" -> RAS affine."""
+    try:
+        import nrrd
+    except ImportError as e:
+        raise ImportError(f"{path}: reading NRRD needs pynrrd, which is not installed: pip install pynrrd") from e
+    header = nrrd.read_header(str(path))
+    check_size(path, header.get("sizes", ()), max_bytes)
+    data, header = nrrd.read(str(path), index_order="F")  # (X, Y, Z), like NIfTI
+    ndim = data.ndim
+    if "space directions" in header:
+        dirs = np.asarray([d for d in header["space directions"] if d is not None and np.isfinite(d).all()], float)
+    elif "spacings" in header:
+        dirs = np.diag([float(s) for s in header["spacings"]][:3])
+    else:
+        raise ValueError(f"{path}: NRRD header has neither 'space directions' nor 'spacings'; the voxel spacing is unknown")
+    if dirs.shape != (3, 3) or ndim < 3:
+        raise ValueError(f"{path}: expected a 3D NRRD with 3 spatial 'space directions', got {dirs.tolist()}")
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space not in _NRRD_TO_RAS:
+        raise ValueError(f"{path}: NRRD 'space' {space!r} is not supported; expected one of {sorted(_NRRD_TO_RAS)}")
+    flip = np.diag([*_NRRD_TO_RAS[space], 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = dirs.T
+    affine[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), float)[:3]
+    return np.asarray(data, dtype=np.float32), flip @ affine
 
 
 def read_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Shape (X,Y,Z) and voxel spacing in mm from the header only, without decoding voxel data."""
-    path = Path(path)
+    path = Path(path).expanduser()
     name = path.name.lower()
     try:
         if name.endswith(NIFTI_SUFFIXES):
-            import nibabel as nib
-
-            header = nib.load(str(path)).header
-            shape, zooms = header.get_data_shape(), header.get_zooms()
-            return tuple(int(s) for s in shape[:3]), tuple(float(z) for z in zooms[:3])
+            img = _open_nifti(path)
+            shape = img.header.get_data_shape()
+            return tuple(int(s) for s in shape[:3]), check_spacing(img.affine, path, "NIfTI header")
         if path.is_dir():
-            return _dicom_header(path)
+            _need_pydicom(path)
+            shape, spacing = _dicom_header(path)
+            check_spacing(np.diag([*spacing, 1.0]), path, "DICOM PixelSpacing / slice positions")
+            return shape, spacing
+    except (ValueError, ImportError):
+        raise
     except Exception as e:
         raise ValueError(f"{path}: could not read the header ({type(e).__name__}: {e})") from e
     # NRRD and anything else: decode once (pynrrd headers are cheap, but keep one code path)
@@ -132,7 +245,7 @@ def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(path.iterdir()) if f.is_file()]
     slices = [s for s in slices if "ImagePositionPatient" in s]
     if len(slices) < 2:
-        raise ValueError("expected a DICOM series with at least 2 slices")
+        raise ValueError(f"{path}: expected a DICOM series with at least 2 slices")
     normal = np.cross(*np.asarray(slices[0].ImageOrientationPatient, dtype=float).reshape(2, 3))
     positions = np.sort([float(np.dot(normal, s.ImagePositionPatient)) for s in slices])
     dz = float(np.median(np.diff(positions)))
@@ -146,7 +259,7 @@ def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
 
 def discover_cases(source: str | Path) -> list[CaseRecord]:
     """Find the cases of an MSD folder, an nnU-Net raw folder, a plain image folder or a CSV/JSONL manifest."""
-    source = Path(source)
+    source = Path(source).expanduser()
     if source.is_file():
         if source.suffix.lower() in (".csv", ".jsonl"):
             records = _from_manifest(source)
@@ -268,117 +381,8 @@ def _check_records(records: Sequence[CaseRecord], source: Path) -> None:
 
 # ----------------------------------------------------------------------------- clinical table
 
-
-def read_clinical_csv(
-    path: str | Path,
-    case_ids: Iterable[str] | None = None,
-    id_column: str = "case_id",
-    column_types: dict[str, str] | None = None,
-):
-    """Read the clinical table indexed by case id, with numeric/categorical/boolean columns.
-
-    Types are inferred per column and can be overridden with ``column_types`` ({"afp": "numeric"}).
-    Numeric -> float64, boolean -> pandas "boolean", categorical -> pandas "category"; the final types
-    are in ``df.attrs["column_types"]``. With ``case_ids``, every row must belong to a known case and
-    cases without a row get all-missing values.
-    """
-    import pandas as pd
-
-    path = Path(path)
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=True)
-    except Exception as e:
-        raise ValueError(f"{path}: could not read the CSV ({type(e).__name__}: {e})") from e
-    if id_column not in raw.columns:
-        raise ValueError(f"{path}: no id column {id_column!r}; columns are {list(raw.columns)}")
-    column_types = dict(column_types or {})
-    for col, kind in column_types.items():
-        if col not in raw.columns or col == id_column:
-            raise ValueError(f"{path}: column_types names {col!r}, which is not a data column of the CSV")
-        if kind not in COLUMN_TYPES:
-            raise ValueError(f"{path}: column_types[{col!r}] = {kind!r}; expected one of {COLUMN_TYPES}")
-
-    ids = raw[id_column]
-    for row, cid in enumerate(ids):
-        if pd.isna(cid) or not str(cid).strip():
-            raise ValueError(f"{path}: row {row + 2} has an empty {id_column!r}")
-    duplicated = ids[ids.duplicated()]
-    if len(duplicated):
-        raise ValueError(f"{path}: case id {duplicated.iloc[0]!r} appears more than once in column {id_column!r}")
-
-    out, types = {}, {}
-    for col in raw.columns:
-        if col == id_column:
-            continue
-        values = raw[col].str.strip()
-        kind = column_types.get(col) or _infer_type(values, path, col, ids)
-        types[col] = kind
-        out[col] = _convert(values, kind, path, col, ids)
-    df = pd.DataFrame(out, index=pd.Index(ids.str.strip(), name=id_column))
-
-    if case_ids is not None:
-        case_ids = [str(c) for c in case_ids]
-        known = set(case_ids)
-        for row, cid in enumerate(df.index):
-            if cid not in known:
-                raise ValueError(
-                    f"{path}: row {row + 2} has case id {cid!r}, which is not one of the {len(known)} cases of the data set"
-                )
-        df = df.reindex(case_ids)  # cases without a row: all values missing
-    df.attrs["column_types"] = types
-    return df
-
-
-def _infer_type(values, path: Path, col: str, ids) -> str:
-    import pandas as pd
-
-    present = values.dropna()
-    if len(present) == 0:
-        return "numeric"
-    lowered = set(present.str.lower())
-    # words only: a 0/1 column may be a count or a score that happens to be small (override it if boolean)
-    if lowered <= (_TRUE | _FALSE) - {"0", "1", "0.0", "1.0"}:
-        return "boolean"
-    parsed = pd.to_numeric(present, errors="coerce")
-    if parsed.notna().all():
-        return "numeric"
-    if parsed.notna().mean() >= 0.8:  # mostly numbers and a few strings: a typo, not a category
-        bad = parsed.isna().idxmax()
-        raise ValueError(
-            f"{path}: row {bad + 2} (case {ids[bad]!r}), column {col!r}: value {values[bad]!r} is not a number, "
-            f"but the other values of the column are; fix it or pass column_types={{{col!r}: 'categorical'}}"
-        )
-    return "categorical"
-
-
-def _convert(values, kind: str, path: Path, col: str, ids):
-    import pandas as pd
-
-    if kind == "numeric":
-        parsed = pd.to_numeric(values, errors="coerce")
-        bad = values.notna() & parsed.isna()
-        if bad.any():
-            row = bad.idxmax()
-            raise ValueError(
-                f"{path}: row {row + 2} (case {ids[row]!r}), column {col!r}: expected a number, got {values[row]!r}"
-            )
-        return parsed.astype("float64").to_numpy()
-    if kind == "boolean":
-        out = []
-        for row, v in enumerate(values):
-            if pd.isna(v):
-                out.append(pd.NA)
-            elif v.lower() in _TRUE:
-                out.append(True)
-            elif v.lower() in _FALSE:
-                out.append(False)
-            else:
-                raise ValueError(
-                    f"{path}: row {row + 2} (case {ids[row]!r}), column {col!r}: expected a boolean "
-                    f"(true/false, yes/no, 1/0), got {v!r}"
-                )
-        return pd.array(out, dtype="boolean")
-    return pd.Categorical(values)
+# The clinical table is read by nny_models.clinical (one vocabulary for training and inference).
+from nny_models.clinical import KINDS as COLUMN_TYPES, read_clinical_csv  # noqa: E402,F401  (re-export)
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -67,16 +67,27 @@ def _check_volume(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_affine(affine: Any, name: str) -> np.ndarray:
+    from nny_models.io import check_spacing
+
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(f"{name}: expected a finite, invertible 4x4 affine, got {affine.tolist()}")
+    check_spacing(affine, name)  # zero / absurd voxel sizes would resample to a wrong grid
     return affine
 
 
-def _check_label(label: np.ndarray, name: str) -> np.ndarray:
+def _check_label(label: np.ndarray, name: str, num_classes: int | None = None) -> np.ndarray:
+    """Integer labels in 0..255 and, with ``num_classes``, inside the label map 0..num_classes-1."""
     label = _check_volume(label, name)
     if label.size and (label.min() < 0 or label.max() > 255 or not np.array_equal(label, np.round(label))):
         raise ValueError(f"{name}: expected integer class labels in 0..255, got values in [{label.min()}, {label.max()}]")
+    if num_classes is not None and label.size and label.max() >= num_classes:
+        values, counts = np.unique(label[label >= num_classes], return_counts=True)
+        found = ", ".join(f"{int(v)} ({int(n)} voxel{'s' if n > 1 else ''})" for v, n in zip(values, counts))
+        raise ValueError(
+            f"{name}: label value(s) {found} are outside the label map of {num_classes} classes "
+            f"(expected 0..{num_classes - 1}); fix the label file or the label names"
+        )
     return label
 
 
@@ -133,8 +144,15 @@ def preprocess_volume(image: np.ndarray, affine: np.ndarray, cfg: PreprocessConf
     return img, state
 
 
-def preprocess_case(image_path: str | Path, label_path: str | Path | None, cfg: PreprocessConfig) -> dict[str, Any]:
-    """Read and preprocess one case -> {image: float32 (1,X,Y,Z), label: uint8 (1,X,Y,Z) | None, meta: dict}."""
+def preprocess_case(
+    image_path: str | Path, label_path: str | Path | None, cfg: PreprocessConfig, *, num_classes: int | None = None
+) -> dict[str, Any]:
+    """Read and preprocess one case -> {image: float32 (1,X,Y,Z), label: uint8 (1,X,Y,Z) | None, meta: dict}.
+
+    num_classes: size of the label map; a label value >= num_classes is a ValueError naming the label file
+    (checked on the original grid, before resampling could hide a rare value). None: no check.
+    meta["label_values"] holds {value: voxel count} of the original label.
+    """
     from nny_models.io import load_volume
 
     image, affine = load_volume(image_path)
@@ -143,7 +161,7 @@ def preprocess_case(image_path: str | Path, label_path: str | Path | None, cfg: 
     label = None
     if label_path is not None:
         label, label_affine = load_volume(label_path)
-        label = _check_label(label, str(label_path))
+        label = _check_label(label, str(label_path), num_classes)
         if label.shape != image.shape:
             raise ValueError(
                 f"{label_path}: label shape {label.shape} differs from image shape {image.shape} ({image_path}); "
@@ -157,6 +175,9 @@ def preprocess_case(image_path: str | Path, label_path: str | Path | None, cfg: 
     img, lab, meta = _run(image, label, affine, cfg)
     meta["image_path"] = str(image_path)
     meta["label_path"] = None if label_path is None else str(label_path)
+    if label is not None:
+        values, counts = np.unique(label, return_counts=True)
+        meta["label_values"] = {str(int(v)): int(n) for v, n in zip(values, counts)}
     return {"image": img.numpy(), "label": None if lab is None else lab.numpy(), "meta": meta}
 
 

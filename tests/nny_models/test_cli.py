@@ -46,7 +46,7 @@ def assert_bad_input(result: subprocess.CompletedProcess, *words: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("nnynet-predict: error: "), result.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
 
@@ -97,7 +97,9 @@ def test_writes_mask_with_input_shape_and_affine(model_dir, tmp_path):
     np.testing.assert_allclose(mask.affine, AFFINE)
     assert nib.load(probs).shape == (40, 36, 12, 5)
     assert "liver" in result.stdout and "voxels" in result.stdout
-    assert sum(int(line.split()[-2]) for line in result.stdout.splitlines()[1:]) == 40 * 36 * 12
+    rows = [line for line in result.stdout.splitlines() if line.endswith(" voxels")]
+    assert sum(int(line.split()[-2]) for line in rows) == 40 * 36 * 12
+    assert f"wrote {out}" in result.stdout and f"wrote {probs}" in result.stdout
 
 
 def test_bad_inputs_exit_2(model_dir, tmp_path, capsys):
