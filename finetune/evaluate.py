@@ -185,3 +185,18 @@ def write_reports(per_case: Sequence[dict[str, Any]], summary: dict[str, Any], o
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
 
+
+
+def card_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The model card's view of an evaluation summary: mean Dice, mIoU and a compact per-class table.
+
+    Used by fine-tuning's best-model export and by publish's held-out evaluation, so both cards agree."""
+    columns = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "precision": "precision", "recall": "recall"}
+    return {
+        "mean_foreground_dice": summary["mean_dice"],
+        "miou": summary["miou"],
+        "per_class": {
+            name: {label: stats[f"{key}_mean"] for key, label in columns.items()}
+            for name, stats in summary["per_class"].items()
+        },
+    }

@@ -10,18 +10,23 @@
 5. save_pretrained the final model with the held-out metrics in its model card, reload it, and run
    nnynet-predict on one held-out CT.
 
-Each stage runs as its own process, exactly as a user would launch it (``accelerate launch`` works too).
+Each stage runs as its own process, exactly as a user would launch it (``accelerate launch`` works too), from
+a run-config JSON (OUT/configs/{pretrain,finetune}.json) that holds only the pipeline's own choices below; every
+other value is the stage's dataclass default, and each stage saves its complete config as run_config.json.
+A re-run retrains both stages (their earlier checkpoints are deleted: --overwrite); --resume continues them.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pretrain.training import parse_config
+from nny_models.training import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,11 +50,38 @@ class PipelineConfig:
     fusion: str = "cross_attention"  # clinical fusion used for fine-tuning
     seed: int = 0  # seeds data generation (test cases use seed + 1000) and both trainings
     quick: bool = False  # a smoke run of a few minutes (tiny step counts); metrics are then meaningless
+    resume: bool = False  # continue interrupted trainings from their checkpoints instead of starting them again
 
 
 def run(cmd: list[str]) -> None:
     print("\n$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, dict[str, Any]]:
+    """The pipeline's choices for each stage's run config (FinetuneConfig / PretrainConfig fields).
+
+    Both stages share the grid, patch and batch; fine-tuning takes spacing, HU window and architecture from
+    the pretrained export, so they are stated once, for pretraining."""
+    data = out / "data"
+    restart = {"resume": True} if cfg.resume else {"overwrite": True}
+    shared = {"seed": cfg.seed, "patch_size": list(cfg.patch_size), "batch_size": cfg.batch_size, **restart}
+    return {
+        "pretrain": {**shared, "data_dir": str(data / "unlabeled"), "output_dir": str(out / "pretrain"),
+                     "model": cfg.model, "size": cfg.size, "max_steps": cfg.pretrain_steps,
+                     "spacing": list(cfg.spacing), "hu_window": list(cfg.hu_window)},
+        "finetune": {**shared, "data_dir": str(data / "train"), "output_dir": str(out / "finetune"),
+                     "pretrained": str(out / "pretrain" / "model"), "fusion": cfg.fusion,
+                     "max_steps": cfg.finetune_steps, "val_every": cfg.val_every},
+    }  # fmt: skip
+
+
+def run_stage(name: str, values: dict[str, Any], out: Path) -> None:
+    """Write the stage's run config and launch ``<name>/run.py --config FILE`` (the stage validates it)."""
+    path = out / "configs" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2))
+    run([sys.executable, f"{name}/run.py", "--config", str(path)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,17 +107,14 @@ def main(argv: list[str] | None = None) -> None:
             write_dataset(data / name, cases=cases, seed=seed, unlabeled=unlabeled, workers=2)
     print(f"phantoms ready in {time.perf_counter() - t0:.0f}s under {data}", flush=True)
 
-    # 2. pretraining (Volume Fusion)
-    common = ["--model", cfg.model, "--size", cfg.size, "--seed", str(cfg.seed),
-              "--patch_size", *map(str, cfg.patch_size), "--batch_size", str(cfg.batch_size)]  # fmt: skip
-    run([py, "pretrain/run.py", "--data_dir", str(data / "unlabeled"), "--output_dir", str(out / "pretrain"),
-         "--max_steps", str(cfg.pretrain_steps), "--spacing", *map(str, cfg.spacing),
-         "--hu_window", *map(str, cfg.hu_window), *common])  # fmt: skip
+    # 2. pretraining (Volume Fusion), 3. fine-tuning (clinical cross-attention, Dice + Focal + CE)
+    configs = stage_configs(cfg, out)
+    from finetune.run import FinetuneConfig
+    from nny_models.training import build_config
 
-    # 3. fine-tuning (clinical cross-attention, Dice + Focal + CE)
-    run([py, "finetune/run.py", "--data_dir", str(data / "train"), "--output_dir", str(out / "finetune"),
-         "--pretrained", str(out / "pretrain" / "model"), "--fusion", cfg.fusion,
-         "--max_steps", str(cfg.finetune_steps), "--val_every", str(cfg.val_every), *common])  # fmt: skip
+    build_config(FinetuneConfig, configs["finetune"], "pipeline: finetune config")  # fail before pretraining
+    run_stage("pretrain", configs["pretrain"], out)
+    run_stage("finetune", configs["finetune"], out)
 
     # 4. + 5. held-out evaluation, publishing, reload, CLI prediction
     from finetune.publish import evaluate_and_publish

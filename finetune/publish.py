@@ -20,17 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.evaluate import evaluate_case, summarize, write_reports
-from finetune.figures import save_overlays
-from finetune.run import card_metrics
+from finetune.evaluate import card_metrics, evaluate_case, summarize, write_reports
+from finetune.figures import save_attention_overlay, save_overlays
+from nny_models.attention import predict_attention, uses_attention
 from nny_models.hub import NnyNet
 from nny_models.inference import predict
 from nny_models.io import discover_cases, load_volume, read_clinical_csv
-from pretrain.training import parse_config
+from nny_models.training import parse_config
 
 
 def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: int = 3) -> tuple[list[dict], dict]:
-    """Per-case metrics of ``model`` on every labeled case of ``test_dir``; reports and overlays in out_dir.
+    """Per-case metrics of ``model`` on every labeled case of ``test_dir``; reports and overlays (plus attention
+    overlays for cross-attention models) in out_dir.
     Predictions are post-processed as the model's config says (config.keep_largest), exactly as predict does."""
     records = [r for r in discover_cases(test_dir) if r.label is not None]
     if not records:
@@ -50,6 +51,9 @@ def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: 
         if i < overlays:
             image, _ = load_volume(record.image)
             save_overlays(image, gt, pred, out_dir / "figures" / f"{record.case_id}_overlay.png", label_names=labels)
+            if uses_attention(model):  # where the clinical query looks, on the CT (nny_models.attention)
+                amap = predict_attention(model, record.image, clinical)
+                save_attention_overlay(image, amap, out_dir / "figures" / f"{record.case_id}_attention.png", labels=gt)
     summary = summarize(per_case)
     write_reports(per_case, summary, out_dir)
     return per_case, summary

@@ -7,16 +7,22 @@
 
 Reads like accelerate's examples: get_data -> build_model -> training_function -> main. The transfer report
 (tensors loaded / missing / unexpected / shape-mismatched) is printed and logged, and a run whose encoder
-did not load from the pretrained export stops instead of silently training from scratch.
+did not load from the pretrained export stops instead of silently training from scratch. Without
+--pretrained the run trains from scratch (and says so); with it, the export's architecture is used and a
+conflicting --model / --size is an error.
+
+The loop itself (accumulation, autocast, clipping, schedule, logging, seeding) is
+nny_models.training.train_loop; this file supplies the segmentation loss, the validation with the atomic
+best-model export, and the checkpoint hook. OUTPUT_DIR is locked while a run writes to it; --resume uses
+the newest intact checkpoint (no pickle is loaded), and an earlier run is never overwritten without
+--overwrite.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,55 +36,68 @@ if __package__ in (None, ""):  # `accelerate launch finetune/run.py` from a chec
 
 from finetune.augment import AugmentedPatches
 from finetune.clinical import fit_clinical_schema
-from finetune.evaluate import evaluate_case, summarize
+from finetune.evaluate import card_metrics, evaluate_case, summarize
 from finetune.loss import DiceFocalCELoss
 from nny_models.cache import build_cache
 from nny_models.config import DEFAULT_LABELS, NnyNetConfig, PreprocessConfig
-from nny_models.hub import NnyNet, load_config, load_state_dict
+from nny_models.hub import NnyNet, load_config
 from nny_models.inference import sliding_window_probs
 from nny_models.io import discover_cases, read_clinical_csv
 from nny_models.phantoms import embedded_dataset
 from nny_models.postprocess import keep_largest_component, label_indices
 from nny_models.sampling import PatchDataset
-from nny_models.transfer import transfer_weights
-from nny_models.zoo import accepted_kwargs
-from pretrain.training import (
+from nny_models.training import (
     CheckpointManager,
     MetricsLog,
     batches_from,
+    check_output_dir,
+    check_run_config,
+    lock_output_dir,
     make_accelerator,
     parse_config,
-    progress,
     read_metrics,
     tracker_config,
+    train_loop,
     warmup_cosine,
+    write_text_atomic,
+    writing_dir,
 )
+from nny_models.zoo import resolve_model_kwargs
 
-DEFAULT_PRETRAINED = "runs/pretrain/model"  # where `accelerate launch pretrain/run.py` exports by default
+SCRATCH_MODEL, SCRATCH_SIZE = "nnynet", "tiny"  # the architecture when neither --pretrained nor --model names one
+TASK_KWARGS = ("out_channels", "fusion", "clinical_features")  # network arguments fine-tuning sets for its task
 
 
 @dataclass
 class FinetuneConfig:
+    """Everything a fine-tuning run reads; CLI flags and --config JSON fill it (flags win). Saved as
+    OUTPUT_DIR/run_config.json."""
+
     data_dir: str | None = None  # labeled CT in any layout nny_models.io reads; None = embedded phantoms
     clinical_csv: str | None = None  # clinical table keyed by case_id; None = DATA_DIR/clinical.csv if present
     output_dir: str = "runs/finetune"  # checkpoints/, logs/, model/, eval/, metrics.jsonl go here
-    pretrained: str | None = "auto"  # export dir or Hub repo id; "auto" = runs/pretrain/model if present; "none" = scratch
-    model: str = "nnynet"  # zoo name when training from scratch (a pretrained export brings its own)
-    size: str = "tiny"  # zoo size preset when training from scratch: tiny | small | base
+    pretrained: str | None = None  # export dir or Hub repo id to start from (e.g. runs/pretrain/model); None or
+    # "none" = train from scratch. Nothing is looked up implicitly
+    model: str | None = None  # zoo name; None = the pretrained export's architecture (or nnynet from scratch).
+    # With --pretrained it must match the export: a different one is an error, never a silent override
+    size: str | None = None  # zoo size preset tiny | small | base; None = the export's (or tiny from scratch).
+    # With --pretrained it must match the export's network arguments, else an error
     fusion: str = "cross_attention"  # clinical fusion at the bottleneck: none | add | concat | cross_attention
     deep_supervision: bool = True  # extra loss on lower-resolution decoder outputs (models that have them)
-    spacing: tuple[float, float, float] | None = None  # target spacing (mm); None = the pretrained export's, else (2, 2, 3)
-    hu_window: tuple[float, float] | None = None  # HU window; None = the pretrained export's, else (-1000, 1000)
+    spacing: tuple[float, float, float] | None = None  # target spacing (mm); None = the pretrained export's, else
+    # the PreprocessConfig default
+    hu_window: tuple[float, float] | None = None  # HU window; None = the pretrained export's, else the
+    # PreprocessConfig default
     patch_size: tuple[int, int, int] = (64, 64, 64)  # training patch and sliding-window ROI, voxels
     batch_size: int = 2  # patches per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 300  # optimizer steps
     lr: float = 2e-3  # peak AdamW learning rate of the decoder, head and fusion
     encoder_lr_scale: float = 0.5  # layer-wise LR: the pretrained encoder learns at lr * this
-    freeze_encoder_steps: int = 0  # encoder LR held at 0 for this many steps (frozen-encoder warmup)
+    freeze_encoder_steps: int = 0  # the encoder's LR is exactly 0 for the first N optimizer steps (frozen warmup)
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_steps: int = 20  # linear LR warmup, then cosine decay
-    grad_clip: float = 1.0  # max gradient norm
+    grad_clip: float = 1.0  # max gradient norm (0 = no clipping; negative is refused)
     dice_weight: float = 1.0  # loss = dice_weight * Dice + focal_weight * Focal + ce_weight * CE
     focal_weight: float = 1.0  # weight of the softmax focal term
     ce_weight: float = 1.0  # weight of the cross-entropy term
@@ -99,9 +118,20 @@ class FinetuneConfig:
     num_workers: int = 2  # DataLoader workers per process
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
     grad_checkpointing: bool = False  # trade compute for memory in the encoder
-    seed: int = 0  # seeds the model init, the split, patch sampling and augmentation
-    checkpoint_every: int = 100  # save_state every N steps (a crash loses at most this many)
-    resume: bool = False  # continue from OUTPUT_DIR/checkpoints/latest
+    seed: int = 0  # seeds the model init, the split, patch sampling, augmentation and dropout
+    checkpoint_every: int = 100  # save a resumable checkpoint every N steps (a crash loses at most this many); 0 = only at the end
+    resume: bool = False  # continue from the newest intact checkpoint in OUTPUT_DIR/checkpoints
+    overwrite: bool = False  # delete an earlier run's checkpoints, metrics and model in OUTPUT_DIR and start again
+
+    def __post_init__(self) -> None:
+        check_run_config(self)
+        if self.freeze_encoder_steps < 0:
+            raise ValueError(f"--freeze_encoder_steps must be >= 0, got {self.freeze_encoder_steps}")
+        if self.pretrained in ("", "none"):
+            self.pretrained = None
+        if self.pretrained == "auto":
+            raise ValueError("--pretrained auto is gone: pass the export directory (e.g. runs/pretrain/model) or "
+                             "a Hub repo id, or leave it out to train from scratch")
 
 
 # ----------------------------------------------------------------------------- data
@@ -176,12 +206,38 @@ def _label_names(data_dir: Path) -> list[str]:
 # ----------------------------------------------------------------------------- model
 
 
-def resolve_pretrained(cfg: FinetuneConfig) -> str | None:
-    if cfg.pretrained in (None, "", "none"):
-        return None
-    if cfg.pretrained == "auto":
-        return DEFAULT_PRETRAINED if (Path(DEFAULT_PRETRAINED) / "config.json").is_file() else None
-    return cfg.pretrained
+def preprocess_config(cfg: FinetuneConfig, source: NnyNetConfig | None) -> PreprocessConfig:
+    """The CT preprocessing of this run: the pretrained export's (what its encoder saw), else the library
+    default; --spacing / --hu_window replace single fields. Stored in the export's config.json."""
+    base = source.preprocess if source is not None else PreprocessConfig()
+    return dataclasses.replace(
+        base,
+        spacing=tuple(cfg.spacing) if cfg.spacing else base.spacing,
+        hu_window=tuple(cfg.hu_window) if cfg.hu_window else base.hu_window,
+    )
+
+
+def architecture(cfg: FinetuneConfig, source: NnyNetConfig | None) -> tuple[str, dict[str, Any]]:
+    """Zoo name and explicit network arguments: the pretrained export's, or --model / --size from scratch.
+
+    With --pretrained, --model / --size may only confirm the export's architecture: a conflicting one is an
+    error (a silent override would train a network the user did not ask for)."""
+    if source is None:
+        name = cfg.model or SCRATCH_MODEL
+        return name, resolve_model_kwargs(name, cfg.size or SCRATCH_SIZE)
+    if cfg.model and cfg.model != source.model:
+        raise ValueError(f"--model {cfg.model} conflicts with --pretrained {cfg.pretrained}, a {source.model!r} "
+                         "export; leave --model out to fine-tune the export's architecture")
+    exported = resolve_model_kwargs(source.model, **source.model_kwargs)
+    if cfg.size:
+        wanted = json.loads(json.dumps(resolve_model_kwargs(source.model, cfg.size)))
+        have = json.loads(json.dumps(exported))
+        conflicts = {k: (v, have.get(k)) for k, v in wanted.items() if k not in TASK_KWARGS and have.get(k) != v}
+        if conflicts:
+            shown = ", ".join(f"{k}: {a} (--size) vs {b} (export)" for k, (a, b) in sorted(conflicts.items()))
+            raise ValueError(f"--size {cfg.size} conflicts with --pretrained {cfg.pretrained}: {shown}; "
+                             "leave --size out to fine-tune the export's architecture")
+    return source.model, exported
 
 
 def _keep_largest(cfg: FinetuneConfig, labels: list[str]) -> list[str]:
@@ -194,15 +250,11 @@ def _keep_largest(cfg: FinetuneConfig, labels: list[str]) -> list[str]:
     return [n for n in cfg.keep_largest if n in labels]
 
 
-def build_model(cfg: FinetuneConfig, pretrained: str | None, data: dict, preprocess: PreprocessConfig, accelerator):
+def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, preprocess: PreprocessConfig, accelerator):
     """NnyNet for the task's labels and clinical schema; encoder and decoder transferred from the export."""
-    source = load_config(pretrained) if pretrained else None
-    name = source.model if source else cfg.model
-    kwargs = dict(source.model_kwargs) if source else {"size": cfg.size}
+    name, kwargs = architecture(cfg, source)
     schema = data["schema"]
     kwargs.update(out_channels=len(data["labels"]), fusion=cfg.fusion, clinical_features=schema.num_features if schema else 0)
-    optional = {"deep_supervision": cfg.deep_supervision, "use_checkpoint": cfg.grad_checkpointing}
-    kwargs.update({k: v for k, v in optional.items() if k in accepted_kwargs(name)})  # not every zoo model has them
     config = NnyNetConfig(
         model=name,
         model_kwargs=kwargs,
@@ -212,16 +264,16 @@ def build_model(cfg: FinetuneConfig, pretrained: str | None, data: dict, preproc
         clinical_schema=schema.to_dict() if schema else None,
         keep_largest=_keep_largest(cfg, data["labels"]),
     )
-    model = NnyNet(config)
+    # Training-only switches are constructor arguments (never in config.json); models without them ignore them.
+    model = NnyNet(config, deep_supervision=cfg.deep_supervision, grad_checkpointing=cfg.grad_checkpointing)
     report = None
-    if pretrained:
-        state = {k.removeprefix("net."): v for k, v in load_state_dict(pretrained).items()}
-        report = transfer_weights(model.net, state, exclude_prefixes=tuple(model.net.head_prefixes))
+    if cfg.pretrained:
+        report = model.transfer_from(cfg.pretrained, exclude_prefixes=tuple(model.net.head_prefixes))
         loaded = report.fraction_loaded(tuple(model.net.encoder_prefixes))
-        accelerator.print(f"weights from {pretrained}:\n{report.summary()}\nencoder tensors loaded: {loaded:.1%}")
+        accelerator.print(f"weights from {cfg.pretrained}:\n{report.summary()}\nencoder tensors loaded: {loaded:.1%}")
         if loaded < cfg.min_encoder_loaded:
             raise RuntimeError(
-                f"only {loaded:.1%} of the encoder tensors of '{name}' loaded from {pretrained} "
+                f"only {loaded:.1%} of the encoder tensors of '{name}' loaded from {cfg.pretrained} "
                 f"(min_encoder_loaded={cfg.min_encoder_loaded}); is it an export of the same architecture?"
             )
     return model, report
@@ -271,112 +323,93 @@ def training_function(cfg: FinetuneConfig) -> Path:
     accelerator = make_accelerator(
         output_dir, mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed
     )
-    pretrained = resolve_pretrained(cfg)
-    source = load_config(pretrained).preprocess if pretrained else PreprocessConfig(spacing=(2.0, 2.0, 3.0))
-    preprocess = dataclasses.replace(
-        source,
-        spacing=tuple(cfg.spacing) if cfg.spacing else source.spacing,
-        hu_window=tuple(cfg.hu_window) if cfg.hu_window else source.hu_window,
-    )
+    check_output_dir(accelerator, output_dir, cfg.resume, cfg.overwrite)  # before any work: never over an earlier run
+    source = load_config(cfg.pretrained) if cfg.pretrained else None
+    preprocess = preprocess_config(cfg, source)
     data = get_data(cfg, preprocess, accelerator)
-    model, report = build_model(cfg, pretrained, data, preprocess, accelerator)
+    model, report = build_model(cfg, source, data, preprocess, accelerator)
     accelerator.print(
         f"{len(data['train_ids'])} training / {len(data['val_ids'])} validation cases, labels {data['labels']}, "
         f"post-processing: largest component of {model.config.keep_largest or 'nothing'}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, from "
-        f"{pretrained or 'scratch'}"
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{model.config.model} from {cfg.pretrained or 'scratch'}"
     )
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)  # stepped by hand, see training.py
+    # The encoder group's LR is 0 for the first freeze_encoder_steps steps, by name, inside the schedule.
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, zero_lr_steps={"encoder": cfg.freeze_encoder_steps})
     loss_fn = DiceFocalCELoss(
         dice_weight=cfg.dice_weight, focal_weight=cfg.focal_weight, ce_weight=cfg.ce_weight, include_background=False
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, data["loader"])
-    accelerator.register_for_checkpointing(scheduler)
-    checkpoints = CheckpointManager(accelerator, output_dir)
-    start = checkpoints.resume() if cfg.resume else 0
-    best_path = output_dir / "best.json"
-    best = json.loads(best_path.read_text())["val_dice"] if cfg.resume and best_path.is_file() else -math.inf
+    train_model, optimizer, loader = accelerator.prepare(model, optimizer, data["loader"])
+    checkpoints = CheckpointManager(accelerator, output_dir, train_model, optimizer, scheduler)
+    start, state = checkpoints.resume() if cfg.resume else (0, {})
+    best = {"val_dice": state.get("best_val_dice"), "step": state.get("best_step")}  # loop state, kept in trainer_state.json
 
     accelerator.init_trackers("finetune", config=tracker_config(cfg))
     metrics = MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step=start)
+    if accelerator.is_main_process:
+        write_text_atomic(output_dir / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     if report is not None and start == 0:
         metrics.log({"step": 0, "transfer_loaded": len(report.loaded), "transfer_missing": len(report.missing)})
-    batches = batches_from(loader, start, accelerator)
-    bar = progress(accelerator, cfg.max_steps, start, desc="finetune")
-    model.train()
-    for step in range(start, cfg.max_steps):
-        for _ in range(cfg.grad_accum):
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                outputs = model(batch["image"], batch.get("clinical"))
-                loss = loss_fn(outputs, batch["label"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if step + 1 < cfg.freeze_encoder_steps:
-            optimizer.param_groups[0]["lr"] = 0.0  # frozen-encoder warmup
 
-        row = {"step": step + 1, "loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[1]}
-        last = step + 1 == cfg.max_steps
-        if (cfg.val_every and (step + 1) % cfg.val_every == 0) or last:
-            if accelerator.is_main_process:
-                summary = validate(accelerator.unwrap_model(model), data, cfg, preprocess, accelerator.device)
-                row["val_dice"] = summary["mean_dice"]  # mean over foreground classes
-                row.update({f"val_dice_{k}": v["dice_mean"] for k, v in summary["per_class"].items()})
-                if row["val_dice"] > best:
-                    best = row["val_dice"]
-                    export(accelerator.unwrap_model(model), output_dir / "model", cfg, summary, step + 1)
-                    best_path.write_text(json.dumps({"val_dice": best, "step": step + 1}))
-            accelerator.wait_for_everyone()
-        accelerator.log(row, step=step + 1)
-        metrics.log(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", **({"val_dice": f"{row['val_dice']:.3f}"} if "val_dice" in row else {}))
-        if (step + 1) % cfg.checkpoint_every == 0 or last:
-            checkpoints.save(step + 1)
-    bar.close()
+    def segmentation_loss(batch, step: int, micro: int) -> torch.Tensor:
+        return loss_fn(train_model(batch["image"], batch.get("clinical")), batch["label"])
+
+    def validate_and_export(done: int) -> dict[str, float]:
+        """Validation on the main process at val_every and at the end; a new best is exported."""
+        row: dict[str, float] = {}
+        if not ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.max_steps):
+            return row
+        if accelerator.is_main_process:
+            summary = validate(model, data, cfg, preprocess, accelerator.device)
+            row["val_dice"] = summary["mean_dice"]  # mean over foreground classes
+            row.update({f"val_dice_{k}": v["dice_mean"] for k, v in summary["per_class"].items()})
+            if best["val_dice"] is None or row["val_dice"] > best["val_dice"]:
+                best.update(val_dice=row["val_dice"], step=done)
+                export(model, output_dir / "model", cfg, summary, done)
+        accelerator.wait_for_everyone()
+        return row
+
+    def save_checkpoint(done: int) -> None:
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
+            checkpoints.save(done, extra={"best_val_dice": best["val_dice"], "best_step": best["step"]})
+
+    train_loop(
+        accelerator, train_model, optimizer, scheduler, batches_from(loader, start, accelerator),
+        loss_fn=segmentation_loss, start_step=start, max_steps=cfg.max_steps, grad_clip=cfg.grad_clip, seed=cfg.seed,
+        metrics=metrics, samples_per_step=cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+        validate=validate_and_export, after_step=save_checkpoint, desc="finetune",
+    )  # fmt: skip
 
     if accelerator.is_main_process:
         from finetune.figures import plot_training_curves
 
         plot_training_curves(read_metrics(output_dir / "metrics.jsonl"), output_dir / "figures" / "training_curves.png")
-        accelerator.print(f"best validation mean foreground Dice {best:.3f}; model in {output_dir / 'model'}")
+        shown = f"{best['val_dice']:.3f} at step {best['step']}" if best["val_dice"] is not None else "n/a"
+        accelerator.print(f"best validation mean foreground Dice {shown}; model in {output_dir / 'model'}")
     accelerator.end_training()
     return output_dir / "model"
 
 
 def export(model: NnyNet, path: Path, cfg: FinetuneConfig, summary: dict, step: int) -> None:
-    """save_pretrained with the validation metrics and the training setup for the model card."""
+    """save_pretrained with the validation metrics and the training setup for the model card, atomically:
+    weights, config.json and README.md are written aside and swapped in together (a kill leaves the old or
+    the new export, complete)."""
     model.config.metrics = {
         "split": f"validation fold {cfg.fold} of {cfg.folds} (preprocessed grid)",
         "step": step,
         **card_metrics(summary),
     }
-    training = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
-    model.save_pretrained(path, model_card_kwargs={"training": training})
-
-
-def card_metrics(summary: dict) -> dict:
-    """The model card's view of an evaluation summary: mean Dice, mIoU and a compact per-class table."""
-    columns = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "precision": "precision", "recall": "recall"}
-    return {
-        "mean_foreground_dice": summary["mean_dice"],
-        "miou": summary["miou"],
-        "per_class": {
-            name: {label: stats[f"{key}_mean"] for key, label in columns.items()}
-            for name, stats in summary["per_class"].items()
-        },
-    }
+    training = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite")}
+    with writing_dir(path) as tmp:
+        model.save_pretrained(tmp, model_card_kwargs={"training": training})
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(FinetuneConfig, argv, description=__doc__.splitlines()[0])
-    training_function(cfg)
+    with lock_output_dir(cfg.output_dir):  # a second run into the same folder fails here
+        training_function(cfg)
 
 
 if __name__ == "__main__":

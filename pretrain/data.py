@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from nny_models.config import PreprocessConfig
 from pretrain.volume_fusion import volume_fusion
 
 
@@ -42,9 +43,16 @@ class PretextConfig:
     contrast_high: tuple[float, float] = (98.0, 99.9)  # range of the high percentile mapped to 0.9
     gamma_range: tuple[float, float] = (0.7, 1.5)  # gamma correction range
     invert_prob: float = 0.25  # probability of inverting a view's intensities
-    out_range: tuple[float, float] = (-1.0, 1.0)  # augmented views are mapped back onto this range
+    out_range: tuple[float, float] | None = None  # augmented views are mapped back onto this range; None = the
+    # preprocessing's out_range (what fine-tuning and inference see)
 
     def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"PretextConfig.num_classes must be >= 2 (K + 1 fusion classes), got {self.num_classes}")
+        if self.variant not in ("grid", "boxes"):
+            raise ValueError(f"PretextConfig.variant must be 'grid' or 'boxes', got {self.variant!r}")
+        if not 0 < self.block_min <= self.block_max:
+            raise ValueError(f"PretextConfig.block_min / block_max must satisfy 0 < min <= max, got {self.block_min}, {self.block_max}")
         if self.pairing not in ("same_volume", "roll"):
             raise ValueError(f"PretextConfig.pairing must be 'same_volume' or 'roll', got {self.pairing!r}")
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
@@ -192,7 +200,7 @@ def make_views(
         contrast_high=cfg.contrast_high,
         gamma_range=cfg.gamma_range,
         invert_prob=cfg.invert_prob,
-        out_range=cfg.out_range,
+        out_range=cfg.out_range if cfg.out_range is not None else PreprocessConfig.out_range,
     )
     x_fg, x_bg = views[:b], views[b:]
     if cfg.pairing == "roll" and x_fg.shape[0] > 1:

@@ -8,9 +8,14 @@
 Pretext task: two augmented crops are fused voxel-wise with alpha = k / K, k in 0..K, and the network
 segments k (K + 1 classes) with Dice + CE (0.5 / 0.5). The dataloader cuts source patches from the
 preprocessed cache; crops, augmentation and fusion run batched on the training device (pretrain/data.py).
-Outputs in OUTPUT_DIR: checkpoints/ (accelerate save_state, resumable), logs/ (TensorBoard),
-metrics.jsonl (one row per step) and model/ (NnyNet.save_pretrained, exported at the end and every
---export_every steps; fine-tuning loads its encoder).
+Every pretext option is a flag (--pretext.variant boxes, --pretext.fg_ratio 0.5, ...; see --help).
+Outputs in OUTPUT_DIR: run_config.json (every option of the run), checkpoints/ (resumable, pickle-free,
+validated on --resume), logs/ (TensorBoard), metrics.jsonl (one row per step) and model/
+(NnyNet.save_pretrained, swapped in atomically at the end and every --export_every steps; fine-tuning loads
+its encoder). OUTPUT_DIR is locked while a run writes to it.
+
+The loop itself (accumulation, autocast, clipping, schedule, logging) is nny_models.training.train_loop;
+this file supplies the pretext loss and what to save after each step.
 """
 
 from __future__ import annotations
@@ -18,44 +23,49 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pretrain/run.py` from a checkout
 
-from pretrain.data import PretextConfig, pretext_batch, source_patch_size, step_generator  # noqa: E402
-from pretrain.training import (  # noqa: E402
+from nny_models.config import PreprocessConfig  # noqa: E402
+from nny_models.training import (  # noqa: E402
     CheckpointManager,
     MetricsLog,
     batches_from,
+    check_output_dir,
+    check_run_config,
+    lock_output_dir,
     make_accelerator,
     parse_config,
-    progress,
     tracker_config,
+    train_loop,
     warmup_cosine,
+    write_text_atomic,
+    writing_dir,
 )
+from pretrain.data import PretextConfig, pretext_batch, source_patch_size, step_generator  # noqa: E402
 
 
 @dataclass
 class PretrainConfig:
-    """Everything a pretraining run reads; CLI flags and --config JSON fill it (flags win)."""
+    """Everything a pretraining run reads; CLI flags and --config JSON fill it (flags win). Saved as
+    OUTPUT_DIR/run_config.json."""
 
-    preset: str | None = None  # "paper" = MIS-FM scale (96^3, base size, bf16); the defaults are a CPU demo. Flags override it
+    preset: str | None = None  # "paper" = MIS-FM scale (96^3, base size, bf16); the defaults are a CPU demo. Flags
+    # and --config values override the preset's
     data_dir: str | None = None  # unannotated CT: MSD / nnU-Net raw / plain folder / CSV or JSONL manifest; None = phantoms
     output_dir: str = "runs/pretrain"  # checkpoints/, logs/, metrics.jsonl and the exported model/
     cache_dir: str | None = None  # preprocessed-volume cache (default OUTPUT_DIR/cache); share it between runs
     phantom_dir: str | None = None  # where phantoms are generated without --data_dir (default ~/.cache/nnynet)
     phantom_cases: int = 8  # number of unlabeled phantoms generated without --data_dir
     model: str = "nnynet"  # zoo name (nny_models.list_models())
-    size: str = "tiny"  # zoo size preset: tiny | small | base
-    spacing: tuple[float, float, float] = (2.0, 2.0, 3.0)  # target voxel spacing (mm) of the preprocessing
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # HU clip range mapped to [-1, 1] (MIS-FM uses -1000..1000)
+    size: str = "tiny"  # zoo size preset: tiny | small | base (expanded into explicit arguments in config.json)
+    spacing: tuple[float, float, float] = PreprocessConfig.spacing  # target voxel spacing (mm) of the preprocessing
+    hu_window: tuple[float, float] = PreprocessConfig.hu_window  # HU clip range mapped to [-1, 1]
     patch_size: tuple[int, int, int] = (64, 64, 64)  # network input patch (voxels); divisible by the model's size_divisor
     batch_size: int = 2  # patches per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -63,26 +73,28 @@ class PretrainConfig:
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 1e-5  # AdamW weight decay
     warmup_steps: int = 10  # linear warmup steps, then cosine decay to 0.01 x lr
-    grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
+    grad_clip: float = 1.0  # max gradient norm (0 = no clipping; negative is refused)
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, about 30 percent slower)
     compile: bool = False  # torch.compile the model
     num_workers: int = 1  # DataLoader worker processes per rank
-    seed: int = 0  # seeds weights, patch sampling and the pretext draws
+    seed: int = 0  # seeds weights, patch sampling, the pretext draws and dropout
     checkpoint_every: int = 50  # save a resumable checkpoint every N steps (0 = only at the end)
     export_every: int = 0  # also export OUTPUT_DIR/model every N steps (0 = only at the end)
-    resume: bool = False  # continue from OUTPUT_DIR/checkpoints/latest if it exists
+    resume: bool = False  # continue from the newest intact checkpoint in OUTPUT_DIR/checkpoints
+    overwrite: bool = False  # delete an earlier run's checkpoints, metrics and model in OUTPUT_DIR and start again
     log_every: int = 1  # log loss / lr every N steps
-    variant: str = "grid"  # fusion label maps: "grid" (PyMIC) or "boxes" (paper)
-    pairing: str = "same_volume"  # foreground crop from the same volume or "roll" (another volume of the batch)
-    fg_ratio: float = 0.7  # grid variant: fraction of fused blocks
+    pretext: PretextConfig = field(default_factory=PretextConfig)  # Volume Fusion pretext task: --pretext.<option>
     debug_dump: bool = False  # write per-rank case ids, patch checksums and a parameter checksum to OUTPUT_DIR/debug/
+
+    def __post_init__(self) -> None:
+        check_run_config(self)
 
 
 PRESETS = {
-    # MIS-FM scale: 96^3 patches, feature_size 48 (base), bf16, 2 patches per GPU. The dataclass defaults
-    # above are the CPU demo (tiny network, 64^3 patches, a few minutes on 2 cores).
-    "paper": dict(size="base", spacing=(1.5, 1.5, 2.0), patch_size=(96, 96, 96), batch_size=2, mixed_precision="bf16",
+    # MIS-FM scale: 96^3 patches, feature_size 48 (base), bf16, 2 patches per GPU, the default spacing. The
+    # dataclass defaults above are the CPU demo (tiny network, 64^3 patches, a few minutes on 2 cores).
+    "paper": dict(size="base", patch_size=(96, 96, 96), batch_size=2, mixed_precision="bf16",
                   lr=1e-4, warmup_steps=1000, max_steps=100_000, checkpoint_every=1000, export_every=10_000,
                   num_workers=4),
 }
@@ -90,25 +102,17 @@ PRESETS = {
 
 def load_config(argv: list[str] | None = None) -> PretrainConfig:
     """Dataclass defaults < --preset < --config JSON < flags."""
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(PretrainConfig, argv, description=__doc__.splitlines()[0])
-    if cfg.preset is None:
-        return cfg
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
-    explicit = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    explicit |= {name[3:] for name in explicit if name.startswith("no_")}
-    config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-    if config_file:
-        explicit |= set(json.loads(Path(config_file).read_text()))
-    preset = {k: v for k, v in PRESETS[cfg.preset].items() if k not in explicit}
-    return dataclasses.replace(cfg, **preset)
+    return parse_config(PretrainConfig, argv, description=__doc__.splitlines()[0], presets=PRESETS)
 
 
-def prepare_cache(cfg: PretrainConfig, accelerator):
+def preprocess_config(cfg: PretrainConfig) -> PreprocessConfig:
+    """The CT preprocessing of this run (stored in the export's config.json; fine-tuning reuses it)."""
+    return PreprocessConfig(spacing=tuple(cfg.spacing), hu_window=tuple(cfg.hu_window))
+
+
+def prepare_cache(cfg: PretrainConfig, prep: PreprocessConfig, accelerator):
     """Discover the CT volumes (or generate phantoms) and preprocess them once into the cache."""
     from nny_models.cache import build_cache
-    from nny_models.config import PreprocessConfig
     from nny_models.io import discover_cases
 
     data_dir = cfg.data_dir
@@ -118,43 +122,39 @@ def prepare_cache(cfg: PretrainConfig, accelerator):
         with accelerator.main_process_first():
             data_dir = embedded_dataset(cfg.phantom_cases, seed=cfg.seed, unlabeled=True, root=cfg.phantom_dir)
     records = [dataclasses.replace(r, label=None) for r in discover_cases(data_dir)]  # pretraining ignores labels
-    prep = PreprocessConfig(spacing=tuple(cfg.spacing), hu_window=tuple(cfg.hu_window))
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
     with accelerator.main_process_first():
-        cache = build_cache(records, prep, cache_dir)
-    return cache, prep
+        return build_cache(records, prep, cache_dir)
 
 
-def build_model(cfg: PretrainConfig, pretext: PretextConfig, prep):
-    """NnyNet whose config.json describes the pretext task (K + 1 fusion classes)."""
+def build_model(cfg: PretrainConfig, pretext: PretextConfig, prep: PreprocessConfig):
+    """NnyNet whose config.json describes the pretext task (K + 1 fusion classes) with explicit arguments."""
     from nny_models.config import NnyNetConfig
     from nny_models.hub import NnyNet
+    from nny_models.zoo import resolve_model_kwargs
 
-    model_kwargs = {"size": cfg.size, "out_channels": pretext.num_classes}
-    if cfg.grad_checkpointing:
-        model_kwargs["use_checkpoint"] = True
-    return NnyNet(NnyNetConfig(
-        model=cfg.model,
-        model_kwargs=model_kwargs,
-        label_names=["background"] + [f"fusion_{k}" for k in range(1, pretext.num_classes)],
-        preprocessing=prep.to_dict(),
-        patch_size=tuple(cfg.patch_size),
-        task="volume_fusion_pretext",
-    ))
+    return NnyNet(
+        NnyNetConfig(
+            model=cfg.model,
+            model_kwargs=resolve_model_kwargs(cfg.model, cfg.size, out_channels=pretext.num_classes),
+            label_names=["background"] + [f"fusion_{k}" for k in range(1, pretext.num_classes)],
+            preprocessing=prep.to_dict(),
+            patch_size=tuple(cfg.patch_size),
+            task="volume_fusion_pretext",
+        ),
+        grad_checkpointing=cfg.grad_checkpointing,  # a training switch: not part of config.json
+    )
 
 
-def export(model, cfg: PretrainConfig, step: int, accelerator) -> None:
-    """save_pretrained into OUTPUT_DIR/model, atomically (written aside, then swapped in)."""
+def export(model, cfg: PretrainConfig, pretext: PretextConfig, step: int, accelerator) -> None:
+    """save_pretrained into OUTPUT_DIR/model atomically: written aside, then swapped in, card included."""
     if accelerator.is_main_process:
-        out = Path(cfg.output_dir) / "model"
-        tmp = out.with_name("model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         training = {"task": "Volume Fusion pretext (MIS-FM)", "steps": step, "patch_size": list(cfg.patch_size),
                     "batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes, "lr": cfg.lr,
-                    "loss": "Dice + CE (0.5 / 0.5)", "variant": cfg.variant}
-        model.save_pretrained(tmp, model_card_kwargs={"training": training, "trained_on": cfg.data_dir or "synthetic CT phantoms"})
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+                    "loss": "Dice + CE (0.5 / 0.5)", "pretext": pretext.to_dict()}
+        with writing_dir(Path(cfg.output_dir) / "model") as tmp:
+            model.save_pretrained(tmp, model_card_kwargs={"training": training,
+                                                          "trained_on": cfg.data_dir or "synthetic CT phantoms"})
     accelerator.wait_for_everyone()
 
 
@@ -169,92 +169,79 @@ def param_checksum(model: torch.nn.Module) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(argv)
+    with lock_output_dir(cfg.output_dir):  # a second run into the same folder fails here
+        train(cfg)
+
+
+def train(cfg: PretrainConfig) -> None:
     out_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(out_dir, mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed)
-    pretext = PretextConfig(variant=cfg.variant, pairing=cfg.pairing, fg_ratio=cfg.fg_ratio)
+    prep = preprocess_config(cfg)
+    pretext = cfg.pretext if cfg.pretext.out_range is not None else dataclasses.replace(cfg.pretext, out_range=prep.out_range)
 
-    # Data: source patches big enough for the largest random-resized crop; one pass covers the run.
+    # Model, loss, optimizer, schedule (before the data: a wrong --patch_size fails in seconds).
     from monai.losses import DiceCELoss
     from nny_models.sampling import PatchDataset
 
-    cache, prep = prepare_cache(cfg, accelerator)
+    model = build_model(cfg, pretext, prep)
+    divisor = getattr(model.net, "size_divisor", 1)
+    if any(p % divisor for p in cfg.patch_size):
+        raise ValueError(f"--patch_size {cfg.patch_size} must be divisible by {divisor} for model {cfg.model!r}")
+    criterion = DiceCELoss(softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)  # stepped by train_loop: not prepared
+    check_output_dir(accelerator, out_dir, cfg.resume, cfg.overwrite)  # before the cache: never over an earlier run
+
+    # Data: source patches big enough for the largest random-resized crop; one pass covers the run.
+    cache = prepare_cache(cfg, prep, accelerator)
     length = cfg.max_steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     dataset = PatchDataset(cache, None, source_patch_size(cfg.patch_size, pretext), length,
                            seed=cfg.seed, fg_prob=0.0, with_label=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                                          persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
 
-    # Model, loss, optimizer, schedule.
-    model = build_model(cfg, pretext, prep)
-    divisor = getattr(model.net, "size_divisor", 1)
-    if any(p % divisor for p in cfg.patch_size):
-        raise ValueError(f"--patch_size {cfg.patch_size} must be divisible by {divisor} for model {cfg.model!r}")
-    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)  # stepped by hand: not prepared
     train_model = torch.compile(model) if cfg.compile else model
     train_model, optimizer, loader = accelerator.prepare(train_model, optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)
-
-    ckpt = CheckpointManager(accelerator, out_dir)
-    start = ckpt.resume() if cfg.resume else 0
+    checkpoints = CheckpointManager(accelerator, out_dir, train_model, optimizer, scheduler)
+    start, _ = checkpoints.resume() if cfg.resume else (0, {})
     metrics = MetricsLog(accelerator, out_dir / "metrics.jsonl", resume_step=start)
     accelerator.init_trackers("pretrain", config=tracker_config(cfg))
     if accelerator.is_main_process:
-        (out_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        write_text_atomic(out_dir / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     debug = None
     if cfg.debug_dump:
         (out_dir / "debug").mkdir(parents=True, exist_ok=True)
         debug = (out_dir / "debug" / f"rank{accelerator.process_index}.jsonl").open("a" if start else "w")
 
+    def pretext_loss(batch, step: int, micro: int) -> torch.Tensor:
+        # Pretext draws depend on (seed, micro-step, rank) only: identical after a resume. They are data
+        # preparation, so they run outside autocast (in fp32) and only the network sees mixed precision.
+        gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, accelerator.process_index)
+        with torch.autocast(accelerator.device.type, enabled=False):
+            image, label = pretext_batch(batch["image"], cfg.patch_size, pretext, gen)
+        logits = train_model(image)
+        logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+        if debug is not None:
+            debug.write(json.dumps({"step": step, "micro": micro, "case_ids": list(batch["case_id"]),
+                                    "patch_sum": float(batch["image"].double().sum())}) + "\n")
+        return criterion(logits.float(), label)
+
+    def after_step(done: int) -> None:
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            checkpoints.save(done)
+        if cfg.export_every and done % cfg.export_every == 0 and done < cfg.max_steps:
+            export(model, cfg, pretext, done, accelerator)
+
     accelerator.print(f"pretraining {cfg.model}/{cfg.size} on {len(cache)} volumes, {accelerator.num_processes} "
                       f"process(es), steps {start}..{cfg.max_steps}")
-    batches = batches_from(loader, start, accelerator)
-    bar = progress(accelerator, cfg.max_steps, start, desc="pretrain")
-    train_model.train()
-    tic = time.perf_counter()
-    for step in range(start, cfg.max_steps):
-        total = torch.zeros((), device=accelerator.device)
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            # Pretext draws depend on (seed, micro-step, rank) only: identical after a resume.
-            gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, accelerator.process_index)
-            image, label = pretext_batch(batch["image"], cfg.patch_size, pretext, gen)
-            with accelerator.accumulate(train_model):
-                with accelerator.autocast():
-                    logits = train_model(image)
-                logits = logits[0] if isinstance(logits, (list, tuple)) else logits
-                loss = loss_fn(logits.float(), label)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(train_model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            total += loss.detach() / cfg.grad_accum
-            if debug is not None:
-                debug.write(json.dumps({"step": step, "micro": micro, "case_ids": list(batch["case_id"]),
-                                        "patch_sum": float(batch["image"].double().sum())}) + "\n")
-        scheduler.step()
-        done = step + 1
-        bar.update(1)
-
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            loss_mean = accelerator.reduce(total, reduction="mean").item()
-            row = {"step": done, "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
-                   "samples_per_s": cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.log_every
-                   / (time.perf_counter() - tic)}
-            tic = time.perf_counter()
-            accelerator.log({"train/loss": row["loss"], "train/lr": row["lr"]}, step=done)
-            metrics.log(row)
-            bar.set_postfix(loss=f"{loss_mean:.4f}")
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            ckpt.save(done)
-        if cfg.export_every and done % cfg.export_every == 0 and done < cfg.max_steps:
-            export(model, cfg, done, accelerator)
-
-    bar.close()
-    ckpt.save(cfg.max_steps)
-    export(model, cfg, cfg.max_steps, accelerator)
+    train_loop(
+        accelerator, train_model, optimizer, scheduler, batches_from(loader, start, accelerator),
+        loss_fn=pretext_loss, start_step=start, max_steps=cfg.max_steps, grad_clip=cfg.grad_clip, seed=cfg.seed,
+        metrics=metrics, samples_per_step=cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+        log_every=cfg.log_every, after_step=after_step, desc="pretrain",
+    )  # fmt: skip
+    checkpoints.save(cfg.max_steps)
+    export(model, cfg, pretext, cfg.max_steps, accelerator)
     if debug is not None:
         debug.write(json.dumps({"final_param_sha256": param_checksum(model)}) + "\n")
         debug.close()

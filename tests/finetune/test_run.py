@@ -70,6 +70,8 @@ def test_two_step_finetune_from_two_step_pretrain_export(finetuned, pretrained):
     assert model.config.clinical_schema and model.config.model_kwargs["clinical_features"] > 0
     assert model.config.metrics["per_class"]["liver"].keys() >= {"Dice", "IoU", "HD95 (mm)"}
     assert (out / "figures" / "training_curves.png").is_file()
+    card = (out / "model" / "README.md").read_text()  # a real export's card lists its clinical inputs
+    assert "## Clinical inputs" in card and "- age (" in card
 
     # The encoder started from the export: two small steps later it is still close to the pretrained one.
     before = load_file(pretrained / "model.safetensors")
@@ -100,8 +102,7 @@ def test_resume_after_a_crash_continues_the_same_run(phantoms, pretrained, tmp_p
     _finetune(phantoms, out, pretrained, *args)
     shutil.rmtree(out / "checkpoints" / "step_0000003")
     shutil.rmtree(out / "model")
-    (out / "best.json").unlink()
-    (out / "checkpoints" / "latest").write_text("step_0000002")
+    (out / "checkpoints" / "latest").write_text("step_0000002")  # the best-so-far lives in trainer_state.json
 
     _finetune(phantoms, out, pretrained, *args, "--resume")
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -39,3 +39,75 @@ def test_keep_largest_default_adapts_but_a_typo_is_an_error():
     assert _keep_largest(FinetuneConfig(keep_largest=()), ["background", "liver"]) == []
     with pytest.raises(ValueError, match="livr"):
         _keep_largest(FinetuneConfig(keep_largest=("livr",)), ["background", "liver"])
+
+
+# ---- no surprises on the command line
+
+
+def _export_config(model: str = "unet", size: str = "tiny"):
+    from nny_models.config import NnyNetConfig
+    from nny_models.zoo import resolve_model_kwargs
+
+    return NnyNetConfig(model=model, model_kwargs=resolve_model_kwargs(model, size, out_channels=5))
+
+
+def test_architecture_comes_from_the_export_and_a_conflict_is_an_error():
+    from finetune.run import FinetuneConfig, architecture
+    from nny_models.zoo import resolve_model_kwargs
+
+    source = _export_config("unet", "tiny")
+    name, kwargs = architecture(FinetuneConfig(pretrained="x"), source)
+    assert name == "unet" and kwargs == resolve_model_kwargs("unet", "tiny", out_channels=5)
+    assert architecture(FinetuneConfig(pretrained="x", model="unet", size="tiny"), source)[0] == "unet"  # confirms
+    with pytest.raises(ValueError, match="--model nnynet conflicts with --pretrained x"):
+        architecture(FinetuneConfig(pretrained="x", model="nnynet"), source)
+    with pytest.raises(ValueError, match="--size base conflicts with --pretrained x"):
+        architecture(FinetuneConfig(pretrained="x", size="base"), source)
+    assert architecture(FinetuneConfig(), None) == ("nnynet", resolve_model_kwargs("nnynet", "tiny"))  # scratch
+    assert architecture(FinetuneConfig(model="unet", size="small"), None) == ("unet", resolve_model_kwargs("unet", "small"))
+
+
+def test_pretrained_is_never_looked_up_implicitly(tmp_path, monkeypatch):
+    from finetune.run import FinetuneConfig
+
+    (tmp_path / "runs" / "pretrain" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # an export where "auto" used to look
+    assert FinetuneConfig().pretrained is None and FinetuneConfig(pretrained="none").pretrained is None
+    with pytest.raises(ValueError, match="auto is gone"):
+        FinetuneConfig(pretrained="auto")
+
+
+def test_preprocessing_defaults_come_from_the_export_or_preprocess_config():
+    from finetune.run import FinetuneConfig, preprocess_config
+    from nny_models.config import NnyNetConfig, PreprocessConfig
+
+    assert preprocess_config(FinetuneConfig(), None) == PreprocessConfig()
+    source = NnyNetConfig(preprocessing=PreprocessConfig(spacing=(3.0, 3.0, 4.0), hu_window=(-200.0, 300.0)).to_dict())
+    assert preprocess_config(FinetuneConfig(), source) == source.preprocess
+    assert preprocess_config(FinetuneConfig(spacing=(2, 2, 2)), source).spacing == (2, 2, 2)
+
+
+@pytest.mark.parametrize("flag, value", [("grad_clip", -1.0), ("freeze_encoder_steps", -1), ("max_steps", 0)])
+def test_bad_run_values_are_refused(flag, value):
+    from finetune.run import FinetuneConfig
+
+    with pytest.raises(ValueError, match=f"--{flag}"):
+        FinetuneConfig(**{flag: value})
+
+
+def test_pipeline_stage_configs_are_valid_stage_configs_with_the_pipeline_values(tmp_path):
+    from finetune.pipeline import PipelineConfig, stage_configs
+    from finetune.run import FinetuneConfig
+    from nny_models.training import build_config
+    from pretrain.run import PretrainConfig
+
+    configs = stage_configs(PipelineConfig(), tmp_path)
+    pre = build_config(PretrainConfig, configs["pretrain"])
+    fine = build_config(FinetuneConfig, configs["finetune"])
+    assert (pre.spacing, pre.hu_window, pre.patch_size, pre.batch_size) == ((3.0, 3.0, 4.0), (-200.0, 300.0), (96, 96, 32), 1)
+    assert (pre.model, pre.size, pre.max_steps, fine.max_steps, fine.val_every) == ("nnynet", "tiny", 80, 1000, 200)
+    assert (fine.patch_size, fine.batch_size, fine.fusion) == ((96, 96, 32), 1, "cross_attention")
+    assert fine.pretrained == str(tmp_path / "pretrain" / "model") and fine.spacing is None  # from the export
+    assert pre.overwrite and fine.overwrite  # a re-run retrains, explicitly
+    resumed = stage_configs(PipelineConfig(resume=True), tmp_path)
+    assert resumed["pretrain"]["resume"] and "overwrite" not in resumed["finetune"]

@@ -116,17 +116,6 @@ def test_fast_depthwise_conv_matches_native_gradients(k, transposed):
         assert torch.allclose(ref(x), fast(x), atol=1e-10)
 
 
-def test_unet_fusion_hook_follows_deepcopy():
-    # EMA (torch.optim.swa_utils.AveragedModel) deep-copies the model: the copy must use its own fusion.
-    model = create_model("unet", "tiny", fusion="add", clinical_features=2).eval()
-    ema = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in ema.fusion.parameters():
-            p.add_(1.0)
-        x, c = torch.randn(1, 1, 32, 16, 16), torch.randn(1, 2)
-        assert not torch.allclose(model(x, c), ema(x, c))
-
-
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     plain = create_model("nnynet", "tiny").train()

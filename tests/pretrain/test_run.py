@@ -81,9 +81,15 @@ def test_two_cpu_processes_stay_in_sync_on_different_data(shared, tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        RUN, *_args(shared, out, "--max_steps", "4", "--checkpoint_every", "0", "--debug_dump"),
+        RUN, *_args(shared, out, "--max_steps", "4", "--checkpoint_every", "0", "--debug_dump",
+                    "--pretext.variant", "boxes", "--pretext.invert_prob=0.5"),
     ]
     _run(cmd)
+    from pretrain.data import PretextConfig
+
+    saved = json.loads((out / "run_config.json").read_text())["pretext"]  # every pretext option, with the run
+    assert saved.keys() == PretextConfig().to_dict().keys()
+    assert saved["variant"] == "boxes" and saved["invert_prob"] == 0.5
     ranks = []
     for r in (0, 1):
         rows = [json.loads(line) for line in (out / "debug" / f"rank{r}.jsonl").read_text().splitlines()]
@@ -129,5 +135,13 @@ def test_config_precedence_default_preset_json_flag(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"preset": "paper", "lr": 0.5, "max_steps": 7}))
     cfg = load_config(["--config", str(tmp_path / "run.json"), "--max_steps", "9"])
     assert cfg.lr == 0.5 and cfg.max_steps == 9 and cfg.size == "base"  # JSON beats preset, flag beats JSON
+    cfg = load_config([f"--config={tmp_path / 'run.json'}", "--max_steps=9", "--batch_size=3"])  # = forms too
+    assert (cfg.lr, cfg.max_steps, cfg.batch_size, cfg.size) == (0.5, 9, 3, "base")
+    assert load_config(["--preset=paper", "--size=small"]).size == "small"
+    from nny_models.config import PreprocessConfig
+
+    assert load_config([]).spacing == PreprocessConfig().spacing  # one default, defined in PreprocessConfig
+    with pytest.raises(ValueError, match="grad_clip"):
+        load_config(["--grad_clip", "-1"])
     with pytest.raises(ValueError, match="preset"):
         load_config(["--preset", "huge"])

@@ -1,0 +1,220 @@
+"""Resumable checkpoints that survive a kill -9, a truncated file and a planted pickle.
+
+A checkpoint is a folder OUTPUT_DIR/checkpoints/step_NNNNNNN holding exactly three files:
+
+    model.safetensors   the unwrapped model's state dict (safetensors: no code can run on load)
+    optimizer.bin       the optimizer's state dict (torch.save; read back with ``weights_only=True``)
+    trainer_state.json  step, LR-scheduler state, GradScaler state, and the stage's own loop state (JSON)
+
+Nothing else is read on resume: no ``accelerator.load_state`` (it unpickles ``custom_checkpoint_*.pkl``
+with ``weights_only=False`` for registered objects and tries ``random_states_*.pkl``), no RNG pickles
+(the data order is a function of (seed, index) and train_loop reseeds every step from (seed, step, rank)).
+
+A folder is written under a temporary name and renamed when complete; ``latest`` (a file naming the newest
+folder) is replaced atomically. Before use, a checkpoint is validated (every file present, readable and
+consistent); a damaged one is reported by path and the newest intact older one is used instead. We keep our
+own step-numbered names rather than ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N)``:
+Accelerate writes checkpoint_<n> in place (not atomic), numbers folders by save count rather than step (a
+resume must restore its counter, and a half-written folder makes the next save raise), and its pruning treats
+every entry of checkpoints/ as a numbered checkpoint, so the ``latest`` pointer or a temporary folder breaks it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+
+from nny_models.training.files import write_text_atomic
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"  # a file holding the name of the newest complete checkpoint folder
+MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.bin", "trainer_state.json"
+FORMAT = 2  # trainer_state.json "format": 1 was Accelerate's save_state layout with a pickled scheduler
+_NAME = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be used; the message names the file and what is wrong."""
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete-looking step_* folders under OUTPUT_DIR/checkpoints, newest step first."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainer state, model tensors, optimizer state) of one folder, or CheckpointError naming the bad file.
+
+    Reading is the validation: a truncated safetensors or torch file fails to parse, a planted pickle is
+    refused by ``weights_only=True``, non-finite weights are refused (a diverged run cannot be resumed).
+    """
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file}: missing (the checkpoint was not completed)")
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_file}: not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("scheduler"), dict):
+        raise CheckpointError(f"{state_file}: expected an object with an integer 'step' and a 'scheduler' object")
+    m = _NAME.match(path.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise CheckpointError(f"{state_file}: step {state['step']} does not match the folder name {path.name}")
+
+    model_file = path / MODEL_FILE
+    try:
+        weights = safetensors.torch.load_file(model_file)
+    except Exception as e:  # safetensors raises its own error types for truncated / malformed files
+        raise CheckpointError(f"{model_file}: unreadable ({type(e).__name__}: {e})") from None
+    bad = [k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{model_file}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}")
+
+    optimizer_file = path / OPTIMIZER_FILE
+    try:
+        optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a planted pickle (UnpicklingError), a missing file
+        raise CheckpointError(f"{optimizer_file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(optimizer_state, dict) or {"state", "param_groups"} - optimizer_state.keys():
+        raise CheckpointError(f"{optimizer_file}: not an optimizer state dict")
+    return state, weights, optimizer_state
+
+
+def check_output_dir(accelerator: Accelerator, output_dir: str | Path, resume: bool, overwrite: bool = False) -> None:
+    """Refuse to start a fresh run over an earlier one; say so when --resume finds nothing to resume.
+
+    Call it before any expensive preparation: it only looks at which checkpoint folders exist."""
+    output_dir = Path(output_dir)
+    root = output_dir / CHECKPOINT_DIR
+    existing = checkpoint_dirs(output_dir)
+    if overwrite:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(output_dir / "model", ignore_errors=True)
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+        if existing:
+            accelerator.print(f"--overwrite: deleted the earlier run's checkpoints and model in {output_dir}")
+    elif existing and not resume:
+        raise FileExistsError(
+            f"{output_dir} holds checkpoints of an earlier run (newest: {existing[0].name}); pass --resume "
+            "to continue it, --overwrite to delete it and start again, or choose another --output_dir"
+        )
+    elif resume and not existing:
+        accelerator.print(f"--resume: no checkpoint in {root}; starting at step 0")
+
+
+class CheckpointManager:
+    """Save / validate / resume the checkpoints of one run in OUTPUT_DIR/checkpoints."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        output_dir: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        keep_last: int = 2,
+    ):
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.root = self.output_dir / CHECKPOINT_DIR
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.keep_last = keep_last
+
+    def save(self, step: int, extra: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint ``step`` (every rank calls it; the main process writes)."""
+        acc = self.accelerator
+        final = self.root / f"step_{step:07d}"
+        acc.wait_for_everyone()
+        weights = acc.get_state_dict(self.model)  # unwrapped names; gathers shards where needed
+        if acc.is_main_process:
+            tmp = self.root / f".{final.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            acc.save(weights, tmp / MODEL_FILE, safe_serialization=True)
+            acc.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            state = {"format": FORMAT, "step": step, "scheduler": self.scheduler.state_dict(),
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, **(extra or {})}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks completion
+            shutil.rmtree(final, ignore_errors=True)  # a re-save of a step after a resume
+            tmp.rename(final)
+            write_text_atomic(self.root / LATEST, final.name)
+            for old in checkpoint_dirs(self.output_dir)[self.keep_last:]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def latest(self) -> Path | None:
+        """The folder ``latest`` names, if it exists."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        try:
+            name = pointer.read_bytes().decode("ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if not _NAME.match(name):  # only a sibling step_* folder, never a path elsewhere
+            self.accelerator.print(f"WARNING: {pointer} does not name a checkpoint folder; looking for the newest one")
+            return None
+        path = self.root / name
+        return path if path.is_dir() else None
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders to try, best first: the one ``latest`` names, then the others, newest first."""
+        first = self.latest()
+        rest = [p for p in checkpoint_dirs(self.output_dir) if p != first]
+        return ([first] if first else []) + rest
+
+    def resume(self) -> tuple[int, dict[str, Any]]:
+        """Load the newest intact checkpoint into the model, optimizer, scheduler (and GradScaler).
+
+        Returns (step to continue from, the trainer state with the stage's own entries). Damaged checkpoints
+        are reported by path and skipped; if checkpoints exist but none is intact, CheckpointError: a run is
+        never silently restarted at step 0 over its own checkpoints.
+        """
+        candidates = self.candidates()
+        if not candidates:
+            return 0, {}
+        problems = []
+        for path in candidates:
+            try:
+                state, weights, optimizer_state = read_checkpoint(path)
+            except CheckpointError as e:
+                problems.append(str(e))
+                self.accelerator.print(f"WARNING: skipping damaged checkpoint {path}: {e}")
+                continue
+            self._apply(path, state, weights, optimizer_state)
+            note = f" (newer damaged checkpoint(s) skipped: {len(problems)})" if problems else ""
+            self.accelerator.print(f"resumed from {path} at step {state['step']}{note}")
+            return int(state["step"]), state
+        raise CheckpointError(
+            f"--resume: no intact checkpoint in {self.root}; refusing to restart at step 0 over it "
+            "(pass --overwrite to start again):\n  " + "\n  ".join(problems)
+        )
+
+    def _apply(self, path: Path, state: dict, weights: dict, optimizer_state: dict) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path / MODEL_FILE} does not fit this run's model (another --model/--size?): {e}") from None
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: optimizer / scheduler state does not fit this run: {e}") from None
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
