@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from sklearn.model_selection import KFold
 if __package__ in (None, ""):  # `accelerate launch finetune/run.py` from a checkout, installed or not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.augment import AugmentedPatches
+from finetune.augment import AugmentConfig, AugmentedPatches
 from finetune.clinical import fit_clinical_schema
 from finetune.evaluate import card_metrics, evaluate_case, summarize
 from finetune.loss import DiceFocalCELoss
@@ -62,8 +62,10 @@ from nny_models.training import (
     write_text_atomic,
     writing_dir,
 )
+from nny_models.planning import Plan, resolve_plan
 from nny_models.zoo import resolve_model_kwargs
 
+FALLBACK_PATCH, FALLBACK_BATCH = (64, 64, 64), 2  # without a plan (--plan none) and without the flags
 SCRATCH_MODEL, SCRATCH_SIZE = "nnynet", "tiny"  # the architecture when neither --pretrained nor --model names one
 TASK_KWARGS = ("out_channels", "fusion", "clinical_features")  # network arguments fine-tuning sets for its task
 
@@ -84,12 +86,15 @@ class FinetuneConfig:
     # With --pretrained it must match the export's network arguments, else an error
     fusion: str = "cross_attention"  # clinical fusion at the bottleneck: none | add | concat | cross_attention
     deep_supervision: bool = True  # extra loss on lower-resolution decoder outputs (models that have them)
-    spacing: tuple[float, float, float] | None = None  # target spacing (mm); None = the pretrained export's, else
-    # the PreprocessConfig default
-    hu_window: tuple[float, float] | None = None  # HU window; None = the pretrained export's, else the
-    # PreprocessConfig default
-    patch_size: tuple[int, int, int] = (64, 64, 64)  # training patch and sliding-window ROI, voxels
-    batch_size: int = 2  # patches per process per micro-batch
+    plan: str = "auto"  # "auto" = plan spacing, CT normalization, patch and batch from the labeled data
+    # (nny_models.planning, nnU-Net's rules); a plan.json from nnynet-plan; "none" = no plan. Flags win over the plan
+    spacing: tuple[float, float, float] | None = None  # target spacing (mm); None = the plan's, else the pretrained
+    # export's, else the PreprocessConfig default
+    hu_window: tuple[float, float] | None = None  # a fixed HU window instead of the plan's foreground z-score
+    # normalization; None = the plan's normalization, else the pretrained export's window
+    patch_size: tuple[int, int, int] | None = None  # training patch and sliding-window ROI, voxels; None = the
+    # plan's, else 64 64 64
+    batch_size: int | None = None  # patches per process per micro-batch; None = the plan's, else 2
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 300  # optimizer steps
     lr: float = 2e-3  # peak AdamW learning rate of the decoder, head and fusion
@@ -102,7 +107,9 @@ class FinetuneConfig:
     focal_weight: float = 1.0  # weight of the softmax focal term
     ce_weight: float = 1.0  # weight of the cross-entropy term
     fg_prob: float = 0.67  # probability that a patch is centred on a (rare-class-balanced) foreground voxel
-    augment: bool = True  # rotation, scaling, intensity jitter (and flips, see flip_axes) on training patches
+    augment: bool = True  # nnU-Net's default augmentation on training patches (see augmentation; flips: flip_axes)
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)  # probabilities and ranges:
+    # --augmentation.<field> (finetune/augment.py)
     flip_axes: tuple[int, ...] = ()  # RAS axes mirrored at random (p=0.5 each). None by default: volumes are in RAS,
     # and a left-right mirror hides the side, the one cue between liver and spleen (same HU); e.g. 0 1 2 for other organs
     clinical_dropout: float = 0.1  # probability of hiding a sample's whole clinical vector (robustness to missing data)
@@ -137,12 +144,33 @@ class FinetuneConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, accelerator) -> dict[str, Any]:
+def resolve_data_dir(cfg: FinetuneConfig, accelerator) -> Path:
+    """--data_dir, or the embedded labeled phantoms (generated once)."""
+    if cfg.data_dir:
+        return Path(cfg.data_dir).expanduser()
+    with accelerator.main_process_first():
+        return Path(embedded_dataset(cfg.phantom_cases, seed=cfg.seed))
+
+
+def apply_plan(cfg: FinetuneConfig, data_dir: Path, accelerator):
+    """Fill patch / batch left unset from the plan (flags win); returns (resolved cfg, plan or None).
+    On --resume the run's saved plan.json is reused, so a continued run trains on exactly the same grid."""
+    saved = Path(cfg.output_dir) / "plan.json"
+    with accelerator.main_process_first():
+        if cfg.resume and saved.is_file():
+            plan = Plan.load(saved)
+        else:
+            plan = resolve_plan(cfg.plan, data_dir, task="segmentation", cuda=torch.cuda.is_available())
+    resolved = dataclasses.replace(
+        cfg,
+        patch_size=tuple(cfg.patch_size or (plan.patch_size if plan else FALLBACK_PATCH)),
+        batch_size=cfg.batch_size or (plan.batch_size if plan else FALLBACK_BATCH),
+    )
+    return resolved, plan
+
+
+def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, accelerator) -> dict[str, Any]:
     """Cases, k-fold split, clinical schema fitted on the training fold, cache and the training loader."""
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    if data_dir is None:
-        with accelerator.main_process_first():
-            data_dir = embedded_dataset(cfg.phantom_cases, seed=cfg.seed)
     records = [r for r in discover_cases(data_dir) if r.label is not None]
     if len(records) < 2:
         raise ValueError(f"{data_dir}: found {len(records)} labeled case(s); fine-tuning needs at least 2")
@@ -164,7 +192,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, accelerator) -> 
         vectors = {cid: {"clinical": matrix[i]} for i, cid in enumerate(ids)}
 
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
-    cache = build_cache(records, preprocess, cache_dir, num_workers=cfg.num_workers)
+    cache = build_cache(records, preprocess, cache_dir, num_workers=cfg.num_workers, num_classes=len(labels))
 
     world = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     patches = PatchDataset(
@@ -176,7 +204,8 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, accelerator) -> 
         fg_prob=cfg.fg_prob,
         extras=vectors or None,
     )
-    dataset = AugmentedPatches(patches, cfg.seed, cfg.clinical_dropout, cfg.flip_axes) if cfg.augment else patches
+    dataset = (AugmentedPatches(patches, cfg.seed, cfg.clinical_dropout, cfg.flip_axes, config=cfg.augmentation)
+               if cfg.augment else patches)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -206,15 +235,16 @@ def _label_names(data_dir: Path) -> list[str]:
 # ----------------------------------------------------------------------------- model
 
 
-def preprocess_config(cfg: FinetuneConfig, source: NnyNetConfig | None) -> PreprocessConfig:
-    """The CT preprocessing of this run: the pretrained export's (what its encoder saw), else the library
-    default; --spacing / --hu_window replace single fields. Stored in the export's config.json."""
+def preprocess_config(cfg: FinetuneConfig, source: NnyNetConfig | None, plan: Plan | None = None) -> PreprocessConfig:
+    """The CT preprocessing of this run, stored in the export's config.json. Each field, first found wins:
+    the flag (--spacing; --hu_window = a fixed window), the plan (spacing, foreground z-score normalization),
+    the pretrained export's (what its encoder saw), the library default."""
     base = source.preprocess if source is not None else PreprocessConfig()
-    return dataclasses.replace(
-        base,
-        spacing=tuple(cfg.spacing) if cfg.spacing else base.spacing,
-        hu_window=tuple(cfg.hu_window) if cfg.hu_window else base.hu_window,
-    )
+    if plan is not None:
+        base = dataclasses.replace(base, **plan.preprocessing_fields())
+    if cfg.hu_window:
+        base = dataclasses.replace(base, hu_window=tuple(cfg.hu_window), normalization=None)
+    return dataclasses.replace(base, spacing=tuple(cfg.spacing) if cfg.spacing else base.spacing)
 
 
 def architecture(cfg: FinetuneConfig, source: NnyNetConfig | None) -> tuple[str, dict[str, Any]]:
@@ -250,7 +280,8 @@ def _keep_largest(cfg: FinetuneConfig, labels: list[str]) -> list[str]:
     return [n for n in cfg.keep_largest if n in labels]
 
 
-def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, preprocess: PreprocessConfig, accelerator):
+def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, preprocess: PreprocessConfig, accelerator,
+                plan: Plan | None = None):
     """NnyNet for the task's labels and clinical schema; encoder and decoder transferred from the export."""
     name, kwargs = architecture(cfg, source)
     schema = data["schema"]
@@ -263,6 +294,7 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
         patch_size=cfg.patch_size,
         clinical_schema=schema.to_dict() if schema else None,
         keep_largest=_keep_largest(cfg, data["labels"]),
+        plan=plan.to_dict() if plan is not None else None,
     )
     # Training-only switches are constructor arguments (never in config.json); models without them ignore them.
     model = NnyNet(config, deep_supervision=cfg.deep_supervision, grad_checkpointing=cfg.grad_checkpointing)
@@ -304,7 +336,7 @@ def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: Preproc
         clinical = torch.as_tensor(clinical)[None] if clinical is not None else None
         probs = sliding_window_probs(
             model, image, cfg.patch_size, clinical, overlap=cfg.val_overlap, device=device,
-            cval=preprocess.out_range[0],  # pad with air, as predict does
+            cval=preprocess.air_value,  # pad with air, as predict does
         )  # fmt: skip
         pred = probs.argmax(1)[0].cpu().numpy()
         if model.config.keep_largest:  # the same post-processing predict applies
@@ -325,9 +357,13 @@ def training_function(cfg: FinetuneConfig) -> Path:
     )
     check_output_dir(accelerator, output_dir, cfg.resume, cfg.overwrite)  # before any work: never over an earlier run
     source = load_config(cfg.pretrained) if cfg.pretrained else None
-    preprocess = preprocess_config(cfg, source)
-    data = get_data(cfg, preprocess, accelerator)
-    model, report = build_model(cfg, source, data, preprocess, accelerator)
+    data_dir = resolve_data_dir(cfg, accelerator)
+    cfg, plan = apply_plan(cfg, data_dir, accelerator)
+    preprocess = preprocess_config(cfg, source, plan)
+    data = get_data(cfg, preprocess, data_dir, accelerator)
+    model, report = build_model(cfg, source, data, preprocess, accelerator, plan)
+    if plan is not None and accelerator.is_main_process:
+        plan.save(output_dir / "plan.json")
     accelerator.print(
         f"{len(data['train_ids'])} training / {len(data['val_ids'])} validation cases, labels {data['labels']}, "
         f"post-processing: largest component of {model.config.keep_largest or 'nothing'}, "

@@ -66,9 +66,11 @@ LEGACY_MISSING_STRINGS = frozenset({"", "na", "n/a", "nan", "none", "null"})
 TRUE_STRINGS = frozenset({"true", "t", "yes", "y", "1", "1.0"})
 FALSE_STRINGS = frozenset({"false", "f", "no", "n", "0", "0.0"})
 BOOLEAN_HELP = "true/false, yes/no, t/f, y/n or 1/0"
-# A numeric value this many training standard deviations from the training mean is a unit or typing error
-# (1e308 would also overflow float32); it is refused rather than fed to the network.
-MAX_ABS_Z = 1e3
+# A numeric value this many "training scales" from the training mean is a typing error (1e308 would also overflow
+# float32); it is refused rather than fed to the network. The scale is the largest of the training std, |mean|,
+# the training range and 1, so that a column that barely varied in a small training set (std 0.3) does not refuse
+# ordinary values, while heavy-tailed labs (AFP of 1e5 ng/ml beside a mean of 500) still pass.
+MAX_ABS_Z = 1e5
 TYPES_HELP = "column_types={{{col!r}: 'categorical'}}, or a sidecar {{{col!r}: 'categorical'}} in <table>.types.json"
 
 Where = Callable[[int], str]  # row index -> "clinical.csv: row 5 (case 'c3')" for error messages
@@ -599,7 +601,10 @@ class ClinicalSchema:
 
     def _check_magnitude(self, numeric: np.ndarray, records: list[dict[str, Any]], where: Where) -> None:
         """Refuse observed values absurdly far from the training data (see MAX_ABS_Z), naming them."""
-        mean, scale = np.asarray(self.scaler_mean), np.asarray(self.scaler_scale)
+        mean, scale = np.asarray(self.scaler_mean, dtype=float), np.asarray(self.scaler_scale, dtype=float)
+        span = np.asarray([(hi - lo) if lo is not None and hi is not None else 0.0
+                           for lo, hi in zip(self.clip_min, self.clip_max)], dtype=float)
+        scale = np.maximum.reduce([scale, np.abs(mean), span, np.ones_like(scale)])
         with np.errstate(over="ignore", invalid="ignore"):
             z = np.abs((numeric - mean) / scale)
         for i, j in zip(*np.nonzero(z > MAX_ABS_Z)):  # NaN (missing) compares False
@@ -607,8 +612,8 @@ class ClinicalSchema:
             lo, hi = self.clip_min[j], self.clip_max[j]
             seen = f"{lo:g} to {hi:g}" if lo is not None and hi is not None else f"about {mean[j]:g}"
             raise ValueError(
-                f"{where(int(i))}, column {col!r}: value {records[i].get(col)!r} is {z[i, j]:.3g} standard deviations "
-                f"from the training mean {mean[j]:g} (training values {seen}); more than {MAX_ABS_Z:g} is refused "
+                f"{where(int(i))}, column {col!r}: value {records[i].get(col)!r} is {z[i, j]:.3g} training scales "
+                f"(std, |mean| or range) from the training mean {mean[j]:g} (training values {seen}); more than {MAX_ABS_Z:g} is refused "
                 "as a unit or typing error"
             )
 

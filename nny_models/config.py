@@ -41,6 +41,8 @@ class PreprocessConfig:
     orientation: str = "RAS"  # axcodes every volume is reoriented to
     crop_foreground: bool = True  # crop to the body (voxels above body_threshold_hu) before training
     body_threshold_hu: float = -500.0  # HU above which a voxel counts as body for the crop
+    normalization: dict[str, Any] | None = None  # planned CT normalization (nny_models.planning.CTNormalization:
+    # clip to foreground HU percentiles, then z-score); None = the linear hu_window -> out_range mapping
 
     def __post_init__(self) -> None:
         lo, hi = SPACING_RANGE_MM
@@ -61,6 +63,23 @@ class PreprocessConfig:
         if not isinstance(self.crop_foreground, bool):
             raise ValueError(f"PreprocessConfig.crop_foreground: expected true or false, got {self.crop_foreground!r}")
         self.body_threshold_hu = _floats([self.body_threshold_hu], 1, "body_threshold_hu")[0]
+        if self.normalization is not None:
+            from nny_models.planning import CTNormalization  # lazy: planning reads volumes
+
+            try:
+                self.normalization = CTNormalization.from_dict(dict(self.normalization)).to_dict()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"PreprocessConfig.normalization: {e}") from e
+
+    @property
+    def air_value(self) -> float:
+        """The intensity air (-1000 HU) has after preprocessing: what sliding windows and patches pad with."""
+        if self.normalization is not None:
+            n = self.normalization
+            return (max(-1000.0, n["clip_low"]) - n["mean"]) / n["std"]
+        a_min, a_max = self.hu_window
+        b_min, b_max = self.out_range
+        return b_min + (min(max(-1000.0, a_min), a_max) - a_min) / (a_max - a_min) * (b_max - b_min)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -92,6 +111,8 @@ class NnyNetConfig:
     metrics: dict[str, Any] | None = None  # evaluation summary shown in the model card, or None
     keep_largest: list[str] = field(default_factory=list)  # labels forming one organ (e.g. liver, tumor): predict
     # keeps only its largest connected component (nny_models.postprocess); empty = raw argmax
+    plan: dict[str, Any] | None = None  # the training run's plan (nny_models.planning.Plan.to_dict()), kept for
+    # provenance; inference replays `preprocessing` and `patch_size`, which already hold what the plan set
     format_version: int = FORMAT_VERSION  # config.json format (module docstring); absent in a file = 0
 
     def __post_init__(self) -> None:

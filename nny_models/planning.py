@@ -312,6 +312,27 @@ def plan_dataset(data_dir: str | Path, *, memory_budget_voxels: int = 2 * 128**3
                 anisotropic=aniso, memory_budget_voxels=int(memory_budget_voxels), divisor=divisor, fingerprint=fp)
 
 
+CPU_BUDGET_VOXELS = 96 * 96 * 32  # one micro-batch on a CPU: the embedded pipeline's 96 x 96 x 32 patch, batch 1
+GPU_BUDGET_VOXELS = 2 * 128**3  # nnU-Net's 3d_fullres reference: batch 2 of 128^3
+
+
+def resolve_plan(option: str | None, data_dir: str | Path, *, task: str, cuda: bool,
+                 divisor: int = 32) -> Plan | None:
+    """The stages' ``--plan``: "none" (or None) -> no plan; "auto" -> planned from ``data_dir`` within the
+    device's budget (GPU: batch 2 of 128^3; CPU: one 96 x 96 x 32 patch); anything else -> a plan.json path."""
+    if option in (None, "", "none"):
+        return None
+    if option == "auto":
+        budget, min_batch = (GPU_BUDGET_VOXELS, 2) if cuda else (CPU_BUDGET_VOXELS, 1)
+        return plan_dataset(data_dir, memory_budget_voxels=budget, task=task, divisor=divisor,
+                            min_batch_size=min_batch)
+    plan = Plan.load(Path(option).expanduser())
+    if plan.task != task:
+        raise ValueError(f"--plan {option}: a {plan.task!r} plan; this stage needs a {task!r} plan "
+                         f"(nnynet-plan DATA_DIR --task {task})")
+    return plan
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="nnynet-plan", description=__doc__.splitlines()[0])
     ap.add_argument("data_dir", help="CT data set in any layout nny_models.io reads (MSD, nnU-Net raw, folder, manifest)")

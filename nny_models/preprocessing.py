@@ -25,15 +25,26 @@ def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def _scaled_threshold(cfg: PreprocessConfig) -> float:
-    """body_threshold_hu mapped through the same linear HU window as the image."""
+    """body_threshold_hu mapped through the same linear HU window as the image (HU itself when a planned
+    normalization follows the crop)."""
+    if cfg.normalization is not None:
+        return cfg.body_threshold_hu
     (a_min, a_max), (b_min, b_max) = cfg.hu_window, cfg.out_range
     hu = min(max(cfg.body_threshold_hu, a_min), a_max)
     return b_min + (hu - a_min) / (a_max - a_min) * (b_max - b_min)
 
 
 def _resample_transforms(cfg: PreprocessConfig, keys: list[str]):
+    """Reorient, resample and (for the fixed HU window) scale intensities. A planned CT normalization is applied
+    after the body crop instead, because the crop thresholds HU and the z-scored image is no longer in HU."""
     from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, ScaleIntensityRanged, Spacingd
 
+    window = [] if cfg.normalization is not None else [
+        ScaleIntensityRanged(
+            "image", a_min=cfg.hu_window[0], a_max=cfg.hu_window[1],
+            b_min=cfg.out_range[0], b_max=cfg.out_range[1], clip=True,
+        )
+    ]  # fmt: skip
     return Compose(
         [
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
@@ -44,10 +55,7 @@ def _resample_transforms(cfg: PreprocessConfig, keys: list[str]):
                 mode=["bilinear", "nearest"][: len(keys)],
                 padding_mode=["border", "zeros"][: len(keys)],
             ),
-            ScaleIntensityRanged(
-                "image", a_min=cfg.hu_window[0], a_max=cfg.hu_window[1],
-                b_min=cfg.out_range[0], b_max=cfg.out_range[1], clip=True,
-            ),
+            *window,
         ]
     )
 
@@ -131,6 +139,10 @@ def _run(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, cfg: P
         "spacing": [float(s) for s in cfg.spacing],
         "preprocessing": cfg.to_dict(),
     }
+    if cfg.normalization is not None:
+        from nny_models.planning import normalize_ct
+
+        data["image"] = normalize_ct(data["image"], cfg.normalization)
     img = data["image"].as_tensor().float().contiguous()
     lab = None if label is None else data["label"].as_tensor().round().to(torch.uint8).contiguous()
     return img, lab, state

@@ -60,7 +60,7 @@ class PatchDataset(Dataset):
         self.length, self.seed, self.fg_prob, self.with_label = int(length), int(seed), float(fg_prob), with_label
         self.fg_classes = None if fg_classes is None else {int(c) for c in fg_classes}
         self.extras = extras
-        self.pad_value = float(self.cache.preprocess.out_range[0])  # "air" after intensity scaling
+        self.pad_value = float(self.cache.preprocess.air_value)  # "air" after intensity scaling
 
     def __len__(self) -> int:
         return self.length

@@ -64,10 +64,15 @@ class PretrainConfig:
     phantom_cases: int = 8  # number of unlabeled phantoms generated without --data_dir
     model: str = "nnynet"  # zoo name (nny_models.list_models())
     size: str = "tiny"  # zoo size preset: tiny | small | base (expanded into explicit arguments in config.json)
-    spacing: tuple[float, float, float] = PreprocessConfig.spacing  # target voxel spacing (mm) of the preprocessing
-    hu_window: tuple[float, float] = PreprocessConfig.hu_window  # HU clip range mapped to [-1, 1]
-    patch_size: tuple[int, int, int] = (64, 64, 64)  # network input patch (voxels); divisible by the model's size_divisor
-    batch_size: int = 2  # patches per process per micro-step
+    plan: str = "auto"  # "auto" = plan spacing, patch and batch from the data (nny_models.planning, whole-body
+    # statistics); a plan.json from nnynet-plan --task pretraining; "none" = the defaults below. Flags win over the plan
+    spacing: tuple[float, float, float] | None = None  # target voxel spacing (mm); None = the plan's, else
+    # the PreprocessConfig default
+    hu_window: tuple[float, float] = PreprocessConfig.hu_window  # HU clip range mapped to [-1, 1]. Volume Fusion
+    # mixes intensities on this bounded range, so pretraining keeps the window (the plan's statistics are recorded)
+    patch_size: tuple[int, int, int] | None = None  # network input patch (voxels), divisible by the model's
+    # size_divisor; None = the plan's, else 64 64 64
+    batch_size: int | None = None  # patches per process per micro-step; None = the plan's, else 2
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 150  # optimizer steps
     lr: float = 2e-3  # peak AdamW learning rate
@@ -105,29 +110,57 @@ def load_config(argv: list[str] | None = None) -> PretrainConfig:
     return parse_config(PretrainConfig, argv, description=__doc__.splitlines()[0], presets=PRESETS)
 
 
+FALLBACK_PATCH, FALLBACK_BATCH = (64, 64, 64), 2  # without a plan (--plan none) and without the flags
+
+
+def resolve_data_dir(cfg: PretrainConfig, accelerator) -> Path:
+    """--data_dir, or the embedded unlabeled phantoms (generated once)."""
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir).expanduser()
+    from nny_models.phantoms import embedded_dataset
+
+    with accelerator.main_process_first():
+        return Path(embedded_dataset(cfg.phantom_cases, seed=cfg.seed, unlabeled=True, root=cfg.phantom_dir))
+
+
+def apply_plan(cfg: PretrainConfig, data_dir: Path, accelerator):
+    """Fill spacing / patch / batch left unset from the plan (flags win); returns (resolved cfg, plan or None).
+
+    On --resume the run's saved plan.json is reused, so a continued run trains on exactly the same grid."""
+    from nny_models.planning import Plan, resolve_plan
+
+    saved = Path(cfg.output_dir) / "plan.json"
+    with accelerator.main_process_first():
+        if cfg.resume and saved.is_file():
+            plan = Plan.load(saved)
+        else:
+            plan = resolve_plan(cfg.plan, data_dir, task="pretraining", cuda=torch.cuda.is_available())
+    resolved = dataclasses.replace(
+        cfg,
+        spacing=tuple(cfg.spacing or (plan.spacing if plan else PreprocessConfig.spacing)),
+        patch_size=tuple(cfg.patch_size or (plan.patch_size if plan else FALLBACK_PATCH)),
+        batch_size=cfg.batch_size or (plan.batch_size if plan else FALLBACK_BATCH),
+    )
+    return resolved, plan
+
+
 def preprocess_config(cfg: PretrainConfig) -> PreprocessConfig:
     """The CT preprocessing of this run (stored in the export's config.json; fine-tuning reuses it)."""
-    return PreprocessConfig(spacing=tuple(cfg.spacing), hu_window=tuple(cfg.hu_window))
+    return PreprocessConfig(spacing=tuple(cfg.spacing or PreprocessConfig.spacing), hu_window=tuple(cfg.hu_window))
 
 
-def prepare_cache(cfg: PretrainConfig, prep: PreprocessConfig, accelerator):
-    """Discover the CT volumes (or generate phantoms) and preprocess them once into the cache."""
+def prepare_cache(cfg: PretrainConfig, prep: PreprocessConfig, data_dir: Path, accelerator):
+    """Preprocess the CT volumes of ``data_dir`` once into the cache."""
     from nny_models.cache import build_cache
     from nny_models.io import discover_cases
 
-    data_dir = cfg.data_dir
-    if data_dir is None:
-        from nny_models.phantoms import embedded_dataset
-
-        with accelerator.main_process_first():
-            data_dir = embedded_dataset(cfg.phantom_cases, seed=cfg.seed, unlabeled=True, root=cfg.phantom_dir)
     records = [dataclasses.replace(r, label=None) for r in discover_cases(data_dir)]  # pretraining ignores labels
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
     with accelerator.main_process_first():
         return build_cache(records, prep, cache_dir)
 
 
-def build_model(cfg: PretrainConfig, pretext: PretextConfig, prep: PreprocessConfig):
+def build_model(cfg: PretrainConfig, pretext: PretextConfig, prep: PreprocessConfig, plan=None):
     """NnyNet whose config.json describes the pretext task (K + 1 fusion classes) with explicit arguments."""
     from nny_models.config import NnyNetConfig
     from nny_models.hub import NnyNet
@@ -141,6 +174,7 @@ def build_model(cfg: PretrainConfig, pretext: PretextConfig, prep: PreprocessCon
             preprocessing=prep.to_dict(),
             patch_size=tuple(cfg.patch_size),
             task="volume_fusion_pretext",
+            plan=plan.to_dict() if plan is not None else None,
         ),
         grad_checkpointing=cfg.grad_checkpointing,  # a training switch: not part of config.json
     )
@@ -176,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
 def train(cfg: PretrainConfig) -> None:
     out_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(out_dir, mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed)
+    data_dir = resolve_data_dir(cfg, accelerator)
+    cfg, plan = apply_plan(cfg, data_dir, accelerator)
     prep = preprocess_config(cfg)
     pretext = cfg.pretext if cfg.pretext.out_range is not None else dataclasses.replace(cfg.pretext, out_range=prep.out_range)
 
@@ -183,7 +219,7 @@ def train(cfg: PretrainConfig) -> None:
     from monai.losses import DiceCELoss
     from nny_models.sampling import PatchDataset
 
-    model = build_model(cfg, pretext, prep)
+    model = build_model(cfg, pretext, prep, plan)
     divisor = getattr(model.net, "size_divisor", 1)
     if any(p % divisor for p in cfg.patch_size):
         raise ValueError(f"--patch_size {cfg.patch_size} must be divisible by {divisor} for model {cfg.model!r}")
@@ -193,7 +229,9 @@ def train(cfg: PretrainConfig) -> None:
     check_output_dir(accelerator, out_dir, cfg.resume, cfg.overwrite)  # before the cache: never over an earlier run
 
     # Data: source patches big enough for the largest random-resized crop; one pass covers the run.
-    cache = prepare_cache(cfg, prep, accelerator)
+    cache = prepare_cache(cfg, prep, data_dir, accelerator)
+    if plan is not None and accelerator.is_main_process:
+        plan.save(out_dir / "plan.json")
     length = cfg.max_steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     dataset = PatchDataset(cache, None, source_patch_size(cfg.patch_size, pretext), length,
                            seed=cfg.seed, fg_prob=0.0, with_label=False)

@@ -140,7 +140,10 @@ def test_config_precedence_default_preset_json_flag(tmp_path):
     assert load_config(["--preset=paper", "--size=small"]).size == "small"
     from nny_models.config import PreprocessConfig
 
-    assert load_config([]).spacing == PreprocessConfig().spacing  # one default, defined in PreprocessConfig
+    from pretrain.run import preprocess_config
+
+    assert load_config([]).spacing is None  # None = the plan's; without a plan the PreprocessConfig default
+    assert preprocess_config(load_config(["--plan", "none"])).spacing == PreprocessConfig().spacing  # defined once
     with pytest.raises(ValueError, match="grad_clip"):
         load_config(["--grad_clip", "-1"])
     with pytest.raises(ValueError, match="preset"):

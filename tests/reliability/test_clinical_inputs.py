@@ -158,13 +158,26 @@ def test_declared_types_argument_and_sidecar(tmp_path):
         read_clinical_csv(bad)
 
 
+def test_ordinary_values_pass_a_schema_fitted_on_a_column_that_barely_varied():
+    # Two training patients with AFP 32.7 and 33.3 (std 0.3): a new patient's 560 is ordinary, not a typo.
+    import pandas as pd
+
+    from finetune.clinical import fit_clinical_schema
+
+    small = fit_clinical_schema(pd.DataFrame({"afp_ng_ml": [32.7, 33.3], "age": [50.0, 70.0]}, index=["a", "b"]), seed=0)
+    vector = small.transform({"afp_ng_ml": 560.6, "age": 61})
+    assert np.isfinite(vector).all()
+    with pytest.raises(ValueError, match="afp_ng_ml"):
+        small.transform({"afp_ng_ml": 1e308, "age": 61})
+
+
 def test_huge_value_names_column_and_value_at_predict_time(schema, tmp_path):
     row = {"case_id": "x", "age": 60, "afp_ng_ml": 1e308, "ascites": "none", "encephalopathy": "none",
            "cirrhosis": "no", "hbv": "f"}
     with pytest.raises(ValueError) as err:
         schema.transform(row)
     msg = str(err.value)
-    assert "column 'afp_ng_ml'" in msg and "1e+308" in msg and "standard deviations" in msg
+    assert "column 'afp_ng_ml'" in msg and "1e+308" in msg and "training scales" in msg
     assert "schema" not in msg  # not blamed on the schema
     path = write(tmp_path / "x.json", json.dumps(row))
     with pytest.raises(ValueError, match=r"x.json.*row 1 \(case 'x'\), column 'afp_ng_ml': value 1e\+308"):
