@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nny_models.io import CaseRecord, build_manifest, discover_cases, load_volume, read_clinical_csv
+from nny_models.io import CaseRecord, discover_cases, load_volume, read_clinical_csv, read_header
 
 AFFINE = np.array([[-0.8, 0, 0, 100.0], [0, -0.7, 0, 80.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
 
@@ -61,9 +61,9 @@ def test_load_dicom_series(tmp_path):
     # LPS (DICOM) -> RAS: x and y flip sign
     np.testing.assert_allclose(np.diag(affine)[:3], [-0.8, -0.7, 2.5], atol=1e-6)
     np.testing.assert_allclose(affine[:3, 3], [100.0, 120.0, 30.0], atol=1e-6)
-    manifest = build_manifest([CaseRecord("s", str(tmp_path / "series"))])
-    assert manifest[0]["shape"] == [6, 5, 4]
-    np.testing.assert_allclose(manifest[0]["spacing"], [0.8, 0.7, 2.5])
+    shape, spacing = read_header(tmp_path / "series")
+    assert list(shape) == [6, 5, 4]
+    np.testing.assert_allclose(spacing, [0.8, 0.7, 2.5])
 
 
 def test_load_nrrd_needs_pynrrd_or_reads(tmp_path):
@@ -180,23 +180,7 @@ def test_read_clinical_csv_types_join_and_errors(tmp_path):
         read_clinical_csv(path, id_column="patient")
 
 
-def test_build_manifest_reads_headers_and_shards(tmp_path):
-    records = []
-    for i in range(4):
-        write_nifti(tmp_path / f"c{i}.nii.gz", shape=(12, 10, 6 + i))
-        records.append(CaseRecord(f"c{i}", str(tmp_path / f"c{i}.nii.gz")))
-    (tmp_path / "clinical.csv").write_text("case_id,age,sex\nc0,50,M\nc1,60,F\nc2,,M\n")
-    clinical = read_clinical_csv(tmp_path / "clinical.csv", case_ids=[r.case_id for r in records])
-    ds = build_manifest(records, clinical)
-    assert ds.column_names == ["case_id", "image", "label", "spacing", "shape", "age", "sex"]
-    assert ds[3]["shape"] == [12, 10, 9] and ds[3]["label"] is None
-    np.testing.assert_allclose(ds[0]["spacing"], [0.8, 0.7, 2.5], rtol=1e-6)
-    assert ds[1]["sex"] == "F" and ds[3]["sex"] is None and np.isnan(ds[2]["age"])
-    shards = [list(ds.shard(num_shards=2, index=r)["case_id"]) for r in range(2)]
-    assert sorted(shards[0] + shards[1]) == ["c0", "c1", "c2", "c3"] and not set(shards[0]) & set(shards[1])
-
-
-def test_manifest_does_not_decode_voxels(tmp_path, monkeypatch):
+def test_read_header_does_not_decode_voxels(tmp_path, monkeypatch):
     write_nifti(tmp_path / "c.nii.gz", shape=(12, 10, 6))
     import nibabel.arrayproxy
 
@@ -205,4 +189,4 @@ def test_manifest_does_not_decode_voxels(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nibabel.arrayproxy.ArrayProxy, "__array__", boom)
     monkeypatch.setattr(nibabel.arrayproxy.ArrayProxy, "_get_scaled", boom)
-    assert build_manifest([CaseRecord("c", str(tmp_path / "c.nii.gz"))])[0]["shape"] == [12, 10, 6]
+    assert list(read_header(tmp_path / "c.nii.gz")[0]) == [12, 10, 6]
