@@ -25,6 +25,7 @@ from finetune.figures import save_attention_overlay, save_overlays
 from nny_models.attention import predict_attention, uses_attention
 from nny_models.hub import NnyNet
 from nny_models.inference import predict
+from nny_models.clinical import is_missing
 from nny_models.io import discover_cases, load_volume, read_clinical_csv
 from nny_models.training import parse_config
 
@@ -107,7 +108,8 @@ def evaluate_and_publish(
     row.parent.mkdir(parents=True, exist_ok=True)
     if (test_dir / "clinical.csv").is_file():
         clinical = read_clinical_csv(test_dir / "clinical.csv").loc[example.case_id].to_dict()
-        row.write_text(json.dumps({k: (None if _missing(v) else v) for k, v in clinical.items()}, default=str))
+        clinical = {"case_id": example.case_id, **{k: (None if is_missing(v) else v) for k, v in clinical.items()}}
+        row.write_text(json.dumps(clinical, default=str))  # with its case_id, so predict checks the match
     return {
         "summary": summary,
         "dice": {name: stats["dice_mean"] for name, stats in summary["per_class"].items()},
@@ -116,13 +118,6 @@ def evaluate_and_publish(
         "example_input": Path(example.image),
         "example_clinical": row,
     }
-
-
-def _missing(value: Any) -> bool:
-    try:
-        return bool(np.isnan(value))
-    except TypeError:
-        return value is None
 
 
 @dataclass

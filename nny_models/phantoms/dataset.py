@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .clinical import COLUMNS
+from .clinical import COLUMN_TYPES, COLUMNS
 from .generate import PhantomCase, generate_phantom
 from .randomization import Randomization, get_randomization
 
@@ -70,6 +70,9 @@ def write_dataset(out_dir, cases: int, seed: int, *, unlabeled: bool = False, pr
     else:
         results = [_write_case(j) for j in jobs]
     pd.DataFrame([r["clinical"] for r in results], columns=COLUMNS).to_csv(out / "clinical.csv", index=False)
+    # Declared column types (nny_models.clinical reads this sidecar), so that a small table whose categorical
+    # codes look numeric (BCLC "0") is never typed by guesswork.
+    (out / "clinical.types.json").write_text(json.dumps(COLUMN_TYPES, indent=2) + "\n")
     pd.DataFrame([r["appearance"] for r in results]).to_csv(out / "appearance.csv", index=False)
     meta = {
         "name": "nnynet-phantoms",
