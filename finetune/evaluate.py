@@ -35,6 +35,8 @@ from monai.metrics import (
 )
 
 METRICS = ("dice", "iou", "hd95", "accuracy", "precision", "recall")
+SMALL_LESION_ML = 7.0  # lesions below this volume are reported apart: they are where tumor Dice breaks down
+LESION_LABEL = "tumor"  # the class scored lesion by lesion (connected components of the ground truth)
 
 
 def _as_labels(x: Any, name: str) -> torch.Tensor:
@@ -103,11 +105,52 @@ def evaluate_case(
     dices = [r["dice"] for r in classes.values() if not math.isnan(r["dice"])]
     ious = [r["iou"] for r in classes.values() if not math.isnan(r["iou"])]
     result: dict[str, Any] = {} if case_id is None else {"case_id": case_id}
-    return result | {
+    result |= {
         "classes": classes,
         "mean_dice": float(np.mean(dices)) if dices else math.nan,
         "miou": float(np.mean(ious)) if ious else math.nan,
     }
+    if LESION_LABEL in label_names:
+        result["lesions"] = lesion_metrics(pred_t.numpy(), gt_t.numpy(), spacing, list(label_names).index(LESION_LABEL))
+    return result
+
+
+def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], label: int) -> list[dict[str, Any]]:
+    """One row per ground-truth lesion (26-connected component of ``label``): its volume (mL), whether any
+    predicted voxel of the class touches it (detected), and its Dice against the predicted components that
+    overlap it. Per-lesion rows let small lesions be reported apart from the per-class mean."""
+    from scipy import ndimage
+
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    structure = np.ones((3, 3, 3), dtype=bool)
+    gt_cc, n_gt = ndimage.label(gt == label, structure=structure)
+    pred_cc, _ = ndimage.label(pred == label, structure=structure)
+    rows = []
+    for k in range(1, n_gt + 1):
+        lesion = gt_cc == k
+        touching = np.unique(pred_cc[lesion])
+        touching = touching[touching > 0]
+        matched = np.isin(pred_cc, touching) if len(touching) else np.zeros_like(lesion)
+        inter = float(np.logical_and(lesion, matched).sum())
+        dice = 2.0 * inter / (float(lesion.sum()) + float(matched.sum()))
+        rows.append({"volume_ml": float(lesion.sum()) * voxel_ml, "detected": bool(len(touching)), "dice": dice})
+    return rows
+
+
+def summarize_lesions(per_case: Sequence[dict[str, Any]], small_ml: float = SMALL_LESION_ML) -> dict[str, Any]:
+    """Lesion counts, detection rate and mean lesion Dice for lesions below / at or above ``small_ml`` mL."""
+    lesions = [row for case in per_case for row in case.get("lesions", [])]
+    out = {}
+    for name, keep in ((f"small (< {small_ml:g} mL)", lambda v: v < small_ml),
+                       (f"large (>= {small_ml:g} mL)", lambda v: v >= small_ml)):
+        rows = [r for r in lesions if keep(r["volume_ml"])]
+        out[name] = {
+            "n_lesions": len(rows),
+            "detected": sum(r["detected"] for r in rows),
+            "detection_rate": float(np.mean([r["detected"] for r in rows])) if rows else math.nan,
+            "dice_mean": float(np.mean([r["dice"] for r in rows])) if rows else math.nan,
+        }
+    return out
 
 
 def summarize(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -130,12 +173,15 @@ def summarize(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
         per_class[name] = stats
     mean_dice = np.array([c["mean_dice"] for c in per_case], dtype=float)
     miou = np.array([c["miou"] for c in per_case], dtype=float)
-    return {
+    summary = {
         "n_cases": len(per_case),
         "mean_dice": float(np.nanmean(mean_dice)) if (~np.isnan(mean_dice)).any() else math.nan,
         "miou": float(np.nanmean(miou)) if (~np.isnan(miou)).any() else math.nan,
         "per_class": per_class,
     }
+    if any("lesions" in case for case in per_case):
+        summary["lesions"] = summarize_lesions(per_case)
+    return summary
 
 
 def _json_safe(obj: Any) -> Any:
@@ -182,6 +228,12 @@ def write_reports(per_case: Sequence[dict[str, Any]], summary: dict[str, Any], o
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {counts} |")
     lines += ["", "Means skip cases where the class is absent from both ground truth and prediction;",
               "HD95 is n/a when one side is empty (see finetune/evaluate.py)."]  # fmt: skip
+    if "lesions" in summary:
+        lines += ["", f"## {LESION_LABEL.capitalize()} lesions (26-connected components of the ground truth)", "",
+                  "| Lesions | count | detected | detection rate | mean lesion Dice |", "|---|---|---|---|---|"]
+        for name, s in summary["lesions"].items():
+            lines.append(f"| {name} | {s['n_lesions']} | {s['detected']} | {_fmt(s['detection_rate'], 3)} | "
+                         f"{_fmt(s['dice_mean'], 3)} |")
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
 

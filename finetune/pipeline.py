@@ -36,7 +36,7 @@ class PipelineConfig:
     output_dir: str = "runs/pipeline"  # everything goes under here: data/, pretrain/, finetune/, eval/, model/
     pretrain_cases: int = 24  # unlabeled phantoms for Volume Fusion pretraining
     finetune_cases: int = 24  # labeled phantoms (with clinical.csv) for fine-tuning
-    test_cases: int = 6  # held-out labeled phantoms for the final evaluation
+    test_cases: int = 6  # held-out labeled phantoms for the final evaluation (and as many shifted ones)
     pretrain_steps: int = 80  # Volume Fusion optimizer steps
     finetune_steps: int = 1000  # fine-tuning optimizer steps (10.4 min with validation on 2 idle cores at the default patch)
     val_every: int = 200  # fine-tuning validates (and may export a new best model) every N steps
@@ -98,13 +98,17 @@ def main(argv: list[str] | None = None) -> None:
 
     data = out / "data"
     t0 = time.perf_counter()
-    for name, cases, seed, unlabeled in (
-        ("unlabeled", cfg.pretrain_cases, cfg.seed + 2000, True),
-        ("train", cfg.finetune_cases, cfg.seed, False),
-        ("test", cfg.test_cases, cfg.seed + 1000, False),
+    for name, cases, seed, unlabeled, world in (
+        ("unlabeled", cfg.pretrain_cases, cfg.seed + 2000, True, "train"),
+        ("train", cfg.finetune_cases, cfg.seed, False, "train"),
+        ("test", cfg.test_cases, cfg.seed + 1000, False, "train"),
+        # the shifted held-out set: appearance at or beyond the edges of the training ranges (thick slices,
+        # arterial/delayed phases, mostly hyperdense lesions, more noise; nny_models/phantoms/randomization.py)
+        ("test_ood", cfg.test_cases, cfg.seed + 3000, False, "ood"),
     ):
-        if not (data / name / "dataset.json").is_file():
-            write_dataset(data / name, cases=cases, seed=seed, unlabeled=unlabeled, workers=2)
+        meta = data / name / "dataset.json"
+        if not meta.is_file() or json.loads(meta.read_text()).get("randomization", {}).get("name") != world:
+            write_dataset(data / name, cases=cases, seed=seed, unlabeled=unlabeled, workers=2, randomization=world)
     print(f"phantoms ready in {time.perf_counter() - t0:.0f}s under {data}", flush=True)
 
     # 2. pretraining (Volume Fusion), 3. fine-tuning (clinical cross-attention, Dice + Focal + CE)
@@ -120,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     from finetune.publish import evaluate_and_publish
 
     result = evaluate_and_publish(out / "finetune" / "model", data / "test", out)
+    from finetune.publish import evaluate_dataset
+    from nny_models.hub import NnyNet
+
+    _, shifted = evaluate_dataset(NnyNet.from_pretrained(out / "model"), data / "test_ood", out / "eval_ood")
     case = result["example_input"]
     run([py, "-m", "nny_models.cli", "--model", str(out / "model"), "--input", str(case),
          "--clinical", str(result["example_clinical"]), "--output", str(out / "prediction" / "mask.nii.gz")])  # fmt: skip
@@ -133,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         f"  predicted mask   : {out / 'prediction' / 'mask.nii.gz'} (for {case.name})\n"
         f"  mean Dice        : "
         + ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items())
+        + f"\n  shifted held-out : {out / 'eval_ood' / 'metrics.md'}\n  shifted Dice     : "
+        + ", ".join(f"{k} {v['dice_mean']:.3f}" for k, v in shifted["per_class"].items())
+        + "".join(f"\n  tumor lesions {k}: {v['detected']}/{v['n_lesions']} detected, lesion Dice "
+                  f"{v['dice_mean']:.3f} (held-out)" for k, v in result["summary"].get("lesions", {}).items())
     )
 
 

@@ -99,3 +99,24 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="spacing"):
         evaluate_case(pred, gt, (1, 1), NAMES)
 
+
+
+def test_lesions_are_scored_one_by_one_and_small_ones_apart(tmp_path):
+    from finetune.evaluate import evaluate_case, summarize, write_reports
+
+    gt = np.zeros((40, 40, 20), dtype=np.int64)
+    gt[2:20, 2:20, 2:18] = 1  # liver
+    gt[4:16, 4:16, 4:14] = 2  # a large lesion: 1440 voxels of 8 mm^3 = 11.5 mL
+    gt[25:28, 25:28, 5:8] = 2  # a small one: 27 voxels = 0.2 mL, missed below
+    pred = gt.copy()
+    pred[25:28, 25:28, 5:8] = 0
+    pred[4:16, 4:10, 4:14] = 1  # half the large lesion found
+    case = evaluate_case(pred, gt, (2.0, 2.0, 2.0), ["background", "liver", "tumor"], case_id="c")
+    small, large = sorted(case["lesions"], key=lambda r: r["volume_ml"])
+    assert small == {"volume_ml": pytest.approx(0.216), "detected": False, "dice": 0.0}
+    assert large["detected"] and large["volume_ml"] == pytest.approx(11.52) and large["dice"] == pytest.approx(2 / 3)
+    summary = summarize([case])
+    assert summary["lesions"]["small (< 7 mL)"] == {"n_lesions": 1, "detected": 0, "detection_rate": 0.0, "dice_mean": 0.0}
+    assert summary["lesions"][">= 7 mL".join(["large (", ")"])]["detection_rate"] == 1.0
+    md = write_reports([case], summary, tmp_path)["md"].read_text()
+    assert "| small (< 7 mL) | 1 | 0 | 0.000 | 0.000 |" in md
