@@ -126,3 +126,57 @@ def save_overlays(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_attention_overlay(
+    image: np.ndarray,
+    attention: np.ndarray,
+    path: str | Path,
+    labels: np.ndarray | None = None,
+    z: int | None = None,
+    title: str = "clinical-query attention",
+    alpha: float = 0.5,
+) -> Path:
+    """Axial slice through the liver: CT, and the attention map (``nny_models.attention``) over it.
+
+    image, attention and labels (optional, label 1 = liver) are (X, Y, Z) on one grid. The slice is ``z``,
+    else the one with the most liver (labels == 1, else any label), else the middle. The attention colour
+    scale spans 0 .. the map's 99th percentile (1.0 = uniform attention); label outlines are drawn in white."""
+    image, attention = np.asarray(image), np.asarray(attention, dtype=np.float32)
+    if image.ndim != 3 or attention.shape != image.shape or (labels is not None and np.shape(labels) != image.shape):
+        raise ValueError(
+            "save_attention_overlay: expected image, attention (and labels) of one (X, Y, Z) shape, got "
+            f"{image.shape}, {attention.shape}" + ("" if labels is None else f", {np.shape(labels)}")
+        )
+    if not np.isfinite(attention).all():
+        raise ValueError("save_attention_overlay: the attention map contains NaN or infinite values")
+    if z is None:
+        z = image.shape[2] // 2
+        if labels is not None:
+            labels = np.asarray(labels)
+            for mask in (labels == 1, labels > 0):
+                area = mask.sum(axis=(0, 1))
+                if area.any():
+                    z = int(np.argmax(area))
+                    break
+    lo, hi = np.percentile(image, [1, 99])
+    top = float(np.percentile(attention, 99)) or 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.4))
+    for ax, overlay in zip(axes, (False, True)):
+        ax.imshow(image[:, :, z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
+        if overlay:
+            # 0 exactly = outside the body crop, where no attention was computed: left uncoloured
+            shown = ax.imshow(np.ma.masked_equal(attention[:, :, z].T, 0), cmap="inferno", vmin=0, vmax=top,
+                              alpha=alpha, origin="lower", interpolation="bilinear")  # fmt: skip
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="attention (1 = uniform)")
+        if labels is not None and labels[:, :, z].any():
+            ax.contour(labels[:, :, z].T, levels=np.arange(0.5, labels.max() + 1), colors="white", linewidths=0.6,
+                       origin="lower")  # fmt: skip
+        ax.set_title(f"{title}, z={z}" if overlay else f"CT, z={z}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

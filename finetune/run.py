@@ -84,7 +84,8 @@ class FinetuneConfig:
     # With --pretrained it must match the export: a different one is an error, never a silent override
     size: str | None = None  # zoo size preset tiny | small | base; None = the export's (or tiny from scratch).
     # With --pretrained it must match the export's network arguments, else an error
-    fusion: str = "cross_attention"  # clinical fusion at the bottleneck: none | add | concat | cross_attention
+    fusion: str = "cross_attention"  # clinical fusion at the bottleneck: none | add | concat | cross_attention (the
+    # paper's design) | cross_attention_film | cross_attention_tokens (nny_models/fusion.py says which carry information)
     deep_supervision: bool = True  # extra loss on lower-resolution decoder outputs (models that have them)
     plan: str = "auto"  # "auto" = plan spacing, CT normalization, patch and batch from the labeled data
     # (nny_models.planning, nnU-Net's rules); a plan.json from nnynet-plan; "none" = no plan. Flags win over the plan

@@ -1,0 +1,322 @@
+"""The nnY-Net study: does the clinical fusion help, measured against controls, over seeds, with paired CIs.
+
+    python -m finetune.study [--output_dir runs/study] [--models nnynet] [--fusions none cross_attention] \\
+        [--permuted cross_attention] [--seeds 0 1 2] [--steps 1000] [--pretrained auto]
+
+Arms per model and seed: every fusion in --fusions, plus every fusion in --permuted trained AND tested with the
+clinical rows permuted across patients (a permuted clinical.csv passed through --clinical_csv: the image-label
+pairs are intact, the clinical data carries no patient information). Every fusion arm is also tested with
+clinical=None. Each fine-tune is a subprocess of finetune/run.py; a run whose model/ exists is not retrained
+and a run whose study_eval.json exists is not re-evaluated, so a long grid can run in parts (rerun the command).
+
+Writes study.json (every run, every case) and study.md: per class mean +- std over seeds (each seed's value is
+the mean over the held-out cases), and paired per-case comparisons of tumor Dice (cross_attention - none,
+cross_attention - permuted, clinical - no clinical at test) with percentile-bootstrap 95% CIs over cases.
+``python -m finetune.ablation`` is the same command (the former fusion ablation; its grid is --fusions none add
+concat cross_attention --permuted with no value --models swinunetr mednext_s nnynet --seeds 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nny_models.training import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+PERMUTED = "_permuted"  # arm suffix of the permuted-clinical control
+NO_CLINICAL = "none at test"  # test condition of the clinical=None control
+
+
+@dataclass
+class StudyConfig:
+    output_dir: str = "runs/study"  # runs/<model>_<arm>_s<seed>/, data/, study.md, study.json
+    models: tuple[str, ...] = ("nnynet",)  # zoo names to compare
+    fusions: tuple[str, ...] = ("none", "cross_attention")  # fusion modes trained with the true clinical rows
+    permuted: tuple[str, ...] = ("cross_attention",)  # fusion modes also trained+tested with permuted clinical rows
+    seeds: tuple[int, ...] = (0, 1, 2)  # one run per seed and arm (model init, split, sampling, permutation)
+    steps: int = 1000  # fine-tuning steps per run (the pipeline's budget)
+    pretrained: str = "auto"  # nnynet runs start from this export ("auto" = runs/pretrain/model if present,
+    # "none" = scratch); other models always train from scratch
+    size: str = "tiny"  # zoo size preset when training from scratch
+    data_dir: str | None = None  # labeled training cases + clinical.csv; None = generated phantoms
+    test_dir: str | None = None  # labeled held-out cases + clinical.csv; None = generated phantoms
+    train_cases: int = 24  # phantoms generated for training when data_dir is None
+    test_cases: int = 8  # phantoms generated for testing when test_dir is None
+    data_seed: int = 0  # phantom seed (the test set uses data_seed + 1000)
+    spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # preprocessing spacing (mm), as in the pipeline
+    hu_window: tuple[float, float] = (-200.0, 300.0)  # soft-tissue HU window, as in the pipeline
+    patch_size: tuple[int, int, int] = (96, 96, 32)  # training patch / sliding-window ROI, as in the pipeline
+    batch_size: int = 1  # patches per step, as in the pipeline
+    val_every: int = 0  # validation during fine-tuning (0 = only at the end)
+    bootstrap: int = 2000  # bootstrap resamples for the CIs
+    num_workers: int = 2  # DataLoader workers of each fine-tune
+
+
+def bootstrap_ci(diffs: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Mean of paired differences and its percentile-bootstrap CI (resampling cases with replacement).
+
+    NaN entries (a case where the metric is undefined) are dropped; returns {mean, lo, hi, n}."""
+    d = np.asarray(diffs, dtype=np.float64).ravel()
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size)}
+
+
+def permuted_clinical(src: Path, dst: Path, seed: int) -> Path:
+    """clinical.csv with its rows shuffled across patients (case_id kept in place); a derangement when possible."""
+    import pandas as pd
+
+    table = pd.read_csv(src, dtype=str, keep_default_na=False)
+    if "case_id" not in table.columns:
+        raise ValueError(f"{src}: expected a case_id column")
+    rng = np.random.default_rng(seed)
+    n = len(table)
+    order = rng.permutation(n)
+    for _ in range(100):  # no patient keeps its own row (n >= 2)
+        if n < 2 or not (order == np.arange(n)).any():
+            break
+        order = rng.permutation(n)
+    values = table.drop(columns="case_id").iloc[order].reset_index(drop=True)
+    out = pd.concat([table[["case_id"]], values], axis=1)[table.columns]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    out.to_csv(dst, index=False)
+    return dst
+
+
+def arms(cfg: StudyConfig) -> list[tuple[str, str, bool]]:
+    """(arm name, fusion, permuted) in table order."""
+    return [(f, f, False) for f in cfg.fusions] + [(f + PERMUTED, f, True) for f in cfg.permuted]
+
+
+def evaluate_run(model_dir: Path, test_dir: Path, clinical_csv: Path | None, *, no_clinical: bool) -> dict[str, dict]:
+    """{condition: {case_id: {class: dice}}} on the held-out cases; conditions "clinical" (+ NO_CLINICAL)."""
+    from finetune.evaluate import evaluate_case
+    from nny_models.hub import NnyNet
+    from nny_models.inference import predict
+    from nny_models.io import discover_cases, load_volume, read_clinical_csv
+
+    model = NnyNet.from_pretrained(model_dir)
+    records = [r for r in discover_cases(test_dir) if r.label is not None]
+    if not records:
+        raise ValueError(f"{test_dir}: no labeled cases to evaluate")
+    fused = getattr(model.net, "fusion", None) is not None
+    table = read_clinical_csv(clinical_csv, case_ids=[r.case_id for r in records]) if fused and clinical_csv else None
+    conditions = {"clinical": True} | ({NO_CLINICAL: False} if fused and no_clinical else {})
+    out: dict[str, dict] = {c: {} for c in conditions}
+    for r in records:
+        gt, affine = load_volume(r.label)
+        spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+        for condition, use in conditions.items():
+            row = table.loc[r.case_id].to_dict() if (use and table is not None) else None
+            pred = predict(model, r.image, clinical=row)
+            metrics = evaluate_case(pred, np.rint(gt).astype(np.int64), spacing, model.config.label_names)
+            out[condition][r.case_id] = {name: c["dice"] for name, c in metrics["classes"].items()}
+    return out
+
+
+def check_config(cfg: StudyConfig) -> None:
+    """Refuse a bad grid before any data is generated or any run starts."""
+    from nny_models.fusion import check_fusion_args
+    from nny_models.zoo import list_models
+
+    unknown = [m for m in cfg.models if m not in list_models()]
+    if unknown or not cfg.models:
+        raise ValueError(f"--models: unknown {unknown or 'empty list'}; expected names from {list_models()}")
+    for f in (*cfg.fusions, *cfg.permuted):
+        check_fusion_args(f, 1)
+    if "none" in cfg.permuted:
+        raise ValueError("--permuted: 'none' uses no clinical data, so permuting it is meaningless")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"--seeds: expected distinct seeds, got {list(cfg.seeds)}")
+    if cfg.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(StudyConfig, argv, description=__doc__.splitlines()[0])
+    check_config(cfg)
+    from nny_models.phantoms import write_dataset
+
+    out = Path(cfg.output_dir).resolve()
+    train = Path(cfg.data_dir).resolve() if cfg.data_dir else out / "data" / "train"
+    test = Path(cfg.test_dir).resolve() if cfg.test_dir else out / "data" / "test"
+    for path, given, cases, seed in ((train, cfg.data_dir, cfg.train_cases, cfg.data_seed),
+                                     (test, cfg.test_dir, cfg.test_cases, cfg.data_seed + 1000)):  # fmt: skip
+        if not given and not (path / "dataset.json").is_file():
+            write_dataset(path, cases=cases, seed=seed, workers=2)
+    needs_clinical = [a for a, f, _ in arms(cfg) if f != "none"]
+    for path in (train, test):
+        if needs_clinical and not (path / "clinical.csv").is_file():
+            raise ValueError(f"{path}: arms {needs_clinical} need a clinical.csv there")
+
+    runs = []
+    for model in cfg.models:
+        for seed in cfg.seeds:
+            for arm, fusion, permuted in arms(cfg):
+                run_dir = out / "runs" / f"{model}_{arm}_s{seed}"
+                train_csv, test_csv = train / "clinical.csv", test / "clinical.csv"
+                if permuted:
+                    train_csv = permuted_clinical(train_csv, run_dir / "clinical_train_permuted.csv", seed)
+                    test_csv = permuted_clinical(test_csv, run_dir / "clinical_test_permuted.csv", seed + 1)
+                if not (run_dir / "model" / "config.json").is_file():
+                    pretrained = cfg.pretrained if model == "nnynet" else "none"
+                    cmd = [sys.executable, "finetune/run.py", "--data_dir", str(train), "--output_dir", str(run_dir),
+                           "--pretrained", pretrained, "--model", model, "--size", cfg.size, "--fusion", fusion,
+                           "--max_steps", str(cfg.steps), "--val_every", str(cfg.val_every), "--seed", str(seed),
+                           "--spacing", *map(str, cfg.spacing), "--hu_window", *map(str, cfg.hu_window),
+                           "--patch_size", *map(str, cfg.patch_size), "--batch_size", str(cfg.batch_size),
+                           "--num_workers", str(cfg.num_workers), "--cache_dir", str(out / "cache")]  # fmt: skip
+                    if fusion != "none":
+                        cmd += ["--clinical_csv", str(train_csv)]
+                    print("\n$ " + " ".join(cmd), flush=True)
+                    subprocess.run(cmd, check=True, cwd=REPO)
+                eval_file = run_dir / "study_eval.json"
+                if eval_file.is_file():
+                    result = json.loads(eval_file.read_text())
+                else:
+                    result = evaluate_run(run_dir / "model", test, test_csv if fusion != "none" else None,
+                                          no_clinical=not permuted)
+                    eval_file.write_text(json.dumps(_plain(result), indent=1, allow_nan=False))
+                runs.append({"model": model, "arm": arm, "fusion": fusion, "permuted": permuted, "seed": seed,
+                             "cases": result})  # fmt: skip
+
+    command = "python -m finetune.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    note = (f"Budget per run: {cfg.steps} steps, batch {cfg.batch_size}, patch {cfg.patch_size}; nnynet from "
+            f"pretrained={cfg.pretrained!r}, others from scratch (size {cfg.size}); seeds {list(cfg.seeds)}; "
+            f"held-out cases: {test}. Command: `{command.strip()}`")  # fmt: skip
+    print(write_report(runs, out, note, n_boot=cfg.bootstrap))
+
+
+def summarize_runs(runs: list[dict], n_boot: int = 2000) -> dict[str, Any]:
+    """Per (model, arm, condition): per class mean/std over seeds; paired tumor-Dice comparisons with CIs."""
+    rows, groups = [], {}
+    for r in runs:
+        for condition, cases in _as_nan(r["cases"]).items():
+            groups.setdefault((r["model"], r["arm"], condition), []).append((r["seed"], cases))
+    for (model, arm, condition), seeds in groups.items():
+        classes = sorted({c for _, cases in seeds for row in cases.values() for c in row}, key=_class_order)
+        per_seed = {c: [_nanmean([row.get(c, math.nan) for row in cases.values()]) for _, cases in seeds]
+                    for c in classes}  # fmt: skip
+        stats = {c: {"mean": _nanmean(v), "std": _nanstd(v)} for c, v in per_seed.items()}
+        rows.append({"model": model, "arm": arm, "condition": condition, "seeds": len(seeds), "classes": stats})
+
+    comparisons = []
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    arm_names = list(dict.fromkeys(r["arm"] for r in runs))
+    for model in models:
+        for a in [x for x in arm_names if x != "none" and not x.endswith(PERMUTED)]:
+            pairs = [((a, "clinical"), ("none", "clinical")), ((a, "clinical"), (a + PERMUTED, "clinical")),
+                     ((a, "clinical"), (a, NO_CLINICAL))]  # fmt: skip
+            for left, right in pairs:
+                diff = _paired(groups.get((model, *left)), groups.get((model, *right)), "tumor")
+                if diff is None:
+                    continue
+                name = f"{left[0]} - {right[0]}" if left[1] == right[1] else f"{a}: clinical - {right[1]}"
+                comparisons.append({"model": model, "comparison": name, **bootstrap_ci(diff, n_boot)})
+    return {"rows": rows, "comparisons": comparisons}
+
+
+def _paired(left, right, cls: str) -> list[float] | None:
+    """Per-case differences of ``cls`` Dice, each case's value averaged over the seeds both sides share."""
+    if not left or not right:
+        return None
+    lseeds, rseeds = dict(left), dict(right)
+    shared = sorted(set(lseeds) & set(rseeds))
+    if not shared:
+        return None
+    cases = sorted(set.intersection(*[set(lseeds[s]) & set(rseeds[s]) for s in shared]))
+    out = []
+    for case in cases:
+        d = [lseeds[s][case].get(cls, math.nan) - rseeds[s][case].get(cls, math.nan) for s in shared]
+        out.append(_nanmean(d))
+    return out
+
+
+def write_report(runs: list[dict], out: Path, note: str, n_boot: int = 2000) -> str:
+    """study.json (runs + summary) and study.md; returns the Markdown."""
+    summary = summarize_runs(runs, n_boot)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(_plain({"note": note, "runs": runs, **summary}), indent=1,
+                                               allow_nan=False))
+    classes = sorted({c for r in summary["rows"] for c in r["classes"]}, key=_class_order)
+    head = ["model", "arm", "test clinical", "seeds", *classes]
+    lines = ["Dice per class, mean ± std over seeds (each seed: mean over the held-out cases).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for r in summary["rows"]:
+        if r["arm"].endswith(PERMUTED):
+            cond = "permuted"
+        elif r["arm"] == "none":
+            cond = "n/a"
+        else:
+            cond = "patient's" if r["condition"] == "clinical" else "none"
+        cells = [_pm(r["classes"].get(c)) for c in classes]
+        lines.append(f"| {r['model']} | {r['arm']} | {cond} | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired per-case differences of tumor Dice (seeds averaged per case), percentile bootstrap 95% CI.",
+              "", "| model | comparison | cases | mean Δ tumor Dice | 95% CI |", "|---|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        lines.append(f"| {c['model']} | {c['comparison']} | {c['n']} | {_fmt(c['mean'], '+.3f')} | "
+                     f"[{_fmt(c['lo'], '+.3f')}, {_fmt(c['hi'], '+.3f')}] |")
+    text = "\n".join(lines) + "\n\n" + note + "\n"
+    (out / "study.md").write_text(text)
+    return text
+
+
+def _class_order(name: str) -> tuple[int, str]:
+    order = ["liver", "tumor", "portal_vein", "aorta"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _pm(stats: dict | None) -> str:
+    if not stats or math.isnan(stats["mean"]):
+        return "n/a"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if not math.isnan(stats["std"]) else f"{stats['mean']:.3f}"
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "n/a" if v is None or math.isnan(v) else format(round(v, 3) + 0.0, spec)  # + 0.0: no "-0.000"
+
+
+def _nanmean(values) -> float:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _nanstd(values) -> float:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+
+
+def _plain(obj):
+    """NaN -> None so the JSON is strict."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def _as_nan(obj):
+    """None -> NaN (the inverse of _plain for per-case Dice read back from study_eval.json)."""
+    if isinstance(obj, dict):
+        return {k: _as_nan(v) for k, v in obj.items()}
+    return math.nan if obj is None else obj
+
+
+if __name__ == "__main__":
+    main()
