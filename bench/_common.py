@@ -67,3 +67,41 @@ def emit(
     }
     print(json.dumps(row), flush=True)
     return row
+
+
+def cpu_peak_flops(dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s of this machine's CPUs for ``dtype`` matmuls, how it was computed).
+
+    peak = logical CPUs torch may use x clock (GHz from /proc/cpuinfo "cpu MHz") x FLOPs per cycle and core:
+    bf16 with AMX (amx_bf16): 1024 (Intel's figure for one AMX unit per core); bf16 with AVX512-BF16 only: 128 (2 FMA units x 32 bf16 lanes x 2);
+    fp32 with AVX-512: 64 (2 FMA units x 16 lanes x 2); AVX2: 32. Logical CPUs may be hyperthreads of
+    fewer physical cores (a VM does not say), so the real ceiling can be lower: MFU is a lower bound.
+    """
+    import os
+    from pathlib import Path
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    flags = set()
+    mhz = 0.0
+    for line in info.splitlines():
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+        if line.startswith("cpu MHz") and not mhz:
+            mhz = float(line.split(":", 1)[1])
+    cores = min(torch.get_num_threads(), os.cpu_count() or 1)
+    ghz = mhz / 1000 if mhz else 2.0
+    if dtype == torch.bfloat16 and "amx_bf16" in flags:
+        per_cycle, isa = 1024, "AMX-BF16"
+    elif dtype == torch.bfloat16 and "avx512_bf16" in flags:
+        per_cycle, isa = 128, "AVX512-BF16"
+    elif "avx512f" in flags:
+        per_cycle, isa = 64, "AVX-512 FMA fp32"
+    else:
+        per_cycle, isa = 32, "AVX2 FMA fp32"
+    if dtype != torch.bfloat16 and per_cycle > 64:
+        per_cycle, isa = 64, "AVX-512 FMA fp32"
+    peak = cores * ghz * 1e9 * per_cycle
+    return peak, f"{cores} logical CPUs x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({isa}) = {peak / 1e9:.0f} GFLOP/s"

@@ -7,8 +7,13 @@ volume: ours = ``nny_models.predict`` (reorient/resample/window/crop -> windows 
 to the input grid); peer = the usual MONAI recipe (Orientation, Spacing, ScaleIntensityRange,
 CropForeground -> windows -> inverse transforms on the probabilities -> argmax).
 
+Precision: fp32 and bf16 rows for both (the peer gets bf16 autocast too), and the peer also with MONAI's own
+``use_flash_attention=True`` (SDPA at inference), so that our fused window attention is not the only SDPA user.
+An ONNX Runtime row runs our nnynet-export graph. The predict row uses predict's precision="auto" (bf16 on
+CUDA and AMX / AVX512-BF16 CPUs) and the MONAI recipe at the same precision.
+
     python bench/inference.py                 # CPU: feature_size 12, ROI 64, overlap 0.25 (minutes on 2 cores)
-    python bench/inference.py --device cuda   # feature_size 48, ROI 96, overlap 0.5, fp32 and bf16
+    python bench/inference.py --device cuda   # feature_size 48, ROI 96, overlap 0.5
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import device_name, emit, time_it  # noqa: E402
 from nny_models.config import NnyNetConfig, PreprocessConfig  # noqa: E402
 from nny_models.hub import NnyNet  # noqa: E402
-from nny_models.inference import predict, sliding_window_probs  # noqa: E402
+from nny_models.inference import bf16_is_fast, predict, sliding_window_probs  # noqa: E402
 from nny_models.preprocessing import preprocess_volume  # noqa: E402
 
 
@@ -93,69 +98,98 @@ def main() -> None:
     p.add_argument("--feature-size", type=int, default=None, help="default: 48 on CUDA, 12 on CPU")
     p.add_argument("--roi", type=int, default=None, help="default: 96 on CUDA, 64 on CPU")
     p.add_argument("--overlap", type=float, default=None, help="default: 0.5 on CUDA, 0.25 on CPU")
-    p.add_argument("--sw-batch-size", type=int, default=None, help="default: 4 on CUDA, 2 on CPU")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="default: 4 (predict's default)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 3 on CUDA, 1 on CPU")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime row")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     fs = args.feature_size or (48 if cuda else 12)
     roi = (args.roi or (96 if cuda else 64),) * 3
     args.overlap = args.overlap if args.overlap is not None else (0.5 if cuda else 0.25)
-    args.sw_batch_size = args.sw_batch_size or (4 if cuda else 2)
+    args.sw_batch_size = args.sw_batch_size or 4
     repeats = args.repeats or (3 if cuda else 1)
+    warmup = 1 if cuda else 0
     torch.manual_seed(0)
 
     vol, affine, source = ct_volume(tuple(args.shape), tuple(args.spacing))
     cfg = PreprocessConfig()
     ours = NnyNet(NnyNetConfig(model_kwargs={"feature_size": fs}, patch_size=roi, preprocessing=cfg.to_dict()))
     peer = SwinUNETR(in_channels=1, out_channels=5, feature_size=fs)
-    ours.eval().to(device)
-    peer.eval().to(device)
+    peer_flash = SwinUNETR(in_channels=1, out_channels=5, feature_size=fs, use_flash_attention=True)
+    peer_flash.load_state_dict(peer.state_dict())
+    for m in (ours, peer, peer_flash):
+        m.eval().to(device)
     with torch.inference_mode():  # one window each: one-time initialisation stays out of the timings
-        ours(torch.zeros(1, 1, *roi, device=device)), peer(torch.zeros(1, 1, *roi, device=device))
+        for m in (ours, peer, peer_flash):
+            m(torch.zeros(1, 1, *roi, device=device))
     x, _ = preprocess_volume(vol, affine, cfg)
     x = torch.as_tensor(x.as_tensor() if hasattr(x, "as_tensor") else x, dtype=torch.float32)[None].to(device)
     windows = math.prod(
         1 if n <= r else math.ceil((n - r) / (r * (1 - args.overlap))) + 1 for n, r in zip(x.shape[2:], roi)
     )
+    best = "bf16" if bf16_is_fast(device) else "fp32"  # predict's precision="auto" on this machine
     common = dict(
         device=device_name(device), volume_shape=list(vol.shape), volume=source, preprocessed_grid=list(x.shape[2:]),
         roi=list(roi), overlap=args.overlap, sw_batch_size=args.sw_batch_size, feature_size=fs, windows=windows,
         repeats=repeats, params_ours=sum(t.numel() for t in ours.parameters()),
-        params_peer=sum(t.numel() for t in peer.parameters()),
+        params_peer=sum(t.numel() for t in peer.parameters()), bf16_is_fast=best == "bf16",
     )
 
-    def peer_probs(amp: bool):
+    def peer_probs(net, amp: bool):
         def predictor(patch):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return peer(patch).float().softmax(1)
+                return net(patch).float().softmax(1)
 
         with torch.inference_mode():
             return sliding_window_inference(x, roi, args.sw_batch_size, predictor, overlap=args.overlap,
                                             mode="gaussian", cval=-1.0, sw_device=device, device=device)
 
-    def ours_probs(amp: bool):
+    def ours_probs(net, amp: bool):
         with torch.inference_mode():
-            return sliding_window_probs(ours, x, roi, None, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+            return sliding_window_probs(net, x, roi, None, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                                         device=device, amp=amp, cval=-1.0)
 
-    for amp in ([False, True] if cuda else [False]):
-        precision = "bf16" if amp else "fp32"
-        t_ours = time_it(lambda: ours_probs(amp), device, warmup=1 if cuda else 0, repeats=repeats)
-        t_peer = time_it(lambda: peer_probs(amp), device, warmup=1 if cuda else 0, repeats=repeats)
-        emit("inference", f"sliding_window_seconds_per_volume_{precision}", t_ours, t_peer,
-             f"monai SwinUNETR(feature_size={fs}) + sliding_window_inference", "lower", None, **common,
-             precision=precision, note="network part only, same preprocessed grid, Gaussian blending + softmax")
+    peer_label = f"monai SwinUNETR(feature_size={fs}) + sliding_window_inference"
+    note = "network part only, same preprocessed grid, Gaussian blending + softmax"
+    seconds: dict[str, float] = {}
+    for precision in ("fp32", "bf16"):
+        amp = precision == "bf16"
+        t_ours = time_it(lambda: ours_probs(ours, amp), device, warmup=warmup, repeats=repeats)
+        t_peer = time_it(lambda: peer_probs(peer, amp), device, warmup=warmup, repeats=repeats)
+        t_flash = time_it(lambda: peer_probs(peer_flash, amp), device, warmup=warmup, repeats=repeats)
+        seconds[precision] = t_ours
+        emit("inference", f"sliding_window_seconds_per_volume_{precision}", t_ours, t_peer, peer_label, "lower",
+             "<= 0.5 (ratio)", **common, precision=precision, note=note,
+             peer_use_flash_attention_s=t_flash)  # fmt: skip
+        emit("inference", f"sliding_window_seconds_per_volume_{precision}_vs_flash", t_ours, t_flash,
+             f"monai SwinUNETR(feature_size={fs}, use_flash_attention=True) + sliding_window_inference", "lower",
+             None, **common, precision=precision, note=note + "; the peer with MONAI's own SDPA option")  # fmt: skip
 
-    amp = cuda  # predict's default: bf16 autocast on CUDA, fp32 on CPU
+    if not args.no_onnx:
+        import tempfile
+
+        from nny_models.export import export_onnx, load_onnx_network
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ours.save_pretrained(tmp)
+            export_onnx(ours, Path(tmp) / "model.onnx")
+            ort_net = load_onnx_network(tmp)
+            t_ort = time_it(lambda: ours_probs(ort_net, False), device, warmup=warmup, repeats=repeats)
+            t_peer = time_it(lambda: peer_probs(peer, False), device, warmup=warmup, repeats=repeats)
+        emit("inference", "sliding_window_seconds_per_volume_onnxruntime_fp32", t_ort, t_peer, peer_label, "lower",
+             None, **common, precision="fp32", ours_torch_fp32_s=seconds["fp32"],
+             note="ours: the nnynet-export graph in ONNX Runtime (CPUExecutionProvider, as many threads as torch)")
+
+    amp = best == "bf16"  # predict's precision="auto"; the peer pipeline runs at the same precision
     t_ours = time_it(lambda: predict(ours, vol, affine=affine, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                                     device=device, amp=amp), device, warmup=0, repeats=repeats)
+                                     device=device), device, warmup=0, repeats=repeats)
     t_peer = time_it(lambda: monai_pipeline(vol, affine, peer, cfg, roi, args, device, amp), device,
                      warmup=0, repeats=repeats)
     emit("inference", "predict_seconds_per_volume", t_ours, t_peer,
-         f"monai transforms + SwinUNETR(feature_size={fs}) sliding_window_inference + inverse", "lower", None,
-         **common, precision="bf16" if amp else "fp32",
-         note="full pipeline from the raw HU volume to labels on the input grid")
+         f"monai transforms + SwinUNETR(feature_size={fs}) sliding_window_inference + inverse", "lower",
+         "<= 0.5 (ratio)", **common, precision=best,
+         note="full pipeline from the raw HU volume to labels on the input grid; ours = predict(precision='auto')")
 
 
 if __name__ == "__main__":

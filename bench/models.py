@@ -13,6 +13,10 @@ Timing: warmup, then the two models' runs are interleaved (ours, peer, ours, pee
 carries the median process CPU time (time.process_time, all threads), which contention inflates less.
 Depthwise convs use nny_models.swin_next's fast CPU path (PyTorch's own is ~100x slower in backward).
 
+Both precisions on every device: fp32 and bf16 autocast (CPU: AMX / AVX512-BF16 when the CPU has them), plus
+ours-bf16 over ours-fp32, and achieved FLOP/s (FlopCounterMode FLOPs of one forward + backward / step time) as a
+fraction of the machine's peak (CPU: logical CPUs x clock x FLOPs/cycle, bench/_common.cpu_peak_flops).
+
 CPU: S = 64. CUDA: S = 96 and 128. Target: nnynet training step <= 0.6x SwinUNETR's on CPU at 64^3.
 Run: python bench/models.py [--threads N] [--repeats R] [--sizes 64 96]
 """
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import device_name, emit, sync  # noqa: E402
+from bench._common import cpu_peak_flops, device_name, emit, sync  # noqa: E402
 from nny_models.zoo import create_model  # noqa: E402
 
 OURS, PEER = "nnynet", "swinunetr"
@@ -141,9 +145,9 @@ def measure(size: int, batch: int, device: torch.device, args: argparse.Namespac
         "train": {n: train_step_fn(m, x) for n, m in models.items()},
         "infer": {n: infer_fn(m, x) for n, m in models.items()},
     }
-    if device.type == "cuda":
-        runs["bf16_train"] = {n: train_step_fn(m, x, bf16=True) for n, m in models.items()}
-        runs["bf16_infer"] = {n: infer_fn(m, x, bf16=True) for n, m in models.items()}
+    # bf16 autocast on CPU too: AMX / AVX512-BF16 Xeons run it natively (the custom depthwise kernels follow autocast)
+    runs["bf16_train"] = {n: train_step_fn(m, x, bf16=True) for n, m in models.items()}
+    runs["bf16_infer"] = {n: infer_fn(m, x, bf16=True) for n, m in models.items()}
     for kind, fns in runs.items():
         for name, (wall, cpu) in time_interleaved(fns, device, w, r).items():
             res[name][f"{kind}_s"] = wall
@@ -156,9 +160,9 @@ def measure(size: int, batch: int, device: torch.device, args: argparse.Namespac
             base = torch.cuda.memory_allocated()  # both models' weights and earlier optimizer states
             train_step_fn(model, x)()  # a fresh optimizer: the growth includes AdamW state creation
             res[name]["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            res[name]["flops"] = step_flops(model, x)
         else:
             res[name]["peak_mb"] = rss[name]
+        res[name]["flops"] = step_flops(model, x)
     return res
 
 
@@ -200,16 +204,39 @@ def main() -> None:
         line(f"params_millions_{size}", "params_m", "lower")
         kind = "cuda max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth (subprocess)"
         line(f"train_peak_memory_mb_{size}", "peak_mb", "lower", memory=kind)
-        if device.type == "cuda":
-            voxels = args.batch * size**3
-            for r in (ours, peer):
-                r["bf16_vox_s"] = voxels / r["bf16_train_s"]
-                r["bf16_tflops"] = r["flops"] / r["bf16_train_s"] / 1e12
-                r["bf16_infer_vox_s"] = voxels / r["bf16_infer_s"]
-            line(f"bf16_train_throughput_voxels_per_s_{size}", "bf16_vox_s", "higher", dtype="bfloat16")
-            line(f"bf16_inference_throughput_voxels_per_s_{size}", "bf16_infer_vox_s", "higher", dtype="bfloat16")
-            line(f"bf16_train_achieved_tflops_{size}", "bf16_tflops", "higher", dtype="bfloat16",
-                 flops_per_step={"ours": ours["flops"], "peer": peer["flops"]})  # fmt: skip
+        line(f"train_step_s_{size}_bf16", "bf16_train_s", "lower", target, dtype="bfloat16 (autocast)")
+        line(f"inference_s_{size}_bf16", "bf16_infer_s", "lower", dtype="bfloat16 (autocast)")
+        emit("models", f"train_step_bf16_over_fp32_{size}", ours["bf16_train_s"], ours["train_s"],
+             "nnynet, the same step in fp32", "lower", None, dev, **tag)  # fmt: skip
+        voxels = args.batch * size**3
+        peaks = {"fp32": peak_flops(device, torch.float32), "bf16": peak_flops(device, torch.bfloat16)}
+        for r in (ours, peer):
+            r["bf16_vox_s"] = voxels / r["bf16_train_s"]
+            r["bf16_infer_vox_s"] = voxels / r["bf16_infer_s"]
+            for prec, key in (("fp32", "train_s"), ("bf16", "bf16_train_s")):
+                r[f"{prec}_tflops"] = r["flops"] / r[key] / 1e12
+                r[f"{prec}_peak_frac"] = r["flops"] / r[key] / peaks[prec][0] if peaks[prec][0] else None
+        line(f"bf16_train_throughput_voxels_per_s_{size}", "bf16_vox_s", "higher", dtype="bfloat16")
+        line(f"bf16_inference_throughput_voxels_per_s_{size}", "bf16_infer_vox_s", "higher", dtype="bfloat16")
+        flops = {"ours": ours["flops"], "peer": peer["flops"]}
+        for prec in ("fp32", "bf16"):
+            line(f"{prec}_train_achieved_tflops_{size}", f"{prec}_tflops", "higher", dtype=prec, flops_per_step=flops,
+                 peak_tflops=None if peaks[prec][0] is None else peaks[prec][0] / 1e12, peak_source=peaks[prec][1])
+            if peaks[prec][0]:
+                line(f"{prec}_train_fraction_of_peak_{size}", f"{prec}_peak_frac", "higher", dtype=prec,
+                     peak_source=peaks[prec][1])
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """(peak FLOP/s, how it was computed): CPU from cores x clock x FLOPs/cycle, CUDA bf16 from bench/gpu.py's table."""
+    if device.type == "cpu":
+        return cpu_peak_flops(dtype)
+    if dtype == torch.bfloat16:
+        from bench.gpu import peak_tflops
+
+        tflops, source = peak_tflops(device, None)
+        return (None if tflops is None else tflops * 1e12), source
+    return None, "no fp32 peak table for GPUs"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,257 @@
+"""ONNX export of an NnyNet, and an ONNX Runtime network that ``predict`` runs like the torch one.
+
+    nnynet-export --model DIR_OR_REPO --onnx out.onnx            # writes out.onnx, checks it against torch
+    nnynet-predict --backend onnxruntime --model DIR --input ct.nii.gz --output mask.nii.gz [--onnx out.onnx]
+
+    from nny_models.export import export_onnx, load_onnx_network
+    export_onnx(model, "model.onnx")
+    mask = predict(load_onnx_network("model_dir"), "ct.nii.gz")   # same pre/post-processing as torch
+
+What is exported: the network only (``model.net`` in eval mode), inputs ``image`` (B, 1, *patch_size) float32
+and, for a model with clinical fusion, ``clinical`` (B, F) float32 (NaN = missing value; a row of all NaN =
+no clinical data, the learned "no clinical data" embedding, as ``clinical=None`` in torch); output ``logits``
+(B, C, *patch_size). The batch is dynamic. The spatial size is fixed at the config's patch_size: MONAI's Swin
+encoder decides its window count, padding and shifted-window masks in Python from the input size, so a traced
+graph is only valid at the size it was traced with (checked: a graph with dynamic spatial axes fails in ONNX
+Runtime at any other size). predict's sliding windows always have the patch size, so nothing is lost there.
+Preprocessing and post-processing stay in Python and come from config.json (``predict``), identical for both
+backends; the .onnx also carries config.json in its metadata ("nnynet_config").
+
+onnx and onnxruntime are an optional extra (``pip install nnynet[onnx]``); nothing else imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nny_models.config import NnyNetConfig
+
+DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
+ONNX_FILENAME = "model.onnx"  # looked for in the model folder by nnynet-predict --backend onnxruntime
+VERIFY_ATOL = 1e-3  # export_onnx refuses a graph whose logits differ from torch's by more than this
+
+
+def _require_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError(
+            "ONNX export / inference needs the optional packages onnx and onnxruntime: pip install 'nnynet[onnx]'"
+        ) from err
+    return onnx, onnxruntime
+
+
+def _clinical_features(net: nn.Module) -> int:
+    fusion = getattr(net, "fusion", None)
+    return int(getattr(fusion, "clinical_features", 0) or 0) if fusion is not None else 0
+
+
+class _ExportWrapper(nn.Module):
+    """The network with the positional inputs ONNX needs (image[, clinical])."""
+
+    def __init__(self, net: nn.Module, clinical_features: int) -> None:
+        super().__init__()
+        self.net, self.clinical_features = net, clinical_features
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(image, clinical)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    atol: float = VERIFY_ATOL,
+) -> Path:
+    """Write ``model`` (an NnyNet: ``.net`` + ``.config``) as ONNX with a dynamic batch; returns the path.
+
+    verify: run the file in ONNX Runtime on random windows (batch 1 and 2, with clinical rows if the model
+    fuses them) and raise RuntimeError if any logit differs from torch's by more than ``atol``.
+    """
+    onnx, _ = _require_onnx()
+    config = getattr(model, "config", None)
+    if not isinstance(config, NnyNetConfig):
+        raise ValueError("export_onnx: expected an NnyNet (a network with .config); load it with NnyNet.from_pretrained")
+    net = getattr(model, "net", model)
+    net = net.to("cpu").eval()
+    features = _clinical_features(net)
+    patch = tuple(int(p) for p in config.patch_size)
+    image = torch.zeros(1, 1, *patch)
+    args: tuple[torch.Tensor, ...] = (image,)
+    input_names, dynamic = ["image"], {"image": {0: "batch"}, "logits": {0: "batch"}}
+    if features:
+        args += (torch.zeros(1, features),)
+        input_names.append("clinical")
+        dynamic["clinical"] = {0: "batch"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python-int shapes: why spatial is fixed
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter (no onnxscript)
+        warnings.filterwarnings("ignore", message="Constant folding")  # strided slices stay as Slice ops
+        torch.onnx.export(
+            _ExportWrapper(net, features), args, str(path), dynamo=False, opset_version=opset,
+            input_names=input_names, output_names=["logits"], dynamic_axes=dynamic,
+        )  # fmt: skip
+    proto = onnx.load(str(path))
+    meta = {"nnynet_config": json.dumps(config.to_dict()), "patch_size": json.dumps(list(patch)),
+            "clinical_features": str(features)}  # fmt: skip
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    if verify:
+        check_onnx_matches_torch(path, model, atol=atol)
+    return path
+
+
+def check_onnx_matches_torch(path: str | Path, model: nn.Module, *, atol: float = VERIFY_ATOL, seed: int = 0) -> float:
+    """Max |logits_onnx - logits_torch| on random windows in [-1, 1] (batch 1 and 2); RuntimeError above atol."""
+    onnx_net = OnnxRuntimeNetwork(path, model.config)
+    net = getattr(model, "net", model).to("cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in (1, 2):
+        image = torch.rand(batch, 1, *onnx_net.patch_size, generator=gen) * 2 - 1
+        clinical = None
+        if onnx_net.clinical_features:
+            clinical = torch.randn(batch, onnx_net.clinical_features, generator=gen)
+            clinical[0, 0] = float("nan")  # a missing value takes the mask path
+        with torch.no_grad():
+            ref = net(image, clinical).float()
+        worst = max(worst, float((onnx_net(image, clinical) - ref).abs().max()))
+    if not worst <= atol:
+        raise RuntimeError(f"{path}: ONNX Runtime logits differ from torch's by {worst:.3g} (> {atol:g})")
+    return worst
+
+
+class OnnxRuntimeNetwork(nn.Module):
+    """An exported network run by ONNX Runtime, called like the torch one: ``net(image, clinical=None)``.
+
+    It has no parameters; ``config`` (the NnyNetConfig of config.json) gives predict the pre- and
+    post-processing, so ``predict(OnnxRuntimeNetwork(...), ct)`` follows the torch pipeline exactly.
+    fp32 only (``supports_bf16 = False``): predict's precision "auto" runs it in fp32.
+    """
+
+    supports_bf16 = False
+
+    def __init__(self, path: str | Path, config: NnyNetConfig, *, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        _, ort = _require_onnx()
+        self.path, self.config = str(path), config
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()  # as many threads as torch uses
+        available = ort.get_available_providers()
+        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            self.session = ort.InferenceSession(self.path, options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types for corrupt / foreign files
+            raise ValueError(f"{self.path}: not a loadable ONNX model: {' '.join(str(err).split())[:300]}") from err
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if "image" not in inputs:
+            raise ValueError(f"{self.path}: expected an ONNX input named 'image' (an nnynet-export file), got {list(inputs)}")
+        shape = inputs["image"].shape
+        if len(shape) != 5 or not all(isinstance(s, int) for s in shape[2:]):
+            raise ValueError(f"{self.path}: input 'image' must be (batch, 1, X, Y, Z) with fixed X, Y, Z, got {shape}")
+        self.patch_size = tuple(int(s) for s in shape[2:])
+        if self.patch_size != tuple(int(p) for p in config.patch_size):
+            raise ValueError(
+                f"{self.path}: exported for windows of {list(self.patch_size)} voxels but config.json has patch_size "
+                f"{list(config.patch_size)}; export the model again (nnynet-export)"
+            )
+        self.clinical_features = int(inputs["clinical"].shape[1]) if "clinical" in inputs else 0
+        # what predict's clinical handling looks for on a torch network (net.fusion.clinical_features)
+        self.fusion = SimpleNamespace(clinical_features=self.clinical_features) if self.clinical_features else None
+        self.size_divisor = 1  # the graph takes exactly patch_size, which predict always feeds
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        if tuple(image.shape[1:]) != (1, *self.patch_size):
+            raise ValueError(f"{self.path}: expected windows (B, 1, {', '.join(map(str, self.patch_size))}), "
+                             f"got {tuple(image.shape)}")  # fmt: skip
+        feeds = {"image": image.detach().to("cpu", torch.float32).contiguous().numpy()}
+        if self.clinical_features:
+            if clinical is None:  # all missing = the "no clinical data" embedding, as clinical=None in torch
+                feeds["clinical"] = np.full((image.shape[0], self.clinical_features), np.nan, dtype=np.float32)
+            else:
+                feeds["clinical"] = clinical.detach().to("cpu", torch.float32).contiguous().numpy()
+        logits = self.session.run(["logits"], feeds)[0]
+        return torch.from_numpy(logits).to(image.device)
+
+
+def load_onnx_network(model_dir: str | Path | None, onnx_path: str | Path | None = None, **kwargs: Any) -> OnnxRuntimeNetwork:
+    """OnnxRuntimeNetwork from a model folder (config.json + model.onnx) or an explicit .onnx path.
+
+    With only ``onnx_path``, config.json is taken from the .onnx metadata written by export_onnx.
+    """
+    onnx, _ = _require_onnx()
+    folder = Path(model_dir) if model_dir is not None else None
+    path = Path(onnx_path) if onnx_path is not None else (folder / ONNX_FILENAME if folder is not None else None)
+    if path is None:
+        raise ValueError("load_onnx_network: give a model folder or an .onnx path")
+    if not path.is_file():
+        hint = f" (run: nnynet-export --model {folder} --onnx {path})" if folder is not None else ""
+        raise ValueError(f"{path}: no such ONNX file{hint}")
+    if folder is not None and (folder / "config.json").is_file():
+        config_path = folder / "config.json"
+        try:
+            config = NnyNetConfig.from_dict(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            raise ValueError(f"{config_path}: not a valid nnynet config.json: {err}") from err
+    else:
+        try:
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable ONNX file: {' '.join(str(err).split())[:300]}") from err
+        if "nnynet_config" not in meta:
+            raise ValueError(f"{path}: no nnynet_config in the ONNX metadata and no config.json beside it")
+        config = NnyNetConfig.from_dict(json.loads(meta["nnynet_config"]))
+    return OnnxRuntimeNetwork(path, config, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``nnynet-export --model DIR_OR_REPO --onnx out.onnx``: export and check against torch; exit 2 on bad input."""
+    p = argparse.ArgumentParser(prog="nnynet-export", description="Export an NnyNet to ONNX (dynamic batch).")
+    p.add_argument("--model", required=True, help="save_pretrained folder or Hub repo id")
+    p.add_argument("--onnx", default=None, help=f"output .onnx (default: MODEL/{ONNX_FILENAME} for a folder)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch check")
+    args = p.parse_args(argv)
+    from nny_models.cli import InputError, _one_line, load_model
+
+    try:
+        _require_onnx()
+        model = load_model(args.model, args.revision)
+        out = args.onnx
+        if out is None:
+            if not Path(args.model).is_dir():
+                raise InputError("--onnx is required when --model is a Hub repo id")
+            out = str(Path(args.model) / ONNX_FILENAME)
+        path = export_onnx(model, out, opset=args.opset, verify=not args.no_verify)
+    except (InputError, ImportError, ValueError, RuntimeError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    size = path.stat().st_size / 2**20
+    checked = "" if args.no_verify else f", ONNX Runtime matches torch within {VERIFY_ATOL:g}"
+    print(f"wrote {path} ({size:.1f} MiB; input image (batch, 1, {', '.join(map(str, model.config.patch_size))})"
+          f"{checked})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
