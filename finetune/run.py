@@ -56,13 +56,15 @@ from nny_models.training import (
     make_accelerator,
     parse_config,
     read_metrics,
+    run_plan,
+    save_plan,
     tracker_config,
     train_loop,
     warmup_cosine,
     write_text_atomic,
     writing_dir,
 )
-from nny_models.planning import Plan, resolve_plan
+from nny_models.planning import Plan
 from nny_models.zoo import resolve_model_kwargs
 
 FALLBACK_PATCH, FALLBACK_BATCH = (64, 64, 64), 2  # without a plan (--plan none) and without the flags
@@ -156,12 +158,7 @@ def resolve_data_dir(cfg: FinetuneConfig, accelerator) -> Path:
 def apply_plan(cfg: FinetuneConfig, data_dir: Path, accelerator):
     """Fill patch / batch left unset from the plan (flags win); returns (resolved cfg, plan or None).
     On --resume the run's saved plan.json is reused, so a continued run trains on exactly the same grid."""
-    saved = Path(cfg.output_dir) / "plan.json"
-    with accelerator.main_process_first():
-        if cfg.resume and saved.is_file():
-            plan = Plan.load(saved)
-        else:
-            plan = resolve_plan(cfg.plan, data_dir, task="segmentation", cuda=torch.cuda.is_available())
+    plan = run_plan(cfg.plan, data_dir, cfg.output_dir, task="segmentation", resume=cfg.resume, accelerator=accelerator)
     resolved = dataclasses.replace(
         cfg,
         patch_size=tuple(cfg.patch_size or (plan.patch_size if plan else FALLBACK_PATCH)),
@@ -363,8 +360,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
     preprocess = preprocess_config(cfg, source, plan)
     data = get_data(cfg, preprocess, data_dir, accelerator)
     model, report = build_model(cfg, source, data, preprocess, accelerator, plan)
-    if plan is not None and accelerator.is_main_process:
-        plan.save(output_dir / "plan.json")
+    save_plan(plan, output_dir, accelerator)
     accelerator.print(
         f"{len(data['train_ids'])} training / {len(data['val_ids'])} validation cases, labels {data['labels']}, "
         f"post-processing: largest component of {model.config.keep_largest or 'nothing'}, "

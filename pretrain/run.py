@@ -41,6 +41,8 @@ from nny_models.training import (  # noqa: E402
     lock_output_dir,
     make_accelerator,
     parse_config,
+    run_plan,
+    save_plan,
     tracker_config,
     train_loop,
     warmup_cosine,
@@ -127,14 +129,7 @@ def apply_plan(cfg: PretrainConfig, data_dir: Path, accelerator):
     """Fill spacing / patch / batch left unset from the plan (flags win); returns (resolved cfg, plan or None).
 
     On --resume the run's saved plan.json is reused, so a continued run trains on exactly the same grid."""
-    from nny_models.planning import Plan, resolve_plan
-
-    saved = Path(cfg.output_dir) / "plan.json"
-    with accelerator.main_process_first():
-        if cfg.resume and saved.is_file():
-            plan = Plan.load(saved)
-        else:
-            plan = resolve_plan(cfg.plan, data_dir, task="pretraining", cuda=torch.cuda.is_available())
+    plan = run_plan(cfg.plan, data_dir, cfg.output_dir, task="pretraining", resume=cfg.resume, accelerator=accelerator)
     resolved = dataclasses.replace(
         cfg,
         spacing=tuple(cfg.spacing or (plan.spacing if plan else PreprocessConfig.spacing)),
@@ -230,8 +225,7 @@ def train(cfg: PretrainConfig) -> None:
 
     # Data: source patches big enough for the largest random-resized crop; one pass covers the run.
     cache = prepare_cache(cfg, prep, data_dir, accelerator)
-    if plan is not None and accelerator.is_main_process:
-        plan.save(out_dir / "plan.json")
+    save_plan(plan, out_dir, accelerator)
     length = cfg.max_steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     dataset = PatchDataset(cache, None, source_patch_size(cfg.patch_size, pretext), length,
                            seed=cfg.seed, fg_prob=0.0, with_label=False)
