@@ -38,7 +38,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog=PROG, description="Segment a CT volume with an NnyNet model.")
-    p.add_argument("--model", required=True, help="local save_pretrained folder or Hub repo id")
+    p.add_argument("--model", required=True, action="append",
+                   help="local save_pretrained folder or Hub repo id; repeat it for an ensemble (e.g. the k fold "
+                        "models): their probabilities are averaged (nny_models.ensemble)")
     p.add_argument("--input", required=True, help="CT volume: .nii/.nii.gz/.nrrd or a DICOM folder")
     p.add_argument("--output", required=True, help="where to write the uint8 label mask (.nii.gz)")
     p.add_argument("--clinical", help="one clinical row: .json object or one-row .csv")
@@ -71,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _expand(path: str | None) -> str | None:
+def _expand(path: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(path, list):  # --model repeated for an ensemble
+        return [os.path.expanduser(p) for p in path]
     return None if path is None else os.path.expanduser(path)
 
 
@@ -142,9 +146,10 @@ def check_paths(args: argparse.Namespace) -> None:
         inputs["--clinical"] = Path(args.clinical)
     if getattr(args, "onnx", None) is not None:
         inputs["--onnx"] = Path(args.onnx)
-    if Path(args.model).is_dir():
-        model_files = ("config.json", "model.safetensors", "model.onnx", "README.md")
-        inputs.update({f"--model {f}": Path(args.model) / f for f in model_files})
+    for model in args.model:
+        if Path(model).expanduser().is_dir():
+            model_files = ("config.json", "model.safetensors", "model.onnx", "README.md")
+            inputs.update({f"--model {model}/{f}": Path(model).expanduser() / f for f in model_files})
     for flag, out in outputs.items():
         for what, path in inputs.items():
             if _same_file(out, path):
@@ -270,9 +275,18 @@ def run(args: argparse.Namespace) -> None:
     for message in forced:
         print(f"warning: {message}", file=sys.stderr)
     if args.backend == "onnxruntime":
-        model = load_onnx_backend(args.model, args.onnx)
+        if len(args.model) > 1:
+            raise InputError("--backend onnxruntime runs one model; pass --model once")
+        model = load_onnx_backend(args.model[0], args.onnx)
+    elif len(args.model) > 1:
+        from nny_models.ensemble import Ensemble
+
+        try:
+            model = Ensemble([load_model(m, args.revision) for m in args.model])
+        except ValueError as err:
+            raise InputError(f"--model: {err}") from err
     else:
-        model = load_model(args.model, args.revision)
+        model = load_model(args.model[0], args.revision)
     if args.attention is not None:
         from nny_models.attention import attention_fusion
 

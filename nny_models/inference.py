@@ -80,6 +80,8 @@ def clinical_vector(
     case_id: the image's case id(s) (nny_models.clinical.image_case_ids); a row for another case is refused."""
     if clinical is None:
         return None  # a fusion model uses its learned "no clinical data" embedding
+    if hasattr(model, "encode_clinical"):  # an Ensemble encodes the row once per member (nny_models.ensemble)
+        return model.encode_clinical(clinical, case_id, image)
     if not _uses_fusion(model):
         warnings.warn("predict: the model was trained without clinical fusion; the clinical data is ignored")
         return None
