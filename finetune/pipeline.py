@@ -47,7 +47,8 @@ class PipelineConfig:
     batch_size: int = 1  # patches per step in both stages (one wide patch beat two 64 x 64 x 32 ones at the same cost)
     model: str = "nnynet"  # zoo name
     size: str = "tiny"  # zoo size preset (tiny: the whole pipeline took 12.3 min on 2 idle CPU cores)
-    fusion: str = "cross_attention"  # clinical fusion used for fine-tuning
+    fusion: str = "cross_attention_film"  # clinical fusion used for fine-tuning: the paper's cross-attention with a FiLM
+    # read-out (per-channel scale and shift); the plain paper mode is inert by construction (nny_models/fusion.py)
     seed: int = 0  # seeds data generation (test cases use seed + 1000) and both trainings
     quick: bool = False  # a smoke run of a few minutes (tiny step counts); metrics are then meaningless
     resume: bool = False  # continue interrupted trainings from their checkpoints instead of starting them again

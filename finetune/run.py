@@ -296,6 +296,11 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
     )
     # Training-only switches are constructor arguments (never in config.json); models without them ignore them.
     model = NnyNet(config, deep_supervision=cfg.deep_supervision, grad_checkpointing=cfg.grad_checkpointing)
+    divisor = int(getattr(model.net, "size_divisor", 1) or 1)
+    if any(p % divisor for p in cfg.patch_size):
+        raise ValueError(f"--patch_size {list(cfg.patch_size)} must be divisible by {divisor} for model {name!r}"
+                         + (" (the plan's patch size; pass --patch_size)" if plan is not None and cfg.patch_size ==
+                            tuple(plan.patch_size) else ""))
     report = None
     if cfg.pretrained:
         report = model.transfer_from(cfg.pretrained, exclude_prefixes=tuple(model.net.head_prefixes))

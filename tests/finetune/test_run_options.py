@@ -106,7 +106,7 @@ def test_pipeline_stage_configs_are_valid_stage_configs_with_the_pipeline_values
     fine = build_config(FinetuneConfig, configs["finetune"])
     assert (pre.spacing, pre.hu_window, pre.patch_size, pre.batch_size) == ((3.0, 3.0, 4.0), (-200.0, 300.0), (96, 96, 32), 1)
     assert (pre.model, pre.size, pre.max_steps, fine.max_steps, fine.val_every) == ("nnynet", "tiny", 80, 1000, 200)
-    assert (fine.patch_size, fine.batch_size, fine.fusion) == ((96, 96, 32), 1, "cross_attention")
+    assert (fine.patch_size, fine.batch_size, fine.fusion) == ((96, 96, 32), 1, "cross_attention_film")
     assert fine.pretrained == str(tmp_path / "pretrain" / "model") and fine.spacing is None  # from the export
     assert pre.overwrite and fine.overwrite  # a re-run retrains, explicitly
     resumed = stage_configs(PipelineConfig(resume=True), tmp_path)
