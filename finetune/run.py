@@ -284,23 +284,25 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
     name, kwargs = architecture(cfg, source)
     schema = data["schema"]
     kwargs.update(out_channels=len(data["labels"]), fusion=cfg.fusion, clinical_features=schema.num_features if schema else 0)
-    config = NnyNetConfig(
-        model=name,
-        model_kwargs=kwargs,
-        label_names=data["labels"],
-        preprocessing=preprocess.to_dict(),
-        patch_size=cfg.patch_size,
-        clinical_schema=schema.to_dict() if schema else None,
-        keep_largest=_keep_largest(cfg, data["labels"]),
-        plan=plan.to_dict() if plan is not None else None,
-    )
+    try:
+        config = NnyNetConfig(
+            model=name,
+            model_kwargs=kwargs,
+            label_names=data["labels"],
+            preprocessing=preprocess.to_dict(),
+            patch_size=cfg.patch_size,
+            clinical_schema=schema.to_dict() if schema else None,
+            keep_largest=_keep_largest(cfg, data["labels"]),
+            plan=plan.to_dict() if plan is not None else None,
+        )
+    except ValueError as err:  # name the flag (or the plan) the patch size came from, not only the config field
+        if "patch_size" not in str(err):
+            raise
+        source = "the plan's patch size; pass --patch_size" if plan is not None and cfg.patch_size == tuple(
+            plan.patch_size) else "from --patch_size"
+        raise ValueError(f"--patch_size {list(cfg.patch_size)} ({source}): {err}") from err
     # Training-only switches are constructor arguments (never in config.json); models without them ignore them.
     model = NnyNet(config, deep_supervision=cfg.deep_supervision, grad_checkpointing=cfg.grad_checkpointing)
-    divisor = int(getattr(model.net, "size_divisor", 1) or 1)
-    if any(p % divisor for p in cfg.patch_size):
-        raise ValueError(f"--patch_size {list(cfg.patch_size)} must be divisible by {divisor} for model {name!r}"
-                         + (" (the plan's patch size; pass --patch_size)" if plan is not None and cfg.patch_size ==
-                            tuple(plan.patch_size) else ""))
     report = None
     if cfg.pretrained:
         report = model.transfer_from(cfg.pretrained, exclude_prefixes=tuple(model.net.head_prefixes))

@@ -86,6 +86,6 @@ def test_a_patch_size_the_network_cannot_take_names_the_flag(tmp_path):
     from nny_models.phantoms import write_dataset
 
     data = write_dataset(tmp_path / "data", cases=3, seed=6, preset="test")
-    with pytest.raises(ValueError, match=r"--patch_size \[48, 48, 48\] must be divisible by 32 for model 'nnynet'"):
+    with pytest.raises(ValueError, match=r"--patch_size \[48, 48, 48\] \(from --patch_size\): .*multiple of 32"):
         main(["--data_dir", str(data), "--output_dir", str(tmp_path / "ft"), "--patch_size", "48", "48", "48",
               "--max_steps", "1", "--num_workers", "0", "--folds", "2", "--fusion", "none"])
