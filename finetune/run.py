@@ -295,14 +295,14 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
             keep_largest=_keep_largest(cfg, data["labels"]),
             plan=plan.to_dict() if plan is not None else None,
         )
+        # Training-only switches are constructor arguments (never in config.json); models without them ignore them.
+        model = NnyNet(config, deep_supervision=cfg.deep_supervision, grad_checkpointing=cfg.grad_checkpointing)
     except ValueError as err:  # name the flag (or the plan) the patch size came from, not only the config field
         if "patch_size" not in str(err):
             raise
         source = "the plan's patch size; pass --patch_size" if plan is not None and cfg.patch_size == tuple(
             plan.patch_size) else "from --patch_size"
         raise ValueError(f"--patch_size {list(cfg.patch_size)} ({source}): {err}") from err
-    # Training-only switches are constructor arguments (never in config.json); models without them ignore them.
-    model = NnyNet(config, deep_supervision=cfg.deep_supervision, grad_checkpointing=cfg.grad_checkpointing)
     report = None
     if cfg.pretrained:
         report = model.transfer_from(cfg.pretrained, exclude_prefixes=tuple(model.net.head_prefixes))
