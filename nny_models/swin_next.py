@@ -79,11 +79,12 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
             # grad_w[c, o] = sum_{b, n} grad[b, c, n] * x_pad[b, c, n + o]: a correlation of x_pad with grad.
             # In fp32 even under bf16 autocast: oneDNN's bf16 conv with this huge kernel is 10x slower than fp32
             # (0.97 s vs 0.10 s for 2 x 12 x 64x64x32, one thread), and fp32 accumulation is more accurate.
-            xf, gf = x.float(), grad.float()
+            wide = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 -> fp32; fp32 and fp64 stay as they are
+            xf, gf = x.to(wide), grad.to(wide)
             x_pad = F.pad(xf, (p,) * 6).transpose(0, 1).reshape(1, c * b, *(s + 2 * p for s in x.shape[2:]))
             grad_w = F.conv3d(x_pad, gf.transpose(0, 1), groups=c).view_as(weight).to(w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3, 4), dtype=torch.float32).to(b_dtype)  # accumulate in fp32
+            grad_b = grad.sum((0, 2, 3, 4), dtype=torch.promote_types(grad.dtype, torch.float32)).to(b_dtype)  # >= fp32
         return grad_x, grad_w, grad_b
 
 
