@@ -38,7 +38,7 @@ class PipelineConfig:
     finetune_cases: int = 24  # labeled phantoms (with clinical.csv) for fine-tuning
     test_cases: int = 6  # held-out labeled phantoms for the final evaluation (and as many shifted ones)
     pretrain_steps: int = 80  # Volume Fusion optimizer steps
-    finetune_steps: int = 1000  # fine-tuning optimizer steps (10.4 min with validation on 2 idle cores at the default patch)
+    finetune_steps: int = 1000  # fine-tuning optimizer steps (12.1 min with validation on 2 cores at the default patch)
     val_every: int = 200  # fine-tuning validates (and may export a new best model) every N steps
     spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # preprocessing spacing (mm) of both stages
     hu_window: tuple[float, float] = (-200.0, 300.0)  # soft-tissue HU window of both stages (liver/tumor contrast)
@@ -46,7 +46,7 @@ class PipelineConfig:
     # (288 x 288 mm in-plane: enough context to tell the liver from the spleen, whose HU are the same)
     batch_size: int = 1  # patches per step in both stages (one wide patch beat two 64 x 64 x 32 ones at the same cost)
     model: str = "nnynet"  # zoo name
-    size: str = "tiny"  # zoo size preset (tiny: the whole pipeline took 12.3 min on 2 idle CPU cores)
+    size: str = "tiny"  # zoo size preset (tiny: the whole pipeline took 14.4 min on 2 CPU cores)
     fusion: str = "cross_attention_film"  # clinical fusion used for fine-tuning: the paper's cross-attention with a FiLM
     # read-out (per-channel scale and shift); the plain paper mode is inert by construction (nny_models/fusion.py)
     seed: int = 0  # seeds data generation (test cases use seed + 1000) and both trainings
