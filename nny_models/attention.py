@@ -118,24 +118,12 @@ def predict_attention(model: nn.Module, image: np.ndarray | str | Path, clinical
     case_id / force: as in predict (the clinical row's case check; run on an input that fails the CT check)."""
     from monai.inferers import sliding_window_inference
 
-    from nny_models.inference import _config, check_ct_volume, clinical_vector
+    from nny_models.inference import _config, check_ct_volume, clinical_vector, read_ct_input
     from nny_models.preprocessing import preprocess_volume, restore_to_original
 
     attention_fusion(model)  # fail before any work for a model without attention
     config = _config(model)
-    if isinstance(image, (str, Path)):
-        from nny_models.io import load_volume
-
-        name = str(image)
-        volume, affine = load_volume(image)
-    else:
-        name = "input array"
-        volume = np.asarray(image)
-        if affine is None:
-            if spacing is None:
-                raise ValueError("predict_attention: an array input needs its voxel spacing (mm) or an affine")
-            affine = np.diag([float(s) for s in spacing] + [1.0])
-    volume = np.asarray(volume)
+    volume, affine, name = read_ct_input(image, spacing, affine, "predict_attention")
     check_ct_volume(volume, name, force=force)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if case_id is None and isinstance(image, (str, Path)):

@@ -218,6 +218,28 @@ def sliding_window_probs(
         )
 
 
+def read_ct_input(image: np.ndarray | str | Path, spacing: Any = None, affine: np.ndarray | None = None,
+                  caller: str = "predict") -> tuple[np.ndarray, np.ndarray, str]:
+    """(HU volume, 4x4 affine, name for messages) of predict's image argument: a path read with
+    nny_models.io.load_volume, or an array with its ``spacing`` (mm) or ``affine``."""
+    if isinstance(image, (str, Path)):
+        from nny_models.io import load_volume
+
+        volume, affine = load_volume(image)
+        return np.asarray(volume), np.asarray(affine, dtype=np.float64), str(image)
+    volume = np.asarray(image)
+    if affine is None:
+        if spacing is None:
+            raise ValueError(f"{caller}: an array input needs its voxel spacing (mm) or an affine")
+        if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
+            raise ValueError(f"{caller}: spacing must be 3 positive numbers (mm), got {spacing}")
+        affine = np.diag([float(s) for s in spacing] + [1.0])
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"{caller}: affine must be 4x4, got shape {affine.shape}")
+    return volume, affine, "input array"
+
+
 def _check_predict_args(model: nn.Module, config: Any, overlap: float, sw_batch_size: int) -> None:
     """Bad arguments or a patch_size the network cannot take: a ValueError naming the argument / config field."""
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
@@ -287,25 +309,8 @@ def predict(
     else:
         resolve_precision(precision, device)  # still reject a misspelt precision
         amp = False
-    if isinstance(image, (str, Path)):
-        from nny_models.io import load_volume
-
-        name = str(image)
-        with stage("load"):
-            volume, affine = load_volume(image)
-            volume = np.asarray(volume)
-    else:
-        name = "input array"
-        volume = np.asarray(image)
-        if affine is None:
-            if spacing is None:
-                raise ValueError("predict: an array input needs its voxel spacing (mm) or an affine")
-            if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
-                raise ValueError(f"predict: spacing must be 3 positive numbers (mm), got {spacing}")
-            affine = np.diag([float(s) for s in spacing] + [1.0])
-        affine = np.asarray(affine, dtype=np.float64)
-        if affine.shape != (4, 4):
-            raise ValueError(f"predict: affine must be 4x4, got shape {affine.shape}")
+    with stage("load"):
+        volume, affine, name = read_ct_input(image, spacing, affine, "predict")
     with stage("check"):
         check_ct_volume(volume, name, force=force)
 
