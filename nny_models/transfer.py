@@ -47,20 +47,16 @@ class TransferReport:
 
     def mismatch_message(self, source: str, max_keys: int = 8) -> str:
         """Why a strict load failed: key names and shapes first, one kind per line, counts in full."""
-        def some(keys: list) -> str:
-            shown = ", ".join(str(k) for k in keys[:max_keys])
-            return shown + (f", ... (+{len(keys) - max_keys} more)" if len(keys) > max_keys else "")
-
         lines = []
         if self.mismatched:
             shown = [f"{k} {list(s)} in checkpoint vs {list(d)} in model" for k, s, d in self.mismatched]
-            lines.append(f"{len(self.mismatched)} shape mismatch(es): {some(shown)}")
+            lines.append(f"{len(self.mismatched)} shape mismatch(es): {_some(shown, max_keys)}")
         if self.missing:
-            lines.append(f"{len(self.missing)} missing in checkpoint: {some(self.missing)}")
+            lines.append(f"{len(self.missing)} missing in checkpoint: {_some(self.missing, max_keys)}")
         if self.unexpected:
-            lines.append(f"{len(self.unexpected)} unexpected in checkpoint: {some(self.unexpected)}")
+            lines.append(f"{len(self.unexpected)} unexpected in checkpoint: {_some(self.unexpected, max_keys)}")
         if self.excluded:
-            lines.append(f"{len(self.excluded)} excluded: {some(self.excluded)}")
+            lines.append(f"{len(self.excluded)} excluded: {_some(self.excluded, max_keys)}")
         return f"{source}: weights do not fit the model: " + "; ".join(lines)
 
     def fraction_loaded(self, prefixes: str | Iterable[str] = ("",)) -> float:
@@ -73,23 +69,25 @@ class TransferReport:
         return sum(k.startswith(prefixes) for k in self.loaded) / len(under)
 
     def summary(self, max_keys: int = 5) -> str:
-        def some(keys: list) -> str:
-            shown = ", ".join(str(k) for k in keys[:max_keys])
-            return shown + (f", ... (+{len(keys) - max_keys})" if len(keys) > max_keys else "")
-
         lines = [f"loaded {len(self.loaded)}/{self.total} tensors"]
         if self.interpolated:
-            lines.append(f"interpolated kernels {len(self.interpolated)}: {some(self.interpolated)}")
+            lines.append(f"interpolated kernels {len(self.interpolated)}: {_some(self.interpolated, max_keys)}")
         if self.missing:
-            lines.append(f"missing {len(self.missing)} (kept initialised): {some(self.missing)}")
+            lines.append(f"missing {len(self.missing)} (kept initialised): {_some(self.missing, max_keys)}")
         if self.unexpected:
-            lines.append(f"unexpected {len(self.unexpected)} (ignored): {some(self.unexpected)}")
+            lines.append(f"unexpected {len(self.unexpected)} (ignored): {_some(self.unexpected, max_keys)}")
         if self.mismatched:
             shown = [f"{k} {tuple(s)}->{tuple(d)}" for k, s, d in self.mismatched]
-            lines.append(f"shape mismatch {len(self.mismatched)} (not loaded): {some(shown)}")
+            lines.append(f"shape mismatch {len(self.mismatched)} (not loaded): {_some(shown, max_keys)}")
         if self.excluded:
-            lines.append(f"excluded {len(self.excluded)}: {some(self.excluded)}")
+            lines.append(f"excluded {len(self.excluded)}: {_some(self.excluded, max_keys)}")
         return "; ".join(lines)
+
+
+def _some(keys: list, max_keys: int) -> str:
+    """The first ``max_keys`` keys, comma-separated, and how many more there are."""
+    shown = ", ".join(str(k) for k in keys[:max_keys])
+    return shown + (f", ... (+{len(keys) - max_keys} more)" if len(keys) > max_keys else "")
 
 
 Resizer = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
