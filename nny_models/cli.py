@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "upsampled to the input grid (float32, 1 = uniform; cross-attention models only)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (4 measured 1.8x less CPU time per window than 1)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (see bench/RESULTS.md, profile_predict)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",

@@ -180,7 +180,7 @@ def sliding_window_probs(
     clinical: torch.Tensor | None = None,
     *,
     overlap: float = 0.5,
-    sw_batch_size: int = 4,  # 4 windows per forward: 1.8x less CPU time per window than 1 (fs12, 64^3)
+    sw_batch_size: int = 4,  # 4 windows per forward: less CPU time per window (bench/RESULTS.md)
     device: torch.device | str = "cpu",
     amp: bool = False,
     cval: float = -1.0,
