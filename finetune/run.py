@@ -294,6 +294,8 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
             clinical_schema=schema.to_dict() if schema else None,
             keep_largest=_keep_largest(cfg, data["labels"]),
             plan=plan.to_dict() if plan is not None else None,
+            # mirror TTA (nny_models.tta) only along the axes training really mirrored
+            tta_mirror_axes=list(cfg.flip_axes) if cfg.augment and cfg.augmentation.p_flip > 0 else [],
         )
         # Training-only switches are constructor arguments (never in config.json); models without them ignore them.
         model = NnyNet(config, deep_supervision=cfg.deep_supervision, grad_checkpointing=cfg.grad_checkpointing)

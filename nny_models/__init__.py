@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "create_model": "nny_models.zoo",
+    "Ensemble": "nny_models.ensemble",
+    "load_model": "nny_models.ensemble",
+    "MirrorTTA": "nny_models.tta",
+    "save_ensemble": "nny_models.ensemble",
     "list_models": "nny_models.zoo",
     "NnyNet": "nny_models.hub",
     "NnyNetConfig": "nny_models.config",

@@ -39,8 +39,9 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog=PROG, description="Segment a CT volume with an NnyNet model.")
     p.add_argument("--model", required=True, action="append",
-                   help="local save_pretrained folder or Hub repo id; repeat it for an ensemble (e.g. the k fold "
-                        "models): their probabilities are averaged (nny_models.ensemble)")
+                   help="local save_pretrained folder or Hub repo id, or an ensemble folder / repo written by "
+                        "nny_models.save_ensemble; repeat it for an ensemble (e.g. the k fold models): their "
+                        "probabilities are averaged (nny_models.ensemble)")
     p.add_argument("--input", required=True, help="CT volume: .nii/.nii.gz/.nrrd or a DICOM folder")
     p.add_argument("--output", required=True, help="where to write the uint8 label mask (.nii.gz)")
     p.add_argument("--clinical", help="one clinical row: .json object or one-row .csv")
@@ -52,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (see bench/RESULTS.md, profile_predict)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror test-time augmentation (2^k passes per window, k mirrored axes): --tta on, --no-tta "
+                        "off; default: as the model's config.json says (tta_mirror_axes, the axes it was trained "
+                        "mirrored on; none for a model trained without flips, where --tta is an error)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
@@ -199,7 +204,8 @@ def check_device(device: str | None) -> None:
 
 
 def load_model(model: str, revision: str | None = None):
-    """NnyNet.from_pretrained(strict=True), with the common mistakes turned into InputError."""
+    """nny_models.load_model (an NnyNet, or an Ensemble for a save_ensemble folder; strict), with the common
+    mistakes turned into InputError."""
     import json
 
     path = Path(model).expanduser()
@@ -207,18 +213,23 @@ def load_model(model: str, revision: str | None = None):
         if not path.is_dir():
             raise InputError(f"--model {model!r}: expected a model folder (save_pretrained output), got a file")
         missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+        data = None
+        if "config.json" not in missing:
+            try:  # name the file: a JSON error alone says neither which file nor which model
+                data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise InputError(f"--model {model!r}: {path / 'config.json'} is not valid JSON: "
+                                 f"{_one_line(err)}") from err
+        if isinstance(data, dict) and "ensemble" in data:  # save_ensemble: the weights are in member folders
+            missing.remove("model.safetensors")
         if missing:
             raise InputError(f"--model {model!r}: folder lacks {', '.join(missing)} (expected save_pretrained output)")
-        try:  # name the file: a JSON error alone says neither which file nor which model
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"--model {model!r}: {path / 'config.json'} is not valid JSON: {_one_line(err)}") from err
     elif _is_local_path(model):  # a path, not an "org/name" Hub repo id
         raise InputError(f"--model {model!r}: no such folder ({path.absolute()} not found)")
-    from nny_models.hub import NnyNet
+    from nny_models.ensemble import load_model as load_saved  # an NnyNet, or an Ensemble as config.json says
 
     try:
-        return NnyNet.from_pretrained(model, revision=revision, strict=True)
+        return load_saved(model, revision=revision)
     except Exception as err:  # hub / safetensors / shape errors: all mean "this is not a usable model"
         raise InputError(f"--model {model!r}: cannot load the model: {_one_line(err)}") from err
 
@@ -329,7 +340,7 @@ def run(args: argparse.Namespace) -> None:
                 model, volume, clinical=clinical, affine=affine, overlap=args.overlap,
                 sw_batch_size=args.sw_batch_size, device=args.device,
                 return_probabilities=args.probabilities is not None, force=args.force,
-                precision=args.precision,
+                precision=args.precision, tta=args.tta,
             )
         except ValueError as err:
             raise InputError(str(err)) from err

@@ -113,6 +113,10 @@ class NnyNetConfig:
     # keeps only its largest connected component (nny_models.postprocess); empty = raw argmax
     plan: dict[str, Any] | None = None  # the training run's plan (nny_models.planning.Plan.to_dict()), kept for
     # provenance; inference replays `preprocessing` and `patch_size`, which already hold what the plan set
+    tta_mirror_axes: list[int] = field(default_factory=list)  # axes (0, 1, 2 of the preprocessed volume, e.g.
+    # RAS x, y, z) the network was trained mirrored along (finetune --flip_axes), so mirror test-time augmentation
+    # (nny_models.tta) may average over them; [] = no TTA (absent in older files). Mirroring along an axis not
+    # trained on (the default left-right: it hides the liver / spleen side) would blur the prediction.
     format_version: int = FORMAT_VERSION  # config.json format (module docstring); absent in a file = 0
 
     def __post_init__(self) -> None:
@@ -142,6 +146,7 @@ class NnyNetConfig:
         if self.task not in TASKS:
             raise ValueError(f"NnyNetConfig.task: expected one of {list(TASKS)}, got {self.task!r}")
         self._check_clinical()
+        self.tta_mirror_axes = check_mirror_axes(self.tta_mirror_axes, "NnyNetConfig.tta_mirror_axes")
 
     def _check_labels(self) -> None:
         names = self.label_names
@@ -179,6 +184,9 @@ class NnyNetConfig:
         """From config.json's object; a dict without format_version is format 0 (nnynet 0.1)."""
         if not isinstance(d, dict):
             raise ValueError(f"NnyNetConfig: expected a JSON object, got {type(d).__name__}")
+        if "ensemble" in d:  # nny_models.ensemble.save_ensemble's folder: k models, no single network here
+            raise ValueError("this config.json describes an ensemble of models (field 'ensemble'); load it with "
+                             "nny_models.load_model, which returns an Ensemble, not with NnyNet.from_pretrained")
         d = {"format_version": 0, **d}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -188,6 +196,15 @@ class NnyNetConfig:
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.preprocessing)
+
+
+def check_mirror_axes(axes: Any, name: str) -> list[int]:
+    """``axes`` as a sorted list of unique spatial axes among 0, 1, 2, or a ValueError naming ``name``."""
+    ok = isinstance(axes, (list, tuple)) and all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
+    if not ok or not set(axes) <= {0, 1, 2} or len(set(axes)) != len(axes):
+        raise ValueError(f"{name}: expected a list of unique spatial axes among 0, 1, 2 (e.g. [] or [0, 2]), "
+                         f"got {axes!r}")
+    return sorted(axes)
 
 
 def _explicit_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:

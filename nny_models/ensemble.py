@@ -9,27 +9,50 @@
 from config.json around the network (preprocessing, patch size, label names, post-processing): one
 preprocessing and one sliding window serve them all. Each member keeps its own clinical schema (k fold models
 fit their imputation on different folds), so the clinical row is encoded once per member.
+
+Publishing: ``save_ensemble(models, "ens")`` writes one save_pretrained folder per member (ens/member_0, ...), a
+top-level ens/config.json stating the ensemble (its "ensemble" field: format, member folders, how they are
+combined; the shared fields; the TTA axes) and a model card. ``load_model("ens")`` (a folder or Hub repo id)
+returns an NnyNet or an Ensemble, as config.json says; ``NnyNet.from_pretrained("ens")`` refuses the folder.
+
+Test-time mirroring (nny_models.tta): an Ensemble's ``config.tta_mirror_axes`` are the axes every member was
+trained mirrored on (or a subset given to the constructor), so ``predict(ensemble)`` mirrors only where all
+members allow it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from nny_models.config import check_mirror_axes
+
 SHARED_FIELDS = ("preprocessing", "patch_size", "label_names", "keep_largest", "task")  # config.json fields
+ENSEMBLE_FORMAT = 1  # the "ensemble" section of an ensemble's config.json that this code writes and reads
+COMBINE = "mean_softmax"  # members' softmax probabilities averaged window by window (the only rule there is)
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a plain sub-folder name: no "/", "..", "~"
 
 
 class Ensemble(nn.Module):
     """Members run on the same windows; forward returns the log of their mean softmax probability, so the
     softmax that sliding-window inference applies gives back exactly the average."""
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    def __init__(self, members: Sequence[nn.Module], tta_mirror_axes: Sequence[int] | None = None) -> None:
+        """tta_mirror_axes: the ensemble's test-time mirroring axes; None = those every member allows (the
+        intersection of their config.json tta_mirror_axes); a list must be a subset of that intersection."""
         super().__init__()
         if len(members) < 1:
             raise ValueError("Ensemble: needs at least one model")
+        if any(isinstance(m, Ensemble) for m in members):  # nested: members would no longer weigh the same
+            raise ValueError("Ensemble: a member is itself an Ensemble; pass its members (Ensemble.members) instead")
         configs = [getattr(m, "config", None) for m in members]
         if any(c is None for c in configs):
             raise ValueError("Ensemble: every member must be an NnyNet (with a .config)")
@@ -40,8 +63,15 @@ class Ensemble(nn.Module):
                 if other[name] != first[name]:
                     raise ValueError(f"Ensemble: member {i} differs from member 0 in config.json field {name!r} "
                                      f"({other[name]!r} vs {first[name]!r}); an ensemble needs the same {name}")
+        safe = sorted(set.intersection(*(set(c.tta_mirror_axes) for c in configs)))
+        axes = safe if tta_mirror_axes is None else check_mirror_axes(list(tta_mirror_axes), "Ensemble tta_mirror_axes")
+        if not set(axes) <= set(safe):
+            unsafe = {i: c.tta_mirror_axes for i, c in enumerate(configs) if not set(axes) <= set(c.tta_mirror_axes)}
+            raise ValueError(f"Ensemble: tta_mirror_axes {axes} are not all safe for every member (members' "
+                             f"config.json tta_mirror_axes: {unsafe}); the safe common axes are {safe}")
         self.members = nn.ModuleList(members)
-        self.config = configs[0]  # the shared fields are what predict reads
+        # the shared fields are what predict reads; tta_mirror_axes is the ensemble's own
+        self.config = dataclasses.replace(configs[0], tta_mirror_axes=axes)
         self.size_divisor = max(int(getattr(getattr(m, "net", m), "size_divisor", 1) or 1) for m in members)
         self.supports_bf16 = all(getattr(m, "supports_bf16", True) for m in members)
         self.feature_sizes = [_clinical_features(m) for m in members]
@@ -53,10 +83,18 @@ class Ensemble(nn.Module):
 
     def encode_clinical(self, clinical: Any, case_id: Any = None, image: str | None = None) -> torch.Tensor | None:
         """The members' clinical vectors side by side (1, sum of their feature counts), or None."""
-        from nny_models.inference import clinical_vector
+        from nny_models.inference import clinical_vector, read_clinical
 
         if clinical is None:
             return None
+        if isinstance(clinical, (np.ndarray, torch.Tensor, list, tuple)):
+            row = read_clinical(clinical, case_id, image)
+            if isinstance(row, np.ndarray):  # already encoded: it must be this method's own output
+                if row.size != sum(self.feature_sizes):
+                    raise ValueError(f"clinical: an encoded vector for this ensemble holds its members' vectors side "
+                                     f"by side ({self.feature_sizes} features, {sum(self.feature_sizes)} in all); "
+                                     f"got {row.size}")
+                return torch.from_numpy(row.reshape(1, -1)) if row.size else None
         parts = [clinical_vector(m, clinical, case_id, image) for m, f in zip(self.members, self.feature_sizes) if f]
         return torch.cat(parts, dim=1) if parts else None
 
@@ -76,3 +114,153 @@ class Ensemble(nn.Module):
 def _clinical_features(model: nn.Module) -> int:
     fusion = getattr(getattr(model, "net", model), "fusion", None)
     return int(getattr(fusion, "clinical_features", 0) or 0) if fusion is not None else 0
+
+
+# ---- publishing: one folder holding k save_pretrained members ------------------------------------------------
+
+
+def save_ensemble(
+    members: "Ensemble | Sequence[nn.Module]",
+    directory: str | Path,
+    *,
+    names: Sequence[str] | None = None,
+    tta_mirror_axes: Sequence[int] | None = None,
+    metrics: dict[str, Any] | None = None,
+    trained_on: str | None = None,
+    notes: str | None = None,
+) -> Path:
+    """Write an ensemble folder: <directory>/<name>/ per member (save_pretrained: safetensors, config.json, card),
+    <directory>/config.json stating the ensemble and the fields members share, <directory>/README.md (its card).
+
+    members: an Ensemble or NnyNet models (not MirrorTTA wrappers: TTA is stated by tta_mirror_axes).
+    names: member folder names (default member_0, member_1, ...). tta_mirror_axes: None = the Ensemble's (the axes
+    every member allows). metrics: the ensemble's own evaluation summary for its card and config.json (member
+    cards keep their own). Push the folder with huggingface_hub.upload_folder; load it with load_model.
+    """
+    from nny_models.hub import CONFIG_NAME, WEIGHTS_NAME, NnyNet, render_model_card
+
+    if isinstance(members, Ensemble):
+        axes = members.config.tta_mirror_axes if tta_mirror_axes is None else tta_mirror_axes
+        members = list(members.members)
+    else:
+        members, axes = list(members), tta_mirror_axes
+    for i, member in enumerate(members):
+        if not isinstance(member, NnyNet):
+            raise ValueError(f"save_ensemble: member {i} is a {type(member).__name__}; expected NnyNet models (TTA is "
+                             "stated by tta_mirror_axes, not saved as a wrapper)")
+    ensemble = Ensemble(members, tta_mirror_axes=axes)  # the same checks as in memory: shared fields, safe axes
+    names = [f"member_{i}" for i in range(len(members))] if names is None else list(names)
+    _check_member_names(names, len(members), "save_ensemble names")
+    directory = Path(directory).expanduser()
+    if (directory / WEIGHTS_NAME).exists():
+        raise ValueError(f"save_ensemble: {directory} holds a single model ({WEIGHTS_NAME}); write the ensemble to "
+                         "a new folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, member in zip(names, members):
+        member.save_pretrained(directory / name)
+    shared = {k: v for k, v in ensemble.config.to_dict().items() if k in SHARED_FIELDS}
+    config = {"ensemble": {"format_version": ENSEMBLE_FORMAT, "members": names, "combine": COMBINE},
+              "tta_mirror_axes": list(ensemble.config.tta_mirror_axes), **shared, "metrics": metrics}
+    json.dumps(config, allow_nan=False)  # a non-JSON metric fails before anything is written
+    card_config = dataclasses.replace(ensemble.config, metrics=metrics)
+    described = [{"name": n, "model": m.config.model, "model_kwargs_json": json.dumps(m.config.model_kwargs,
+                  sort_keys=True), "tta_mirror_axes": m.config.tta_mirror_axes} for n, m in zip(names, members)]
+    card = render_model_card(card_config, trained_on=trained_on, notes=notes, ensemble=described)
+    card.save(directory / "README.md")
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_model(path_or_repo: str | Path, *, revision: str | None = None, map_location: str = "cpu") -> nn.Module:
+    """An NnyNet or an Ensemble, as the config.json of a local folder or Hub repo id says; strict, safetensors only.
+
+    An ensemble's members are loaded with NnyNet.from_pretrained(strict=True) from its sub-folders (a Hub repo is
+    fetched with snapshot_download, restricted to the listed members' config.json and model.safetensors). A member
+    folder that is missing or broken, or that differs from the top-level config.json in a shared field, is a
+    ValueError / FileNotFoundError naming the folder and the field.
+    """
+    from nny_models.hub import CONFIG_NAME, NnyNet, _resolve_file
+
+    path = _resolve_file(path_or_repo, CONFIG_NAME, revision=revision)
+    data = _read_json(path)
+    if not (isinstance(data, dict) and "ensemble" in data):
+        return NnyNet.from_pretrained(path_or_repo, revision=revision, map_location=map_location)
+    names = _ensemble_section(data, path)
+    local = Path(path_or_repo).expanduser()
+    if local.is_dir():
+        root = local
+    else:  # a Hub repo: one snapshot (one commit) holding exactly the listed members' two files each
+        from huggingface_hub import snapshot_download
+
+        from nny_models.hub import WEIGHTS_NAME
+
+        patterns = [CONFIG_NAME, "README.md"] + [f"{n}/{f}" for n in names for f in (CONFIG_NAME, WEIGHTS_NAME)]
+        root = Path(snapshot_download(repo_id=str(path_or_repo), revision=revision, allow_patterns=patterns))
+        path = root / CONFIG_NAME
+        data = _read_json(path)
+        if _ensemble_section(data, path) != names:
+            raise ValueError(f"Hub repo {path_or_repo}: config.json changed while downloading (revision "
+                             f"{revision or 'main'}); pin a commit with revision=")
+    members = []
+    for name in names:
+        folder = root / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{path}: ensemble member folder {name!r} (field 'ensemble.members') not found "
+                                    f"at {folder}")
+        try:
+            member = NnyNet.from_pretrained(folder, strict=True, map_location=map_location)
+        except Exception as e:  # a broken member names itself: the message says which file and why
+            raise ValueError(f"ensemble {root}: member {name!r} cannot be loaded: {e}") from e
+        own = member.config.to_dict()
+        for field in SHARED_FIELDS:
+            if own[field] != data[field]:
+                raise ValueError(f"{folder / CONFIG_NAME}: field {field!r} is {own[field]!r} but the ensemble's "
+                                 f"{path} says {data[field]!r}; every member must share it")
+        members.append(member)
+    try:
+        return Ensemble(members, tta_mirror_axes=data["tta_mirror_axes"]).eval()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _ensemble_section(data: dict[str, Any], path: Path) -> list[str]:
+    """The member folder names of an ensemble config.json, after checking every field it holds (strict)."""
+    allowed = {"ensemble", "tta_mirror_axes", "metrics", *SHARED_FIELDS}
+    unknown, missing = sorted(set(data) - allowed), sorted(allowed - {"metrics"} - set(data))
+    if unknown or missing:
+        raise ValueError(f"{path}: ensemble config.json " + (f"has unknown field(s) {unknown}" if unknown else "")
+                         + ("; " if unknown and missing else "") + (f"lacks field(s) {missing}" if missing else ""))
+    section = data["ensemble"]
+    if not isinstance(section, dict) or set(section) != {"format_version", "members", "combine"}:
+        raise ValueError(f"{path}: field 'ensemble': expected an object with format_version, members and combine, "
+                         f"got {section!r}")
+    if section["format_version"] != ENSEMBLE_FORMAT:
+        raise ValueError(f"{path}: field 'ensemble.format_version': this nnynet reads {ENSEMBLE_FORMAT}, got "
+                         f"{section['format_version']!r}; upgrade nnynet")
+    if section["combine"] != COMBINE:
+        raise ValueError(f"{path}: field 'ensemble.combine': expected {COMBINE!r}, got {section['combine']!r}")
+    try:
+        check_mirror_axes(data["tta_mirror_axes"], "tta_mirror_axes")
+        names = section["members"]
+        _check_member_names(names, None, "ensemble.members")
+    except ValueError as e:
+        raise ValueError(f"{path}: field {e}") from e
+    return list(names)
+
+
+def _check_member_names(names: Any, count: int | None, field: str) -> None:
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{field}: expected a non-empty list of folder names, got {names!r}")
+    if count is not None and len(names) != count:
+        raise ValueError(f"{field}: {len(names)} names for {count} members")
+    bad = [n for n in names if not _MEMBER_NAME.fullmatch(n)]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"{field}: expected unique plain folder names (letters, digits, '.', '_', '-'; not starting "
+                         f"with '.'), got {names!r}")

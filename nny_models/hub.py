@@ -250,8 +250,12 @@ def _read_weights(repo_or_dir: str | Path, **hub_kwargs: Any) -> tuple[dict[str,
 
 
 def render_model_card(config: NnyNetConfig, *, training: dict[str, Any] | None = None,
-                      trained_on: str | None = None, notes: str | None = None) -> ModelCard:
-    """Model card (YAML front matter + markdown) for ``config``, from model_cards/nnynet.md.j2."""
+                      trained_on: str | None = None, notes: str | None = None,
+                      ensemble: list[dict[str, Any]] | None = None) -> ModelCard:
+    """Model card (YAML front matter + markdown) for ``config``, from model_cards/nnynet.md.j2.
+
+    ensemble: for nny_models.ensemble.save_ensemble, one dict per member (name, model, model_kwargs_json,
+    tta_mirror_axes); ``config`` then holds the shared fields and the ensemble's tta_mirror_axes."""
     if not MODEL_CARD_TEMPLATE.is_file():
         raise FileNotFoundError(f"model card template {MODEL_CARD_TEMPLATE} not found: the nnynet installation is "
                                 "incomplete (the wheel ships it as nny_models/model_cards/); reinstall nnynet")
@@ -275,9 +279,17 @@ def render_model_card(config: NnyNetConfig, *, training: dict[str, Any] | None =
         training=training or {},
         trained_on=trained_on,
         notes=notes,
+        ensemble=ensemble or [],
+        tta_axes=_axis_names(config.tta_mirror_axes, config.preprocess.orientation),
     )
     # Optional sections leave runs of blank lines behind; markdown needs at most one.
     return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))
+
+
+def _axis_names(axes: list[int], orientation: str) -> list[str]:
+    """Mirror axes for the card, e.g. ["0 (x, R-L)", "2 (z, S-I)"] for RAS."""
+    opposite = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+    return [f"{a} ({'xyz'[a]}, {orientation[a]}-{opposite[orientation[a]]})" for a in axes]
 
 
 def _as_config(config: NnyNetConfig | dict) -> NnyNetConfig:

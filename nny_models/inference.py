@@ -271,6 +271,7 @@ def predict(
     force: bool = False,
     precision: str = "auto",
     timings: dict[str, float] | None = None,
+    tta: bool | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Segment one CT; the uint8 label volume has the input's shape (and, for a file, its affine).
 
@@ -291,6 +292,9 @@ def predict(
         volume is post-processed as config.keep_largest says (largest liver + tumor component); the
         probabilities are not.
     force: run on an image the HU intensity check refuses, with a warning (see nny_models.hu_check).
+    tta: mirror test-time augmentation (nny_models.tta; 2^k passes per window): None = as config.json says
+        (mirror along ``tta_mirror_axes``, the axes the model was trained mirrored on, when there are any),
+        False = off, True = on (a ValueError when config.json lists no such axes).
     The model is put in eval mode and moved to ``device``. Raises ValueError for an input that is not
     a 3D CT in HU (see check_ct_volume) or a clinical row the schema cannot read.
     """
@@ -298,6 +302,9 @@ def predict(
 
     config = _config(model)
     _check_predict_args(model, config, overlap, sw_batch_size)
+    from nny_models.tta import with_tta
+
+    network = with_tta(model, tta)  # before any work: tta=True on a model without safe axes fails here
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     stage = _StageTimer(timings, device)
     if amp is not None:
@@ -326,7 +333,7 @@ def predict(
         x = torch.as_tensor(x, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
     with torch.inference_mode():
         probs = sliding_window_probs(
-            model, x, config.patch_size, clin, overlap=overlap, sw_batch_size=sw_batch_size,
+            network, x, config.patch_size, clin, overlap=overlap, sw_batch_size=sw_batch_size,
             device=device, amp=amp, cval=float(cfg.air_value),  # pad with "air", not mid-window grey
             timings=timings,
         )[0]
