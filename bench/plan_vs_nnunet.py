@@ -34,6 +34,19 @@ from nny_models.planning import plan_dataset  # noqa: E402
 DATASET_ID = 913
 
 
+def label_map(data_dir: Path) -> dict[str, int]:
+    """{label name: value} for nnU-Net's dataset.json, from the data's MSD dataset.json (or background/foreground)."""
+    meta = json.loads((data_dir / "dataset.json").read_text()) if (data_dir / "dataset.json").is_file() else {}
+    names = meta.get("labels") or {"0": "background", "1": "foreground"}
+    return {v: int(k) for k, v in names.items()} if all(str(k).isdigit() for k in names) else dict(names)
+
+
+def ras_axes(transpose_forward: list[int]) -> list[int]:
+    """World (RAS, x y z) axis of each nnU-Net plan axis: plan axis k = SimpleITK array axis transpose_forward[k],
+    and SimpleITK array axis a = world axis 2 - a (SimpleITK arrays are z, y, x)."""
+    return [2 - transpose_forward[k] for k in range(3)]
+
+
 def to_nnunet_raw(data_dir: Path, raw: Path, labels: dict[str, int]) -> Path:
     records = [r for r in discover_cases(data_dir) if r.label is not None]
     ds = raw / f"Dataset{DATASET_ID:03d}_Phantoms"
@@ -63,8 +76,7 @@ def nnunet_plan(data_dir: Path, work: Path, nnunet_bin: Path, labels: dict[str, 
     fp = json.loads((pre / "dataset_fingerprint.json").read_text())
     cfg = plans["configurations"]["3d_fullres"]
     tf = plans["transpose_forward"]
-    # plan axis k = SimpleITK array axis tf[k]; SimpleITK axis a = world axis 2 - a (arrays are z, y, x)
-    ras = [2 - tf[k] for k in range(3)]
+    ras = ras_axes(tf)
 
     def to_ras(v):
         out = [0] * 3
@@ -102,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             from nny_models.phantoms import write_dataset
 
             data = write_dataset(work / "phantoms", cases=args.cases, seed=args.seed, workers=2)
-        meta = json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").is_file() else {}
-        names = meta.get("labels") or {"0": "background", "1": "foreground"}
-        labels = {v: int(k) for k, v in names.items()} if all(str(k).isdigit() for k in names) else dict(names)
+        labels = label_map(data)
         peer = nnunet_plan(data, work, nnunet_bin, labels)
         plan = plan_dataset(data, memory_budget_voxels=args.memory_budget_voxels)
     ours = {
