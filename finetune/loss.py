@@ -13,6 +13,10 @@ sigmoid, which is wrong for mutually exclusive classes, so we compose the three 
   It always uses every class: MONAI drops the background channel *before* its softmax when
   include_background=False, which would normalise over foreground classes only.
 - CE: ``torch.nn.functional.cross_entropy`` averaged over voxels.
+- class_weights (optional, one per class, background first): weigh the focal and CE terms per class
+  (``FocalLoss(weight=...)``, ``cross_entropy(weight=...)``, the weighted voxel mean). A rare class such as a
+  small tumor otherwise gets a vanishing share of the voxel-averaged gradient; the Dice term is class-balanced
+  already but saturates once the softmax has pushed that class to ~0 everywhere.
 
 Deep supervision: pass a list of logits, full resolution first. The target is downsampled to each
 scale with nearest-neighbour interpolation and the per-scale losses are weighted 1, 1/2, 1/4, ...
@@ -39,6 +43,7 @@ class DiceFocalCELoss(nn.Module):
         include_background: bool = False,
         ds_weights: Sequence[float] | None = None,
         batch_dice: bool = True,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         for name, w in (("dice_weight", dice_weight), ("focal_weight", focal_weight), ("ce_weight", ce_weight)):
@@ -46,10 +51,16 @@ class DiceFocalCELoss(nn.Module):
                 raise ValueError(f"DiceFocalCELoss: {name} must be >= 0, got {w}")
         if ds_weights is not None and (len(ds_weights) == 0 or any(w < 0 for w in ds_weights)):
             raise ValueError(f"DiceFocalCELoss: ds_weights must be a non-empty list of weights >= 0, got {ds_weights}")
+        if class_weights is not None and (len(class_weights) < 2 or any(not w > 0 for w in class_weights)):
+            raise ValueError(f"DiceFocalCELoss: class_weights must be one weight > 0 per class (background "
+                             f"first), got {list(class_weights)}")
         self.dice_weight, self.focal_weight, self.ce_weight = dice_weight, focal_weight, ce_weight
         self.ds_weights = None if ds_weights is None else [float(w) for w in ds_weights]
         self.dice = DiceLoss(softmax=True, to_onehot_y=True, include_background=include_background, batch=batch_dice)
-        self.focal = FocalLoss(use_softmax=True, to_onehot_y=True, include_background=True, gamma=gamma)
+        weights = None if class_weights is None else torch.tensor([float(w) for w in class_weights])
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.focal = FocalLoss(use_softmax=True, to_onehot_y=True, include_background=True, gamma=gamma,
+                               weight=None if weights is None else weights.tolist())
 
     def single_scale(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss for one (B, C, ...) logits tensor and a (B, 1, ...) integer target of the same spatial size."""
@@ -60,13 +71,16 @@ class DiceFocalCELoss(nn.Module):
             )
         target = target.long()
         logits = logits.float()  # the loss in fp32 even under autocast
+        if self.class_weights is not None and len(self.class_weights) != logits.shape[1]:
+            raise ValueError(f"DiceFocalCELoss: {len(self.class_weights)} class_weights for {logits.shape[1]} classes")
         loss = logits.new_zeros(())
         if self.dice_weight:
             loss = loss + self.dice_weight * self.dice(logits, target)
         if self.focal_weight:
             loss = loss + self.focal_weight * self.focal(logits, target)
         if self.ce_weight:
-            loss = loss + self.ce_weight * F.cross_entropy(logits, target[:, 0])
+            w = None if self.class_weights is None else self.class_weights.to(logits.device)
+            loss = loss + self.ce_weight * F.cross_entropy(logits, target[:, 0], weight=w)
         return loss
 
     def scale_weights(self, n: int) -> list[float]:

@@ -110,6 +110,10 @@ class FinetuneConfig:
     focal_weight: float = 1.0  # weight of the softmax focal term
     ce_weight: float = 1.0  # weight of the cross-entropy term
     fg_prob: float = 0.67  # probability that a patch is centred on a (rare-class-balanced) foreground voxel
+    fg_class_weights: tuple[float, ...] | None = None  # one per foreground label (label order): relative chance
+    # that a foreground-centred patch picks it among the labels the case holds; None = equal (nnU-Net)
+    class_weights: tuple[float, ...] | None = None  # one per label, background first: weights of the focal and CE
+    # terms (a rare tumor class otherwise gets a vanishing share of the voxel-averaged gradient); None = equal
     augment: bool = True  # nnU-Net's default augmentation on training patches (see augmentation; flips: flip_axes)
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)  # probabilities and ranges:
     # --augmentation.<field> (finetune/augment.py)
@@ -173,6 +177,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     if len(records) < 2:
         raise ValueError(f"{data_dir}: found {len(records)} labeled case(s); fine-tuning needs at least 2")
     labels = _label_names(data_dir)
+    class_weights = _per_label(cfg.class_weights, labels, "class_weights")  # checked before the slow cache build
 
     ids = sorted(r.case_id for r in records)
     folds = min(cfg.folds, len(ids))
@@ -200,6 +205,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
         length=cfg.max_steps * world,  # one pass covers the run, so resume replays the same order
         seed=cfg.seed,
         fg_prob=cfg.fg_prob,
+        fg_class_weights=_per_label(cfg.fg_class_weights, labels[1:], "fg_class_weights", first=1),
         extras=vectors or None,
     )
     dataset = (AugmentedPatches(patches, cfg.seed, cfg.clinical_dropout, cfg.flip_axes, config=cfg.augmentation)
@@ -215,7 +221,17 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     return dict(
         loader=loader, cache=cache, labels=labels, schema=schema, vectors=vectors,
         train_ids=train_ids, val_ids=val_ids, records=records,
+        class_weights=None if class_weights is None else list(class_weights.values()),
     )  # fmt: skip
+
+
+def _per_label(values: tuple[float, ...] | None, labels: list[str], flag: str, first: int = 0) -> dict | None:
+    """--flag's values as {label index: value}, one per label of ``labels`` (indices from ``first``), or None."""
+    if values is None:
+        return None
+    if len(values) != len(labels) or any(not v > 0 for v in values):
+        raise ValueError(f"--{flag}: expected {len(labels)} values > 0, one per label {labels}, got {list(values)}")
+    return {first + i: float(v) for i, v in enumerate(values)}
 
 
 def _label_names(data_dir: Path) -> list[str]:
@@ -381,7 +397,8 @@ def training_function(cfg: FinetuneConfig) -> Path:
     # The encoder group's LR is 0 for the first freeze_encoder_steps steps, by name, inside the schedule.
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, zero_lr_steps={"encoder": cfg.freeze_encoder_steps})
     loss_fn = DiceFocalCELoss(
-        dice_weight=cfg.dice_weight, focal_weight=cfg.focal_weight, ce_weight=cfg.ce_weight, include_background=False
+        dice_weight=cfg.dice_weight, focal_weight=cfg.focal_weight, ce_weight=cfg.ce_weight, include_background=False,
+        class_weights=data["class_weights"],
     )
     train_model, optimizer, loader = accelerator.prepare(model, optimizer, data["loader"])
     checkpoints = CheckpointManager(accelerator, output_dir, train_model, optimizer, scheduler)

@@ -23,6 +23,8 @@ class PatchDataset(Dataset):
     fg_prob: probability of centring the patch on a voxel of a foreground class chosen uniformly
         among the classes present in the case (so a small tumor is picked as often as the liver).
     fg_classes: classes eligible for that (default: every class > 0).
+    fg_class_weights: {class: relative weight} of that choice (default 1 each, nnU-Net's uniform choice); a
+        weight > 1 centres more patches on a rare class such as a tumor.
     extras: {case_id: {name: array-like}} returned as extra tensors (e.g. "clinical").
     """
 
@@ -36,6 +38,7 @@ class PatchDataset(Dataset):
         seed: int = 0,
         fg_prob: float = 0.33,
         fg_classes: Sequence[int] | None = None,
+        fg_class_weights: Mapping[int, float] | None = None,
         with_label: bool = True,
         extras: Mapping[str, Mapping[str, Any]] | None = None,
     ):
@@ -59,6 +62,9 @@ class PatchDataset(Dataset):
                 raise ValueError(f"PatchDataset: extras has no entry for case {cid!r}")
         self.length, self.seed, self.fg_prob, self.with_label = int(length), int(seed), float(fg_prob), with_label
         self.fg_classes = None if fg_classes is None else {int(c) for c in fg_classes}
+        self.fg_class_weights = {int(c): float(w) for c, w in (fg_class_weights or {}).items()}
+        if any(not w > 0 for w in self.fg_class_weights.values()):
+            raise ValueError(f"PatchDataset: fg_class_weights must be > 0, got {dict(fg_class_weights)}")
         self.extras = extras
         self.pad_value = float(self.cache.preprocess.air_value)  # "air" after intensity scaling
 
@@ -96,7 +102,12 @@ class PatchDataset(Dataset):
         if rng.random() < self.fg_prob:
             classes = [c for c in self.cache.classes(cid) if self.fg_classes is None or c in self.fg_classes]
             if classes:
-                locations = self.cache.fg_locations(cid, classes[int(rng.integers(len(classes)))])
+                if self.fg_class_weights:
+                    w = np.array([self.fg_class_weights.get(int(c), 1.0) for c in classes])
+                    pick = int(rng.choice(len(classes), p=w / w.sum()))
+                else:
+                    pick = int(rng.integers(len(classes)))  # the same draw as before weights existed
+                locations = self.cache.fg_locations(cid, classes[pick])
                 centre = locations[int(rng.integers(len(locations)))]
         start = self._start(shape, centre, rng)
         window = (slice(None),) + tuple(slice(a, a + min(s, p)) for a, s, p in zip(start, shape, self.patch_size))

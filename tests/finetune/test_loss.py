@@ -96,3 +96,23 @@ def test_deep_supervision_weighting():
 def test_bad_target_shape():
     with pytest.raises(ValueError, match="expected target"):
         DiceFocalCELoss()(torch.randn(1, 3, 4, 4, 4), torch.zeros(1, 4, 4, 4, dtype=torch.long))
+
+
+def test_class_weights_weigh_ce_and_focal_per_class():
+    logits, target = _tensors()
+    w = [1.0, 3.0]
+    plain = DiceFocalCELoss(dice_weight=0, focal_weight=0, ce_weight=1)(logits, target)
+    weighted = DiceFocalCELoss(dice_weight=0, focal_weight=0, ce_weight=1, class_weights=w)(logits, target)
+    # torch's weighted CE: sum_i w[y_i] * nll_i / sum_i w[y_i]
+    e = np.exp(LOGITS - LOGITS.max(0, keepdims=True))
+    pt = (e / e.sum(0, keepdims=True) * np.stack([TARGET == c for c in range(2)])).sum(0)
+    wt = np.where(TARGET == 1, w[1], w[0])
+    assert torch.isclose(weighted, torch.tensor((wt * -np.log(pt)).sum() / wt.sum(), dtype=torch.float32), atol=1e-5)
+    assert not torch.isclose(weighted, plain)
+    focal_w = DiceFocalCELoss(dice_weight=0, focal_weight=1, ce_weight=0, class_weights=w)(logits, target)
+    focal = DiceFocalCELoss(dice_weight=0, focal_weight=1, ce_weight=0)(logits, target)
+    assert focal_w > focal  # class 1 (weight 3) voxels count more
+    with pytest.raises(ValueError, match="one weight > 0 per class"):
+        DiceFocalCELoss(class_weights=[1.0, 0.0])
+    with pytest.raises(ValueError, match="3 class_weights for 2 classes"):
+        DiceFocalCELoss(class_weights=[1.0, 1.0, 1.0])(logits, target)

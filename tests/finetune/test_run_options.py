@@ -105,9 +105,23 @@ def test_pipeline_stage_configs_are_valid_stage_configs_with_the_pipeline_values
     pre = build_config(PretrainConfig, configs["pretrain"])
     fine = build_config(FinetuneConfig, configs["finetune"])
     assert (pre.spacing, pre.hu_window, pre.patch_size, pre.batch_size) == ((3.0, 3.0, 4.0), (-200.0, 300.0), (96, 96, 32), 1)
-    assert (pre.model, pre.size, pre.max_steps, fine.max_steps, fine.val_every) == ("nnynet", "tiny", 80, 1000, 200)
-    assert (fine.patch_size, fine.batch_size, fine.fusion) == ((96, 96, 32), 1, "cross_attention_film")
+    assert (pre.model, pre.size, pre.max_steps, fine.max_steps, fine.val_every) == ("nnynet", "tiny", 80, 1800, 300)
+    assert (fine.patch_size, fine.batch_size, fine.fusion) == ((64, 64, 32), 1, "cross_attention_film")
+    assert fine.class_weights == (1.0, 1.0, 5.0, 2.0, 1.0) and fine.fg_class_weights == (1.0, 4.0, 1.5, 1.0)
     assert fine.pretrained == str(tmp_path / "pretrain" / "model") and fine.spacing is None  # from the export
     assert pre.overwrite and fine.overwrite  # a re-run retrains, explicitly
     resumed = stage_configs(PipelineConfig(resume=True), tmp_path)
     assert resumed["pretrain"]["resume"] and "overwrite" not in resumed["finetune"]
+
+
+def test_per_label_weights_need_one_positive_value_per_label():
+    from finetune.run import _per_label
+
+    labels = ["background", "liver", "tumor"]
+    assert _per_label(None, labels, "class_weights") is None
+    assert _per_label((1.0, 1.0, 5.0), labels, "class_weights") == {0: 1.0, 1: 1.0, 2: 5.0}
+    assert _per_label((1.0, 4.0), labels[1:], "fg_class_weights", first=1) == {1: 1.0, 2: 4.0}
+    with pytest.raises(ValueError, match=r"--class_weights: expected 3 values > 0, one per label"):
+        _per_label((1.0, 5.0), labels, "class_weights")
+    with pytest.raises(ValueError, match="--fg_class_weights"):
+        _per_label((1.0, -1.0), labels[1:], "fg_class_weights", first=1)

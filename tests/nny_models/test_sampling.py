@@ -82,6 +82,17 @@ def test_foreground_oversampling_picks_rare_classes(cache):
     assert abs((only_tumor == 2).mean() - 0.5) < 0.06 and (only_tumor == 3).mean() < 0.03
 
 
+def test_fg_class_weights_shift_the_class_choice(cache):
+    n, p = 1200, (16, 16, 16)
+    ds = PatchDataset(cache, ["c0", "c1"], p, length=n, seed=0, fg_prob=1.0, fg_class_weights={2: 4.0})
+    centres = np.array([int(ds[i]["label"][0, 8, 8, 8]) for i in range(n)])
+    # weights liver 1, tumor 4, vessel 1: the tumor is picked 4/6 of the time, the vessel 1/6
+    assert abs((centres == 2).mean() - 4 / 6) < 0.05, (centres == 2).mean()
+    assert abs((centres == 3).mean() - 1 / 6) < 0.05, (centres == 3).mean()
+    with pytest.raises(ValueError, match="fg_class_weights must be > 0"):
+        PatchDataset(cache, ["c0"], p, 4, fg_class_weights={2: 0.0})
+
+
 def test_small_volume_is_padded_and_extras(cache):
     extras = {"c2": {"clinical": np.array([1.0, np.nan, 3.0]), "stage": 2}}
     ds = PatchDataset(cache, ["c2"], (16, 16, 16), length=4, fg_prob=1.0, extras=extras)
