@@ -42,7 +42,7 @@ class StudyConfig:
     fusions: tuple[str, ...] = ("none", "cross_attention")  # fusion modes trained with the true clinical rows
     permuted: tuple[str, ...] = ("cross_attention",)  # fusion modes also trained+tested with permuted clinical rows
     seeds: tuple[int, ...] = (0, 1, 2)  # one run per seed and arm (model init, split, sampling, permutation)
-    steps: int = 1000  # fine-tuning steps per run (the pipeline's budget)
+    steps: int = 1800  # fine-tuning steps per run (the pipeline's budget)
     pretrained: str = "auto"  # nnynet runs start from this export ("auto" = runs/pretrain/model if present,
     # "none" = scratch); other models always train from scratch
     size: str = "tiny"  # zoo size preset when training from scratch
@@ -51,10 +51,15 @@ class StudyConfig:
     train_cases: int = 24  # phantoms generated for training when data_dir is None
     test_cases: int = 8  # phantoms generated for testing when test_dir is None
     data_seed: int = 0  # phantom seed (the test set uses data_seed + 1000)
-    spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # preprocessing spacing (mm), as in the pipeline
-    hu_window: tuple[float, float] = (-200.0, 300.0)  # soft-tissue HU window, as in the pipeline
-    patch_size: tuple[int, int, int] = (96, 96, 32)  # training patch / sliding-window ROI, as in the pipeline
+    spacing: tuple[float, float, float] | None = None  # preprocessing spacing (mm); None = planned from the data,
+    # as in the pipeline
+    hu_window: tuple[float, float] | None = None  # a fixed HU window; None = the planned foreground z-score, as in
+    # the pipeline
+    patch_size: tuple[int, int, int] = (64, 64, 32)  # training patch / sliding-window ROI, as in the pipeline
     batch_size: int = 1  # patches per step, as in the pipeline
+    fg_prob: float = 0.8  # foreground-centred patches, as in the pipeline
+    fg_class_weights: tuple[float, ...] | None = (1.0, 4.0, 1.5, 1.0)  # per foreground label, as in the pipeline
+    class_weights: tuple[float, ...] | None = (1.0, 1.0, 5.0, 2.0, 1.0)  # focal/CE per label, as in the pipeline
     val_every: int = 0  # validation during fine-tuning (0 = only at the end)
     bootstrap: int = 2000  # bootstrap resamples for the CIs
     num_workers: int = 2  # DataLoader workers of each fine-tune
@@ -177,9 +182,12 @@ def main(argv: list[str] | None = None) -> None:
                     cmd = [sys.executable, "finetune/run.py", "--data_dir", str(train), "--output_dir", str(run_dir),
                            "--pretrained", pretrained, "--model", model, "--size", cfg.size, "--fusion", fusion,
                            "--max_steps", str(cfg.steps), "--val_every", str(cfg.val_every), "--seed", str(seed),
-                           "--spacing", *map(str, cfg.spacing), "--hu_window", *map(str, cfg.hu_window),
                            "--patch_size", *map(str, cfg.patch_size), "--batch_size", str(cfg.batch_size),
+                           "--fg_prob", str(cfg.fg_prob),
                            "--num_workers", str(cfg.num_workers), "--cache_dir", str(out / "cache")]  # fmt: skip
+                    for flag in ("spacing", "hu_window", "fg_class_weights", "class_weights"):
+                        if getattr(cfg, flag) is not None:
+                            cmd += [f"--{flag}", *map(str, getattr(cfg, flag))]
                     if fusion != "none":
                         cmd += ["--clinical_csv", str(train_csv)]
                     print("\n$ " + " ".join(cmd), flush=True)

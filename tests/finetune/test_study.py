@@ -117,3 +117,14 @@ def test_two_step_study_resumes(tmp_path):
     assert list(permuted["case_id"]) == list(original["case_id"]) and not permuted["age"].equals(original["age"])
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "$ " not in again.stdout
+
+
+def test_study_defaults_are_the_pipeline_finetune_budget():
+    from finetune.pipeline import PipelineConfig
+    from finetune.study import StudyConfig
+
+    study, pipe = StudyConfig(), PipelineConfig()
+    assert (study.steps, study.patch_size, study.batch_size) == (pipe.finetune_steps, pipe.finetune_patch_size,
+                                                                 pipe.batch_size)
+    assert (study.fg_class_weights, study.class_weights) == (pipe.fg_class_weights, pipe.class_weights)
+    assert study.spacing is None and study.hu_window is None  # planned, as the pipeline's fine-tuning does
