@@ -69,7 +69,7 @@ from nny_models.zoo import resolve_model_kwargs
 
 FALLBACK_PATCH, FALLBACK_BATCH = (64, 64, 64), 2  # without a plan (--plan none) and without the flags
 SCRATCH_MODEL, SCRATCH_SIZE = "nnynet", "tiny"  # the architecture when neither --pretrained nor --model names one
-TASK_KWARGS = ("out_channels", "fusion", "clinical_features")  # network arguments fine-tuning sets for its task
+TASK_KWARGS = ("out_channels", "fusion", "clinical_features", "fusion_position")  # network arguments fine-tuning sets for its task
 
 
 @dataclass
@@ -88,6 +88,9 @@ class FinetuneConfig:
     # With --pretrained it must match the export's network arguments, else an error
     fusion: str = "cross_attention"  # clinical fusion at the bottleneck: none | add | concat | cross_attention (the
     # paper's design) | cross_attention_film | cross_attention_tokens (nny_models/fusion.py says which carry information)
+    fusion_position: str | None = None  # nnynet only: "after_bottleneck" (None picks it: the fusion acts on the
+    # bottleneck's output and passes the capacity test) or "before_bottleneck" (models fine-tuned before 2026-12-01;
+    # the bottleneck's GroupNorm erases a FiLM modulation there). The export's value is never reused: fusion is new
     deep_supervision: bool = True  # extra loss on lower-resolution decoder outputs (models that have them)
     plan: str = "auto"  # "auto" = plan spacing, CT normalization, patch and batch from the labeled data
     # (nny_models.planning, nnU-Net's rules); a plan.json from nnynet-plan; "none" = no plan. Flags win over the plan
@@ -141,6 +144,8 @@ class FinetuneConfig:
         check_run_config(self)
         if self.freeze_encoder_steps < 0:
             raise ValueError(f"--freeze_encoder_steps must be >= 0, got {self.freeze_encoder_steps}")
+        if self.fusion_position not in (None, "before_bottleneck", "after_bottleneck"):
+            raise ValueError(f"--fusion_position: expected before_bottleneck or after_bottleneck, got {self.fusion_position!r}")
         if self.pretrained in ("", "none"):
             self.pretrained = None
         if self.pretrained == "auto":
@@ -300,6 +305,11 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
     name, kwargs = architecture(cfg, source)
     schema = data["schema"]
     kwargs.update(out_channels=len(data["labels"]), fusion=cfg.fusion, clinical_features=schema.num_features if schema else 0)
+    kwargs.pop("fusion_position", None)
+    if name == "nnynet":
+        kwargs["fusion_position"] = cfg.fusion_position or "after_bottleneck"
+    elif cfg.fusion_position:
+        raise ValueError(f"--fusion_position applies to nnynet only; {name!r} has one fusion position")
     try:
         config = NnyNetConfig(
             model=name,

@@ -5,7 +5,8 @@ it returns five layer-normed maps at strides 2, 4, 8, 16, 32 with feature_size *
 channels. The tensors are the same as SwinUNETR's ``swinViT.*`` so encoder weights move between them
 by renaming the prefix.
 
-Decoder: clinical fusion on the stride-32 map, a MedNeXt block as bottleneck, then per level a residual
+Decoder: clinical fusion on the stride-32 map, before or after (fusion_position) a MedNeXt block as
+bottleneck, then per level a residual
 ``MedNeXtUpBlock`` (transposed depthwise conv, x2) whose output is *added* to the encoder skip of that
 level, followed by ``decoder_blocks`` MedNeXt blocks (depthwise k^3 -> GroupNorm -> 1x1x1 expand -> GELU
 -> 1x1x1 compress). The last up block goes to full resolution with feature_size // 2 channels and adds a
@@ -188,6 +189,9 @@ def use_fast_window_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+FUSION_POSITIONS = ("before_bottleneck", "after_bottleneck")  # where SwinNeXt applies the clinical fusion
+
+
 class SwinNeXt(nn.Module):
     """Swin Transformer encoder + MedNeXt decoder; ``forward(image, clinical=None)``."""
 
@@ -213,8 +217,16 @@ class SwinNeXt(nn.Module):
         drop_path_rate: float = 0.0,
         fusion: str = "none",
         clinical_features: int = 0,
+        fusion_position: str = "before_bottleneck",
     ) -> None:
         super().__init__()
+        if fusion_position not in FUSION_POSITIONS:
+            raise ValueError(f"SwinNeXt: fusion_position must be one of {FUSION_POSITIONS}, got {fusion_position!r}")
+        # "before_bottleneck" (what every model fine-tuned before 2026-12-01 does, hence the default) feeds the fused
+        # map into the bottleneck's per-channel GroupNorm, which divides a FiLM scale and removes a shift: the
+        # capacity test fails (nny_models.fusion_capacity). "after_bottleneck" fuses the bottleneck's output,
+        # which reaches the decoder unnormalised; fine-tuning chooses it for new models.
+        self.fusion_position = fusion_position
         if len(depths) != 4 or len(num_heads) != 4:
             raise ValueError(f"SwinNeXt: depths and num_heads need 4 stages, got {depths} and {num_heads}")
         if kernel_size not in (3, 5, 7):
@@ -280,7 +292,10 @@ class SwinNeXt(nn.Module):
             )
         hidden = self.forward_features(image)
         skips = [hidden[3], hidden[2], hidden[1], hidden[0], self.stem(image)]
-        y = self._run(self.bottleneck, apply_fusion(self.fusion, hidden[4], clinical))
+        if self.fusion_position == "after_bottleneck":
+            y = apply_fusion(self.fusion, self._run(self.bottleneck, hidden[4]), clinical)
+        else:
+            y = self._run(self.bottleneck, apply_fusion(self.fusion, hidden[4], clinical))
         ds = []
         for level, (up, dec, skip) in enumerate(zip(self.ups, self.decoder, skips)):
             y = self._run(dec, up(y) + skip)
