@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import cpu_peak_flops, device_name, emit, sync  # noqa: E402
+from bench._common import cpu_peak_flops, device_name, emit, time_it  # noqa: E402
 from nny_models.zoo import create_model  # noqa: E402
 
 OURS, PEER = "nnynet", "swinunetr"
@@ -100,20 +100,6 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
     return counter.get_total_flops()
 
 
-def time_steps(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def measure_training(name: str, size: int, args, device, compiled: bool) -> dict:
     torch.manual_seed(0)
     model = build(name, args.feature_size, args.small, device)
@@ -128,7 +114,7 @@ def measure_training(name: str, size: int, args, device, compiled: bool) -> dict
     step = step_fn(run, x, y)
     step()  # the first step compiles / autotunes; excluded from the timing
     first = time.perf_counter() - start
-    s_it = time_steps(step, device, args.warmup, args.iters)
+    s_it = time_it(step, device, warmup=args.warmup, repeats=args.iters)
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del model, run, step
     if device.type == "cuda":
@@ -149,7 +135,7 @@ def sliding_window_seconds(name: str, args, device) -> float:
         with torch.inference_mode():
             sliding_window_probs(model, x, roi, overlap=0.5, sw_batch_size=4, device=device, amp=True)
 
-    return time_steps(run, device, warmup=1 if device.type == "cuda" else 0, iters=1)
+    return time_it(run, device, warmup=1 if device.type == "cuda" else 0, repeats=1)
 
 
 def _ddp_worker(rank: int, world: int, size: int, args, queue) -> None:
@@ -164,7 +150,7 @@ def _ddp_worker(rank: int, world: int, size: int, args, queue) -> None:
     model = torch.nn.parallel.DistributedDataParallel(build(OURS, args.feature_size, False, device), device_ids=[rank])
     x = torch.randn(args.batch, 1, size, size, size, device=device)
     y = torch.randint(0, 5, (args.batch, size, size, size), device=device)
-    s_it = time_steps(step_fn(model, x, y), device, args.warmup + 1, args.iters)
+    s_it = time_it(step_fn(model, x, y), device, warmup=args.warmup + 1, repeats=args.iters)
     if rank == 0:
         queue.put(s_it)
     dist.destroy_process_group()

@@ -46,6 +46,7 @@ from nny_models.io import discover_cases, read_clinical_csv
 from nny_models.phantoms import embedded_dataset
 from nny_models.postprocess import keep_largest_component, label_indices
 from nny_models.sampling import PatchDataset
+from nny_models.swin_next import FUSION_POSITIONS
 from nny_models.training import (
     CheckpointManager,
     MetricsLog,
@@ -144,8 +145,8 @@ class FinetuneConfig:
         check_run_config(self)
         if self.freeze_encoder_steps < 0:
             raise ValueError(f"--freeze_encoder_steps must be >= 0, got {self.freeze_encoder_steps}")
-        if self.fusion_position not in (None, "before_bottleneck", "after_bottleneck"):
-            raise ValueError(f"--fusion_position: expected before_bottleneck or after_bottleneck, got {self.fusion_position!r}")
+        if self.fusion_position is not None and self.fusion_position not in FUSION_POSITIONS:
+            raise ValueError(f"--fusion_position: expected one of {FUSION_POSITIONS}, got {self.fusion_position!r}")
         if self.pretrained in ("", "none"):
             self.pretrained = None
         if self.pretrained == "auto":

@@ -32,7 +32,7 @@ SMALL = {
 }
 # Models whose stride-32 bottleneck would be one voxel at 32^3 (nnynet refuses to train on it) run on 64 x 32 x 32:
 # two bottleneck cells along x, the axis that separates the lesions, at a quarter of 64^3's cost.
-NEEDS_64 = ("nnynet", "swinunetr")
+STRIDE_32_MODELS = ("nnynet", "swinunetr")
 WIDE_SHAPE = (64, 32, 32)
 
 
@@ -84,7 +84,7 @@ def run_capacity(model_name: str, mode: str, *, steps: int = 300, batch: int = 4
                  test_cases: int = 16) -> CapacityResult:
     """Train a tiny ``model_name`` with fusion ``mode`` on the two-lesion task and evaluate it.
     ``size``: S (an S^3 volume) or (X, Y, Z); default 32^3, or WIDE_SHAPE for the stride-32 models."""
-    size = size or (WIDE_SHAPE if model_name in NEEDS_64 else 32)
+    size = size or (WIDE_SHAPE if model_name in STRIDE_32_MODELS else 32)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     overrides = dict(SMALL.get(model_name, {}), out_channels=2)

@@ -6,11 +6,11 @@ that its masks follow the anatomy (liver Dice well above chance), then segments 
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from bench.precision_training import liver_patch, load_cases
 from nny_models import inference
 from nny_models.config import NnyNetConfig, PreprocessConfig
 from nny_models.inference import bf16_is_fast, predict, resolve_precision
@@ -31,16 +31,10 @@ def trained(tmp_path_factory):
 
     from nny_models.hub import NnyNet
     from nny_models.phantoms import generate_phantom
-    from nny_models.preprocessing import preprocess_case
 
     tmp = tmp_path_factory.mktemp("phantoms")
     cfg = PreprocessConfig(spacing=(4.0, 4.0, 4.0))
-    cases = []
-    for seed in range(3):
-        case = generate_phantom(seed, preset="test")
-        nib.save(nib.Nifti1Image(case.image.astype(np.float32), case.affine), tmp / f"ct{seed}.nii.gz")
-        nib.save(nib.Nifti1Image((case.label == 1).astype(np.uint8), case.affine), tmp / f"liver{seed}.nii.gz")
-        cases.append(preprocess_case(tmp / f"ct{seed}.nii.gz", tmp / f"liver{seed}.nii.gz", cfg))
+    cases = load_cases(range(3), cfg, tmp)
     torch.manual_seed(0)
     config = NnyNetConfig(model_kwargs={"size": "tiny", "out_channels": 2}, label_names=["background", "liver"],
                           patch_size=PATCH, preprocessing=cfg.to_dict())  # fmt: skip
@@ -49,17 +43,9 @@ def trained(tmp_path_factory):
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     rng = np.random.default_rng(0)
 
-    def crop(case):  # a patch around a random liver voxel (the liver is ~3% of the volume)
-        pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(PATCH, case["image"].shape[1:])]
-        img, lab = np.pad(case["image"], pad, constant_values=-1.0), np.pad(case["label"], pad)
-        centre = np.argwhere(lab[0] > 0)[rng.integers((lab[0] > 0).sum())]
-        start = [int(np.clip(c - p // 2 + rng.integers(-8, 9), 0, s - p)) for c, p, s in zip(centre, PATCH, img.shape[1:])]
-        sl = (slice(None), *(slice(a, a + p) for a, p in zip(start, PATCH)))
-        return torch.from_numpy(img[sl].copy()), torch.from_numpy(lab[sl].astype(np.int64))
-
     model.train()
     for step in range(30):
-        batch = [crop(cases[(2 * step + i) % 3]) for i in range(2)]
+        batch = [liver_patch(cases[(2 * step + i) % 3], PATCH, rng) for i in range(2)]
         loss = loss_fn(model(torch.stack([b[0] for b in batch])), torch.stack([b[1] for b in batch]))
         loss.backward()
         opt.step()
