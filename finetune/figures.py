@@ -20,6 +20,16 @@ CLASS_COLORS = ["#000000", "#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd"
 DEFAULT_NAMES = ("background", "liver", "tumor", "portal_vein", "aorta")
 
 
+def radiological(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``volume`` (X, Y, Z) reordered to LAS so that the overlays, drawn with x across and y up, show an axial
+    slice as radiologists read it: the patient's right on the viewer's left, anterior up, whatever the file's
+    voxel order (nibabel.orientations; a file in LPS or RAS order would otherwise come out mirrored)."""
+    import nibabel.orientations as ornt
+
+    transform = ornt.ornt_transform(ornt.io_orientation(np.asarray(affine)), ornt.axcodes2ornt(("L", "A", "S")))
+    return np.ascontiguousarray(ornt.apply_orientation(np.asarray(volume), transform))
+
+
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One panel per numeric key of ``history`` (e.g. loss, lr, val_dice) against "step"; PNG at ``path``.
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from finetune.evaluate import card_metrics, evaluate_case, summarize, write_reports
-from finetune.figures import save_attention_overlay, save_overlays
+from finetune.figures import radiological, save_attention_overlay, save_overlays
 from nny_models.attention import predict_attention, uses_attention
 from nny_models.hub import NnyNet
 from nny_models.inference import predict
@@ -50,11 +50,13 @@ def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: 
         spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
         per_case.append(evaluate_case(pred, gt, spacing, labels, case_id=record.case_id))
         if i < overlays:
-            image, _ = load_volume(record.image)
-            save_overlays(image, gt, pred, out_dir / "figures" / f"{record.case_id}_overlay.png", label_names=labels)
+            image, image_affine = load_volume(record.image)
+            shown = [radiological(a, image_affine) for a in (image, gt, pred)]
+            save_overlays(*shown, out_dir / "figures" / f"{record.case_id}_overlay.png", label_names=labels)
             if uses_attention(model):  # where the clinical query looks, on the CT (nny_models.attention)
-                amap = predict_attention(model, record.image, clinical)
-                save_attention_overlay(image, amap, out_dir / "figures" / f"{record.case_id}_attention.png", labels=gt)
+                amap = radiological(predict_attention(model, record.image, clinical), image_affine)
+                save_attention_overlay(shown[0], amap, out_dir / "figures" / f"{record.case_id}_attention.png",
+                                       labels=shown[1])
     summary = summarize(per_case)
     write_reports(per_case, summary, out_dir)
     return per_case, summary

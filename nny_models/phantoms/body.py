@@ -1,7 +1,8 @@
 """Body wall, thorax and skeleton: skin, subcutaneous/visceral fat, abdominal wall and back muscles,
 diaphragm, lung bases, heart, spine (cortical shell, trabecular core, discs, arches) and ribs.
 
-Coordinates are world mm (RAS: +x patient left, +y anterior, +z superior); the body axis is x = y = 0
+Coordinates are the generator's frame in mm (+x patient left, +y anterior, +z superior; fields.Grid.affine
+maps it to RAS); the body axis is x = y = 0
 and z = 0 is the top of the liver (the right hemidiaphragm sits just above)."""
 
 from __future__ import annotations

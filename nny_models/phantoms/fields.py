@@ -12,7 +12,10 @@ from scipy import ndimage
 
 @dataclass
 class Grid:
-    """Axis-aligned voxel grid. World (RAS, mm) = origin + index * spacing; +x left, +y anterior, +z up."""
+    """Axis-aligned voxel grid in the generator's frame: position (mm) = origin + index * spacing, with +x towards
+    the patient's left (as DICOM's x), +y anterior, +z superior. ``affine`` maps it to NIfTI's RAS world, where
+    +x is the patient's *right*: its x column is negated, so the liver the generator draws at -x lands on the
+    patient's right in every file, as in a real CT."""
 
     shape: tuple[int, int, int]  # voxels along x, y, z
     spacing: tuple[float, float, float]  # mm per voxel
@@ -44,8 +47,9 @@ class Grid:
 
     @property
     def affine(self) -> np.ndarray:
-        a = np.diag([*self.spacing, 1.0])
-        a[:3, 3] = self.origin
+        """Voxel index -> RAS world (mm): RAS x = -(generator x), y and z as they are."""
+        a = np.diag([-self.spacing[0], self.spacing[1], self.spacing[2], 1.0])
+        a[:3, 3] = (-self.origin[0], self.origin[1], self.origin[2])
         return a
 
 

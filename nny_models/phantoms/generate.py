@@ -23,7 +23,7 @@ class PhantomCase:
     image: np.ndarray  # float32 HU (X, Y, Z), integer-valued
     label: np.ndarray | None  # uint8 (X, Y, Z): 0 bg, 1 liver, 2 tumor, 3 portal vein, 4 aorta; None if unlabeled
     spacing: tuple[float, float, float]  # mm
-    affine: np.ndarray  # 4x4 RAS voxel -> world (mm)
+    affine: np.ndarray  # 4x4 voxel -> RAS world (mm); x flipped against the generator's frame (fields.Grid)
     clinical: dict  # clinical row as written to clinical.csv (with missing values: None / NaN)
     clinical_complete: dict = field(default_factory=dict)  # the same row before values were blanked
     appearance: dict = field(default_factory=dict)  # the randomized parameters this case was drawn with

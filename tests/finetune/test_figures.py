@@ -59,3 +59,17 @@ def test_training_curves_png(tmp_path):
         plot_training_curves([{"loss": 1.0}], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="empty"):
         plot_training_curves([], tmp_path / "bad.png")
+
+
+def test_radiological_puts_the_patients_right_on_the_viewers_left():
+    from finetune.figures import radiological
+
+    volume = np.zeros((8, 6, 4), np.float32)
+    volume[1, 4, 2] = 1  # index 1 along x; near the end of y
+    ras = np.diag([2.0, 2.0, 3.0, 1.0])  # x index grows towards the patient's right, y towards anterior
+    lps = np.diag([-2.0, -2.0, 3.0, 1.0])  # x towards the left, y towards posterior (a DICOM-like order)
+    # LAS: the x index grows towards the patient's left (drawn left to right), y towards anterior (drawn upwards)
+    assert np.argwhere(radiological(volume, ras) == 1).tolist() == [[6, 4, 2]]
+    assert np.argwhere(radiological(volume, lps) == 1).tolist() == [[1, 1, 2]]
+    las = np.diag([-2.0, 2.0, 3.0, 1.0])
+    np.testing.assert_array_equal(radiological(volume, las), volume)  # already LAS: unchanged

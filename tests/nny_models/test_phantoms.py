@@ -32,8 +32,27 @@ def test_all_labels_present_and_shapes(cases):
         assert set(np.unique(c.label)) == ({0, 1, 2, 3, 4} if tumors else {0, 1, 3, 4}), c.case_id
         assert 2.0 <= c.spacing[0] <= 3.0 and 2.5 <= c.spacing[2] <= 6.0
         assert c.spacing[2] == pytest.approx(max(2.5, c.appearance["slice_thickness_mm"]), abs=0.01)
-        np.testing.assert_allclose(np.diag(c.affine)[:3], c.spacing)
+        np.testing.assert_allclose(np.abs(np.diag(c.affine)[:3]), c.spacing)
     assert len({c.appearance["phase"] for c in cases}) == 3
+
+
+def test_anatomy_is_on_the_patients_sides_in_ras(cases, tmp_path):
+    """The liver lies on the patient's right and the aorta just left of the midline, in the files' RAS world
+    and on the RAS grid the models train on (the phantoms were once a mirror image of a patient: a model trained
+    on them looked for the liver where a real CT has the spleen)."""
+    from nny_models.config import PreprocessConfig
+    from nny_models.preprocessing import preprocess_case
+
+    for c in cases[:4]:
+        assert nib.aff2axcodes(c.affine) == ("L", "A", "S")  # x runs towards the patient's left, like a DICOM
+        world = {lab: nib.affines.apply_affine(c.affine, np.argwhere(c.label == lab).mean(0)) for lab in (1, 4)}
+        assert world[1][0] > 20 and world[4][0] < 0, (c.case_id, world)  # RAS: +x = the patient's right
+    write_dataset(tmp_path / "ds", 1, seed=3)
+    case = preprocess_case(tmp_path / "ds/imagesTr/phantom_000.nii.gz", tmp_path / "ds/labelsTr/phantom_000.nii.gz",
+                           PreprocessConfig())
+    label = case["label"][0]
+    x_liver, x_aorta = (np.argwhere(label == lab)[:, 0].mean() for lab in (1, 4))
+    assert x_liver > x_aorta + 10  # on the RAS grid the index grows towards the patient's right
 
 
 def test_lesion_count_and_size_ranges():
