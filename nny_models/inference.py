@@ -23,7 +23,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from nny_models.postprocess import keep_largest_component, label_indices
+from nny_models.postprocess import keep_largest_component, label_indices, rightward_offset
+from nny_models.config import NnyNetConfig
 
 # The CT intensity check (air / fat / soft-tissue / bone modes of the histogram) lives in hu_check.
 from nny_models.hu_check import MIN_AXIS_VOXELS, check_ct_volume  # noqa: F401  (re-exported)
@@ -255,6 +256,18 @@ def _check_predict_args(model: nn.Module, config: Any, overlap: float, sw_batch_
         )
 
 
+def _warn_if_liver_on_left(labels: np.ndarray, config: NnyNetConfig, name: str) -> None:
+    """A liver mask on the patient's left is almost never a liver (situs inversus is ~1 in 10,000): it is the
+    spleen called liver, or an image whose affine mirrors it. The mask is kept as it is; this says to look."""
+    if "liver" not in config.label_names:
+        return
+    offset = rightward_offset(labels, label_indices(config.label_names, ["liver"]), config.preprocess.orientation)
+    if offset is not None and offset < -0.05:
+        warnings.warn(f"predict: {name}: the liver of this mask lies on the patient's left (its centroid "
+                      f"{-offset:.0%} of the body's width left of the midline): it may be the spleen called liver, "
+                      "or the file's orientation (affine) may be mirrored; check the mask before using it")
+
+
 def predict(
     model: nn.Module,
     image: np.ndarray | str | Path,
@@ -343,6 +356,7 @@ def predict(
     if config.keep_largest:  # on the model grid, where the network decided
         with stage("postprocess"):
             labels[0] = keep_largest_component(labels[0], label_indices(config.label_names, config.keep_largest))
+    _warn_if_liver_on_left(labels[0], config, name)
 
     with stage("restore"):
         mask = np.asarray(restore_to_original(labels, state))[0].astype(np.uint8)

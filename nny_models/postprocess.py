@@ -44,3 +44,17 @@ def label_indices(label_names: Sequence[str], names: Sequence[str]) -> list[int]
     """Indices of ``names`` in ``label_names``; names the label map does not have are skipped (a model
     without a tumor class still gets its liver cleaned)."""
     return [list(label_names).index(n) for n in names if n in label_names]
+
+
+def rightward_offset(pred: np.ndarray, labels: Sequence[int], orientation: str = "RAS") -> float | None:
+    """Where the union of ``labels`` lies across the volume: its centroid's offset from the centre of the x
+    axis as a fraction of the axis length, positive towards the patient's right; None when the labels are
+    absent. ``pred`` is (X, Y, Z) on a grid reoriented to ``orientation`` (preprocessing's axcodes) and cropped
+    to the body, so the axis centre is close to the body's midline; the liver's centroid lies well right of it
+    (about +0.15 to +0.3), the spleen's well left."""
+    axis = [i for i, code in enumerate(orientation.upper()) if code in "LR"][0]
+    where = np.nonzero(np.isin(np.asarray(pred), list(labels)))[axis]
+    if where.size == 0:
+        return None
+    offset = (where.mean() + 0.5) / pred.shape[axis] - 0.5
+    return float(offset if orientation.upper()[axis] == "R" else -offset)

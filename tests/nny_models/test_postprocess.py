@@ -43,3 +43,31 @@ def test_bad_shape_and_label_names():
     with pytest.raises(ValueError, match="X, Y, Z"):
         keep_largest_component(np.zeros((1, 4, 4, 4)), 1)
     assert label_indices(["background", "liver", "aorta"], ["liver", "tumor"]) == [1]
+
+
+def test_rightward_offset_follows_the_grid_orientation():
+    from nny_models.postprocess import rightward_offset
+
+    pred = np.zeros((20, 8, 8), np.uint8)
+    pred[13:17] = 1  # voxels 13-16 of 20: centroid 14.5, i.e. 0.25 of the axis past its centre
+    assert rightward_offset(pred, [1], "RAS") == pytest.approx(0.25)  # RAS: the index grows to the right
+    assert rightward_offset(pred, [1], "LPS") == pytest.approx(-0.25)
+    assert rightward_offset(np.moveaxis(pred, 0, 1), [1], "ARS") == pytest.approx(0.25)  # found by its L/R code
+    assert rightward_offset(pred, [2], "RAS") is None  # absent label
+
+
+def test_predict_warns_when_the_liver_lies_on_the_patients_left():
+    from nny_models.config import NnyNetConfig
+    from nny_models.inference import _warn_if_liver_on_left
+
+    config = NnyNetConfig()  # RAS grid, labels background, liver, ...
+    pred = np.zeros((20, 8, 8), np.uint8)
+    pred[2:6] = 1  # on the patient's left: the spleen called liver, or a mirrored affine
+    with pytest.warns(UserWarning, match="ct.nii.gz: the liver of this mask lies on the patient's left"):
+        _warn_if_liver_on_left(pred, config, "ct.nii.gz")
+    pred = np.flip(pred, 0)  # on the right, where a liver is
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_liver_on_left(pred, config, "ct.nii.gz")
