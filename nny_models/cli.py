@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> None:
                 model, volume, clinical=clinical, affine=affine, overlap=args.overlap,
                 sw_batch_size=args.sw_batch_size, device=args.device,
                 return_probabilities=args.probabilities is not None, force=args.force,
-                precision=args.precision, tta=args.tta,
+                precision=args.precision, tta=args.tta, source=args.input,
             )
         except ValueError as err:
             raise InputError(str(err)) from err

@@ -285,6 +285,7 @@ def predict(
     precision: str = "auto",
     timings: dict[str, float] | None = None,
     tta: bool | None = None,
+    source: str | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Segment one CT; the uint8 label volume has the input's shape (and, for a file, its affine).
 
@@ -305,6 +306,7 @@ def predict(
         volume is post-processed as config.keep_largest says (largest liver + tumor component); the
         probabilities are not.
     force: run on an image the HU intensity check refuses, with a warning (see nny_models.hu_check).
+    source: the name that messages give an array input (e.g. the file it was read from); default "input array".
     tta: mirror test-time augmentation (nny_models.tta; 2^k passes per window): None = as config.json says
         (mirror along ``tta_mirror_axes``, the axes the model was trained mirrored on, when there are any),
         False = off, True = on (a ValueError when config.json lists no such axes).
@@ -331,6 +333,7 @@ def predict(
         amp = False
     with stage("load"):
         volume, affine, name = read_ct_input(image, spacing, affine, "predict")
+        name = source or name
     with stage("check"):
         check_ct_volume(volume, name, force=force)
 
