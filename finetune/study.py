@@ -60,6 +60,8 @@ class StudyConfig:
     fg_prob: float = 0.8  # foreground-centred patches, as in the pipeline
     fg_class_weights: tuple[float, ...] | None = (1.0, 4.0, 1.5, 1.0)  # per foreground label, as in the pipeline
     class_weights: tuple[float, ...] | None = (1.0, 1.0, 5.0, 2.0, 1.0)  # focal/CE per label, as in the pipeline
+    lr: float = 4e-3  # fine-tuning peak LR, as in the pipeline
+    encoder_lr_scale: float = 1.0  # the encoder's LR factor, as in the pipeline
     val_every: int = 0  # validation during fine-tuning (0 = only at the end)
     bootstrap: int = 2000  # bootstrap resamples for the CIs
     num_workers: int = 2  # DataLoader workers of each fine-tune
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                            "--pretrained", pretrained, "--model", model, "--size", cfg.size, "--fusion", fusion,
                            "--max_steps", str(cfg.steps), "--val_every", str(cfg.val_every), "--seed", str(seed),
                            "--patch_size", *map(str, cfg.patch_size), "--batch_size", str(cfg.batch_size),
-                           "--fg_prob", str(cfg.fg_prob),
+                           "--fg_prob", str(cfg.fg_prob), "--lr", str(cfg.lr),
+                           "--encoder_lr_scale", str(cfg.encoder_lr_scale),
                            "--num_workers", str(cfg.num_workers), "--cache_dir", str(out / "cache")]  # fmt: skip
                     for flag in ("spacing", "hu_window", "fg_class_weights", "class_weights"):
                         if getattr(cfg, flag) is not None:

@@ -120,11 +120,13 @@ def test_two_step_study_resumes(tmp_path):
 
 
 def test_study_defaults_are_the_pipeline_finetune_budget():
-    from finetune.pipeline import PipelineConfig
+    from finetune.pipeline import PipelineConfig, stage_configs
     from finetune.study import StudyConfig
 
     study, pipe = StudyConfig(), PipelineConfig()
     assert (study.steps, study.patch_size, study.batch_size) == (pipe.finetune_steps, pipe.finetune_patch_size,
                                                                  pipe.batch_size)
     assert (study.fg_class_weights, study.class_weights) == (pipe.fg_class_weights, pipe.class_weights)
+    finetune = stage_configs(pipe, Path("out"))["finetune"]
+    assert (study.lr, study.encoder_lr_scale) == (finetune["lr"], finetune["encoder_lr_scale"])
     assert study.spacing is None and study.hu_window is None  # planned, as the pipeline's fine-tuning does
