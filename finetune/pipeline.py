@@ -57,6 +57,10 @@ class PipelineConfig:
     # tumor, portal vein, aorta with these relative chances (the tumor is the rare class)
     class_weights: tuple[float, ...] = (1.0, 1.0, 5.0, 2.0, 1.0)  # fine-tuning focal + CE weights per label
     # (background first): they and the tumor-centred patches raise the rare tumor's share of the gradient
+    finetune_precision: str = "auto"  # fine-tuning autocast: "auto" = bf16 where the hardware runs it fast (CUDA, CPUs
+    # with AMX / AVX512-BF16: nny_models.inference.bf16_is_fast), else fp32; "bf16" or "no" to choose. On this 2-core
+    # AMX CPU bf16 fine-tuned 1.17x faster (3.59 vs 3.07 samples/s) to validation Dice 0.911 / 0.214 / 0.608 / 0.936
+    # against fp32's 0.904 / 0.196 / 0.599 / 0.928 (liver / tumor / portal vein / aorta, same run otherwise)
     model: str = "nnynet"  # zoo name
     size: str = "tiny"  # zoo size preset (tiny: CPU-sized)
     fusion: str = "cross_attention_film"  # clinical fusion used for fine-tuning: the paper's cross-attention with a FiLM
@@ -69,6 +73,19 @@ class PipelineConfig:
 def run(cmd: list[str]) -> None:
     print("\n$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def finetune_precision(choice: str) -> str:
+    """The fine-tuning stage's --mixed_precision for the pipeline's finetune_precision ("auto", "bf16" or "no")."""
+    if choice not in ("auto", "bf16", "no"):
+        raise ValueError(f"--finetune_precision: expected 'auto', 'bf16' or 'no', got {choice!r}")
+    if choice != "auto":
+        return choice
+    import torch
+
+    from nny_models.inference import bf16_is_fast
+
+    return "bf16" if bf16_is_fast("cuda" if torch.cuda.is_available() else "cpu") else "no"
 
 
 def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, dict[str, Any]]:
@@ -88,6 +105,7 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, dict[str, Any]]:
                      "pretrained": str(out / "pretrain" / "model"), "fusion": cfg.fusion,
                      "max_steps": cfg.finetune_steps, "val_every": cfg.val_every,
                      "lr": cfg.finetune_lr, "encoder_lr_scale": 1.0,
+                     "mixed_precision": finetune_precision(cfg.finetune_precision),
                      "patch_size": list(cfg.finetune_patch_size), "fg_prob": 0.8,
                      "fg_class_weights": list(cfg.fg_class_weights), "class_weights": list(cfg.class_weights)},
     }  # fmt: skip
@@ -112,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. data
     from nny_models.phantoms import write_dataset
+    from nny_models.phantoms.dataset import GENERATOR_VERSION
 
     data = out / "data"
     t0 = time.perf_counter()
@@ -124,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         ("test_ood", cfg.test_cases, cfg.seed + 3000, False, "ood"),
     ):
         meta = data / name / "dataset.json"
-        if not meta.is_file() or json.loads(meta.read_text()).get("randomization", {}).get("name") != world:
+        found = json.loads(meta.read_text()) if meta.is_file() else {}
+        # phantoms of another world or of an older generator (e.g. v2's mirror image) are generated again
+        if found.get("randomization", {}).get("name") != world or found.get("generator_version") != GENERATOR_VERSION:
             write_dataset(data / name, cases=cases, seed=seed, unlabeled=unlabeled, workers=2, randomization=world)
     print(f"phantoms ready in {time.perf_counter() - t0:.0f}s under {data}", flush=True)
 

@@ -112,6 +112,20 @@ def test_pipeline_stage_configs_are_valid_stage_configs_with_the_pipeline_values
     assert pre.overwrite and fine.overwrite  # a re-run retrains, explicitly
     resumed = stage_configs(PipelineConfig(resume=True), tmp_path)
     assert resumed["pretrain"]["resume"] and "overwrite" not in resumed["finetune"]
+    assert (fine.lr, fine.encoder_lr_scale) == (4e-3, 1.0)
+
+
+def test_pipeline_fine_tunes_in_bf16_only_where_the_hardware_is_fast_at_it(monkeypatch):
+    import nny_models.inference
+    from finetune.pipeline import finetune_precision
+
+    assert finetune_precision("no") == "no" and finetune_precision("bf16") == "bf16"
+    monkeypatch.setattr(nny_models.inference, "bf16_is_fast", lambda device: False)
+    assert finetune_precision("auto") == "no"
+    monkeypatch.setattr(nny_models.inference, "bf16_is_fast", lambda device: True)
+    assert finetune_precision("auto") == "bf16"
+    with pytest.raises(ValueError, match="--finetune_precision: expected 'auto', 'bf16' or 'no', got 'fp16'"):
+        finetune_precision("fp16")
 
 
 def test_per_label_weights_need_one_positive_value_per_label():

@@ -160,6 +160,9 @@ def test_write_dataset_layout(tmp_path):
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["labels"]["1"] == "liver" and meta["labels"]["4"] == "aorta" and meta["numTraining"] == 2
     assert meta["clinical"] == "clinical.csv"
+    from nny_models.phantoms.dataset import GENERATOR_VERSION
+
+    assert meta["generator_version"] == GENERATOR_VERSION  # the pipeline regenerates data of an older generator
     assert meta["training"][0] == {"image": "./imagesTr/phantom_000.nii.gz", "label": "./labelsTr/phantom_000.nii.gz"}
     ref = generate_phantom(case_seed(3, 1), case_id="phantom_001")
     img = nib.load(out / meta["training"][1]["image"])
