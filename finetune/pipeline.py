@@ -59,8 +59,9 @@ class PipelineConfig:
     # (background first): they and the tumor-centred patches raise the rare tumor's share of the gradient
     finetune_precision: str = "auto"  # fine-tuning autocast: "auto" = bf16 where the hardware runs it fast (CUDA, CPUs
     # with AMX / AVX512-BF16: nny_models.inference.bf16_is_fast), else fp32; "bf16" or "no" to choose. On this 2-core
-    # AMX CPU bf16 fine-tuned 1.17x faster (3.59 vs 3.07 samples/s) to validation Dice 0.911 / 0.214 / 0.608 / 0.936
-    # against fp32's 0.904 / 0.196 / 0.599 / 0.928 (liver / tumor / portal vein / aorta, same run otherwise)
+    # AMX CPU a bf16 fine-tuning ran 1.17x faster (3.59 vs 3.07 samples/s; 1.05x inside the pipeline run) to
+    # validation Dice 0.911 / 0.214 / 0.608 / 0.936 against fp32's 0.904 / 0.196 / 0.599 / 0.928 (liver / tumor /
+    # portal vein / aorta, same run otherwise)
     model: str = "nnynet"  # zoo name
     size: str = "tiny"  # zoo size preset (tiny: CPU-sized)
     fusion: str = "cross_attention_film"  # clinical fusion used for fine-tuning: the paper's cross-attention with a FiLM
@@ -121,6 +122,7 @@ def run_stage(name: str, values: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(PipelineConfig, argv, description=__doc__.splitlines()[0])
+    finetune_precision(cfg.finetune_precision)  # a wrong value fails now, not after the phantoms are written
     if cfg.quick:
         cfg.pretrain_cases, cfg.finetune_cases, cfg.test_cases = 4, 6, 2
         cfg.pretrain_steps, cfg.finetune_steps = 4, 6

@@ -70,7 +70,8 @@ from nny_models.zoo import resolve_model_kwargs
 
 FALLBACK_PATCH, FALLBACK_BATCH = (64, 64, 64), 2  # without a plan (--plan none) and without the flags
 SCRATCH_MODEL, SCRATCH_SIZE = "nnynet", "tiny"  # the architecture when neither --pretrained nor --model names one
-TASK_KWARGS = ("out_channels", "fusion", "clinical_features", "fusion_position")  # network arguments fine-tuning sets for its task
+# network arguments fine-tuning sets for its task
+TASK_KWARGS = ("out_channels", "fusion", "clinical_features", "fusion_position")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from finetune.pipeline import finetune_precision
 from nny_models.training import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,8 @@ class StudyConfig:
     class_weights: tuple[float, ...] | None = (1.0, 1.0, 5.0, 2.0, 1.0)  # focal/CE per label, as in the pipeline
     lr: float = 4e-3  # fine-tuning peak LR, as in the pipeline
     encoder_lr_scale: float = 1.0  # the encoder's LR factor, as in the pipeline
+    finetune_precision: str = "auto"  # autocast of each fine-tune, as in the pipeline: "auto" (bf16 where fast), "bf16"
+    # or "no" (fp32; the README's study table was measured so)
     val_every: int = 0  # validation during fine-tuning (0 = only at the end)
     bootstrap: int = 2000  # bootstrap resamples for the CIs
     num_workers: int = 2  # DataLoader workers of each fine-tune
@@ -147,6 +150,7 @@ def check_config(cfg: StudyConfig) -> None:
         check_fusion_args(f, 1)
     if "none" in cfg.permuted:
         raise ValueError("--permuted: 'none' uses no clinical data, so permuting it is meaningless")
+    finetune_precision(cfg.finetune_precision)  # 'auto', 'bf16' or 'no'
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError(f"--seeds: expected distinct seeds, got {list(cfg.seeds)}")
     if cfg.steps < 1:
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                            "--patch_size", *map(str, cfg.patch_size), "--batch_size", str(cfg.batch_size),
                            "--fg_prob", str(cfg.fg_prob), "--lr", str(cfg.lr),
                            "--encoder_lr_scale", str(cfg.encoder_lr_scale),
+                           "--mixed_precision", finetune_precision(cfg.finetune_precision),
                            "--num_workers", str(cfg.num_workers), "--cache_dir", str(out / "cache")]  # fmt: skip
                     for flag in ("spacing", "hu_window", "fg_class_weights", "class_weights"):
                         if getattr(cfg, flag) is not None:

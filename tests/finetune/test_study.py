@@ -129,4 +129,5 @@ def test_study_defaults_are_the_pipeline_finetune_budget():
     assert (study.fg_class_weights, study.class_weights) == (pipe.fg_class_weights, pipe.class_weights)
     finetune = stage_configs(pipe, Path("out"))["finetune"]
     assert (study.lr, study.encoder_lr_scale) == (finetune["lr"], finetune["encoder_lr_scale"])
+    assert study.finetune_precision == pipe.finetune_precision
     assert study.spacing is None and study.hu_window is None  # planned, as the pipeline's fine-tuning does
