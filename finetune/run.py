@@ -90,9 +90,10 @@ class FinetuneConfig:
     # With --pretrained it must match the export's network arguments, else an error
     fusion: str = "cross_attention"  # clinical fusion at the bottleneck: none | add | concat | cross_attention (the
     # paper's design) | cross_attention_film | cross_attention_tokens (nny_models/fusion.py says which carry information)
-    fusion_position: str | None = None  # nnynet only: "after_bottleneck" (None picks it: the fusion acts on the
-    # bottleneck's output and passes the capacity test) or "before_bottleneck" (models fine-tuned before 2026-12-01;
-    # the bottleneck's GroupNorm erases a FiLM modulation there). The export's value is never reused: fusion is new
+    fusion_position: str | None = None  # nnynet and swinunetr: "after_bottleneck" (None picks it: the fusion acts on
+    # the bottleneck's output and passes the capacity test) or "before_bottleneck" (models fine-tuned before
+    # 2026-12-01; the bottleneck's GroupNorm / InstanceNorm erases a FiLM modulation there). The export's value is
+    # never reused: fusion is new
     deep_supervision: bool = True  # extra loss on lower-resolution decoder outputs (models that have them)
     plan: str = "auto"  # "auto" = plan spacing, CT normalization, patch and batch from the labeled data
     # (nny_models.planning, nnU-Net's rules); a plan.json from nnynet-plan; "none" = no plan. Flags win over the plan
@@ -308,10 +309,10 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
     schema = data["schema"]
     kwargs.update(out_channels=len(data["labels"]), fusion=cfg.fusion, clinical_features=schema.num_features if schema else 0)
     kwargs.pop("fusion_position", None)
-    if name == "nnynet":
+    if name in ("nnynet", "swinunetr"):
         kwargs["fusion_position"] = cfg.fusion_position or "after_bottleneck"
     elif cfg.fusion_position:
-        raise ValueError(f"--fusion_position applies to nnynet only; {name!r} has one fusion position")
+        raise ValueError(f"--fusion_position applies to nnynet and swinunetr only; {name!r} has one fusion position")
     try:
         config = NnyNetConfig(
             model=name,

@@ -29,6 +29,7 @@ SMALL = {
     "unet": {"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "num_res_units": 1},
     "unetr": {"img_size": 32},
     "nnynet": {"fusion_position": "after_bottleneck"},  # what fine-tuning builds (the default erases FiLM)
+    "swinunetr": {"fusion_position": "after_bottleneck"},  # likewise: InstanceNorm erases FiLM before encoder10
 }
 # Models whose stride-32 bottleneck would be one voxel at 32^3 (nnynet refuses to train on it) run on 64 x 32 x 32:
 # two bottleneck cells along x, the axis that separates the lesions, at a quarter of 64^3's cost.

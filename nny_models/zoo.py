@@ -26,21 +26,28 @@ from torch.utils.checkpoint import checkpoint
 from nny_models.config import _plain
 from nny_models.fusion import apply_fusion, check_fusion_args, check_image, make_fusion
 from nny_models.pctnet import PCTNet
-from nny_models.swin_next import SwinNeXt, use_fast_depthwise
+from nny_models.swin_next import FUSION_POSITIONS, SwinNeXt, use_fast_depthwise
 from nny_models.uxnet import UXNet3D
 
 SIZES = ("tiny", "small", "base")
 
 
 class FusedSwinUNETR(SwinUNETR):
-    """MONAI SwinUNETR with clinical fusion on the stride-32 encoder output."""
+    """MONAI SwinUNETR with clinical fusion at the stride-32 map: on the encoder's output, before MONAI's
+    bottleneck block (``encoder10``; the default, so files written before the option predict as they did), or on
+    that block's output (``fusion_position="after_bottleneck"``, what fine-tuning builds). Before the block, a FiLM
+    modulation meets InstanceNorm, which removes any per-channel scale > 0 and shift: the capacity test fails there."""
 
     size_divisor = 32
     encoder_prefixes = ("swinViT.",)
     head_prefixes = ("out.",)
 
-    def __init__(self, fusion: str = "none", clinical_features: int = 0, **kwargs: Any) -> None:
+    def __init__(self, fusion: str = "none", clinical_features: int = 0, fusion_position: str = "before_bottleneck",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if fusion_position not in FUSION_POSITIONS:
+            raise ValueError(f"swinunetr: fusion_position must be one of {FUSION_POSITIONS}, got {fusion_position!r}")
+        self.fusion_position = fusion_position
         self.fusion = make_fusion(16 * kwargs["feature_size"], clinical_features, fusion)
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +57,10 @@ class FusedSwinUNETR(SwinUNETR):
         enc1 = self.encoder2(hidden[0])
         enc2 = self.encoder3(hidden[1])
         enc3 = self.encoder4(hidden[2])
-        dec4 = self.encoder10(apply_fusion(self.fusion, hidden[4], clinical))
+        if self.fusion_position == "after_bottleneck":
+            dec4 = apply_fusion(self.fusion, self.encoder10(hidden[4]), clinical)
+        else:
+            dec4 = self.encoder10(apply_fusion(self.fusion, hidden[4], clinical))
         dec3 = self.decoder5(dec4, hidden[3])
         dec2 = self.decoder4(dec3, enc3)
         dec1 = self.decoder3(dec2, enc2)
@@ -322,6 +332,8 @@ def _accepted_kwargs(name: str) -> set[str]:
         keys |= {"use_checkpoint"}
     if name in ("swinunetr", "unetr", "unet") or name.startswith("mednext"):
         keys |= {"fusion", "clinical_features"}
+    if name == "swinunetr":
+        keys |= {"fusion_position"}
     return keys
 
 

@@ -35,6 +35,21 @@ def test_finetune_build_model_sets_the_position_for_nnynet_only():
     acc = SimpleNamespace(print=lambda *a, **k: None)
     model, _ = build_model(FinetuneConfig(fusion="none", patch_size=(64, 64, 32)), None, data, pre, acc)
     assert model.config.model_kwargs["fusion_position"] == "after_bottleneck"
-    with pytest.raises(ValueError, match="applies to nnynet only"):
+    with pytest.raises(ValueError, match="applies to nnynet and swinunetr only"):
         build_model(FinetuneConfig(model="unet", fusion="none", fusion_position="after_bottleneck",
                                    patch_size=(64, 64, 32)), None, data, pre, acc)
+
+
+def test_swinunetr_old_files_fuse_before_monais_bottleneck_block_and_new_finetunes_after_it():
+    kwargs = resolve_model_kwargs("swinunetr", "tiny", fusion="cross_attention_film", clinical_features=3)
+    old = create_model("swinunetr", **kwargs)
+    assert old.fusion_position == "before_bottleneck"  # a config.json without the field predicts as it did
+    new = create_model("swinunetr", **kwargs, fusion_position="after_bottleneck")
+    assert set(old.state_dict()) == set(new.state_dict())
+    with torch.no_grad():
+        torch.nn.init.normal_(old.fusion.film.weight, std=0.5)  # a FiLM that acts (it starts as the identity)
+        new.load_state_dict(old.state_dict())
+        image, clinical = torch.randn(1, 1, 64, 32, 32), torch.randn(1, 3)
+        assert not torch.allclose(old.eval()(image, clinical), new.eval()(image, clinical))
+    with pytest.raises(ValueError, match="swinunetr: fusion_position must be one of"):
+        create_model("swinunetr", "tiny", fusion_position="middle")
