@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.pipeline import finetune_precision
+from finetune.pipeline import finetune_precision, finetune_processes, stage_command
 from nny_models.training import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,9 @@ class StudyConfig:
     hu_window: tuple[float, float] | None = None  # a fixed HU window; None = the planned foreground z-score, as in
     # the pipeline
     patch_size: tuple[int, int, int] = (64, 64, 32)  # training patch / sliding-window ROI, as in the pipeline
-    batch_size: int = 1  # patches per step, as in the pipeline
+    batch_size: int = 2  # patches per step (all processes together), as in the pipeline
+    processes: int | None = None  # DDP processes per fine-tune; None = as the pipeline picks (2 on a CPU-only
+    # machine with >= 2 cores and an even batch, else 1)
     fg_prob: float = 0.8  # foreground-centred patches, as in the pipeline
     fg_class_weights: tuple[float, ...] | None = (1.0, 4.0, 1.5, 1.0)  # per foreground label, as in the pipeline
     class_weights: tuple[float, ...] | None = (1.0, 1.0, 5.0, 2.0, 1.0)  # focal/CE per label, as in the pipeline
@@ -67,7 +69,8 @@ class StudyConfig:
     # or "no" (fp32; the README's study table was measured so)
     val_every: int = 0  # validation during fine-tuning (0 = only at the end)
     bootstrap: int = 2000  # bootstrap resamples for the CIs
-    num_workers: int = 2  # DataLoader workers of each fine-tune
+    num_workers: int | None = None  # DataLoader workers of each fine-tune process; None = as the pipeline (2 for one
+    # process, 1 for each of several)
 
 
 def bootstrap_ci(diffs: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
@@ -151,6 +154,7 @@ def check_config(cfg: StudyConfig) -> None:
     if "none" in cfg.permuted:
         raise ValueError("--permuted: 'none' uses no clinical data, so permuting it is meaningless")
     finetune_precision(cfg.finetune_precision)  # 'auto', 'bf16' or 'no'
+    finetune_processes(cfg.processes, cfg.batch_size)
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError(f"--seeds: expected distinct seeds, got {list(cfg.seeds)}")
     if cfg.steps < 1:
@@ -185,19 +189,23 @@ def main(argv: list[str] | None = None) -> None:
                     test_csv = permuted_clinical(test_csv, run_dir / "clinical_test_permuted.csv", seed + 1)
                 if not (run_dir / "model" / "config.json").is_file():
                     pretrained = cfg.pretrained if model == "nnynet" else "none"
-                    cmd = [sys.executable, "finetune/run.py", "--data_dir", str(train), "--output_dir", str(run_dir),
+                    processes = finetune_processes(cfg.processes, cfg.batch_size)
+                    precision = finetune_precision(cfg.finetune_precision)
+                    workers = cfg.num_workers if cfg.num_workers is not None else 2 if processes == 1 else 1
+                    cmd = ["finetune/run.py", "--data_dir", str(train), "--output_dir", str(run_dir),
                            "--pretrained", pretrained, "--model", model, "--size", cfg.size, "--fusion", fusion,
                            "--max_steps", str(cfg.steps), "--val_every", str(cfg.val_every), "--seed", str(seed),
-                           "--patch_size", *map(str, cfg.patch_size), "--batch_size", str(cfg.batch_size),
+                           "--patch_size", *map(str, cfg.patch_size), "--batch_size", str(cfg.batch_size // processes),
                            "--fg_prob", str(cfg.fg_prob), "--lr", str(cfg.lr),
                            "--encoder_lr_scale", str(cfg.encoder_lr_scale),
-                           "--mixed_precision", finetune_precision(cfg.finetune_precision),
-                           "--num_workers", str(cfg.num_workers), "--cache_dir", str(out / "cache")]  # fmt: skip
+                           "--mixed_precision", precision, "--num_workers", str(workers),
+                           "--cache_dir", str(out / "cache")]  # fmt: skip
                     for flag in ("spacing", "hu_window", "fg_class_weights", "class_weights"):
                         if getattr(cfg, flag) is not None:
                             cmd += [f"--{flag}", *map(str, getattr(cfg, flag))]
                     if fusion != "none":
                         cmd += ["--clinical_csv", str(train_csv)]
+                    cmd = stage_command(cmd, processes, precision)
                     print("\n$ " + " ".join(cmd), flush=True)
                     subprocess.run(cmd, check=True, cwd=REPO)
                 eval_file = run_dir / "study_eval.json"

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -101,18 +103,38 @@ def test_pipeline_stage_configs_are_valid_stage_configs_with_the_pipeline_values
     from nny_models.training import build_config
     from pretrain.run import PretrainConfig
 
-    configs = stage_configs(PipelineConfig(), tmp_path)
+    configs = stage_configs(PipelineConfig(finetune_processes=1), tmp_path)
     pre = build_config(PretrainConfig, configs["pretrain"])
     fine = build_config(FinetuneConfig, configs["finetune"])
     assert (pre.spacing, pre.hu_window, pre.patch_size, pre.batch_size) == ((3.0, 3.0, 4.0), (-200.0, 300.0), (96, 96, 32), 1)
     assert (pre.model, pre.size, pre.max_steps, fine.max_steps, fine.val_every) == ("nnynet", "tiny", 80, 1800, 300)
-    assert (fine.patch_size, fine.batch_size, fine.fusion) == ((64, 64, 32), 1, "cross_attention_film")
+    assert (fine.patch_size, fine.batch_size, fine.fusion) == ((64, 64, 32), 2, "cross_attention_film")
+    split = build_config(FinetuneConfig, stage_configs(PipelineConfig(finetune_processes=2), tmp_path)["finetune"])
+    assert split.batch_size == 1  # two DDP processes share the step's two patches
     assert fine.class_weights == (1.0, 1.0, 5.0, 2.0, 1.0) and fine.fg_class_weights == (1.0, 4.0, 1.5, 1.0)
     assert fine.pretrained == str(tmp_path / "pretrain" / "model") and fine.spacing is None  # from the export
     assert pre.overwrite and fine.overwrite  # a re-run retrains, explicitly
     resumed = stage_configs(PipelineConfig(resume=True), tmp_path)
     assert resumed["pretrain"]["resume"] and "overwrite" not in resumed["finetune"]
     assert (fine.lr, fine.encoder_lr_scale) == (4e-3, 1.0)
+
+
+def test_pipeline_splits_the_fine_tuning_batch_over_cpu_processes_only_without_a_gpu(monkeypatch):
+    from finetune.pipeline import finetune_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert finetune_processes(None, 2) == 2
+    assert finetune_processes(None, 3) == 1  # an odd batch cannot be split into whole patches
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert finetune_processes(None, 2) == 1  # one core: one process
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert finetune_processes(None, 2) == 1  # a GPU takes the whole batch
+    assert finetune_processes(2, 4) == 2
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=f"--finetune_processes {bad}: expected a divisor of --finetune_batch 4"):
+            finetune_processes(bad, 4)
 
 
 def test_pipeline_fine_tunes_in_bf16_only_where_the_hardware_is_fast_at_it(monkeypatch):

@@ -125,7 +125,8 @@ def test_study_defaults_are_the_pipeline_finetune_budget():
 
     study, pipe = StudyConfig(), PipelineConfig()
     assert (study.steps, study.patch_size, study.batch_size) == (pipe.finetune_steps, pipe.finetune_patch_size,
-                                                                 pipe.batch_size)
+                                                                 pipe.finetune_batch)
+    assert study.processes == pipe.finetune_processes  # both pick DDP over the CPU cores alike
     assert (study.fg_class_weights, study.class_weights) == (pipe.fg_class_weights, pipe.class_weights)
     finetune = stage_configs(pipe, Path("out"))["finetune"]
     assert (study.lr, study.encoder_lr_scale) == (finetune["lr"], finetune["encoder_lr_scale"])
