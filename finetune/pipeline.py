@@ -50,11 +50,14 @@ class PipelineConfig:
     # of 96 x 96 x 32 per step, so twice the steps in the same time (validation tumor Dice 0.18 after 2000 steps at
     # 64 x 64 x 32 with the weights below; 0.00 after 1000 at 96 x 96 x 32 without them, and after 600 with them)
     batch_size: int = 1  # pretraining patches per step
-    finetune_batch: int = 2  # fine-tuning patches per optimizer step, all processes together (the recipe: the same
-    # on every machine; finetune_processes only splits it)
+    finetune_batch: int = 1  # fine-tuning patches per optimizer step, all processes together (the recipe: the same
+    # on every machine; finetune_processes only splits it). 2, over two single-thread DDP processes, trains 1.2x
+    # (bf16) to 1.4x (fp32) the samples per second of one two-thread process here (bench/cpu_processes.py), but each
+    # step is 1.3x slower: at equal wall time (1500 steps of 2 vs 1800 of 1) held-out Dice was level (liver / tumor /
+    # portal vein / aorta 0.914 / 0.087 / 0.573 / 0.897 vs 0.908 / 0.098 / 0.565 / 0.897; shifted 0.768 / 0.047 /
+    # 0.399 / 0.885 vs 0.741 / 0.065 / 0.432 / 0.860) and the pipeline took 13.4 min instead of 12.3
     finetune_processes: int | None = None  # fine-tuning DDP processes (accelerate launch; gloo on a CPU), each with
-    # finetune_batch / N patches; None = 2 on a CPU-only machine with >= 2 cores (this tiny network gains 1.09x from
-    # a second thread, but a second single-thread process nearly doubles the samples per second), else 1
+    # finetune_batch / N patches; None = 2 on a CPU-only machine with >= 2 cores when the batch splits evenly, else 1
     finetune_lr: float = 4e-3  # fine-tuning peak AdamW LR, encoder included (encoder_lr_scale 1): after 1800 steps
     # validation Dice liver / tumor / portal vein / aorta 0.899 / 0.202 / 0.552 / 0.920, against 0.887 / 0.152 /
     # 0.439 / 0.897 at run.py's defaults (2e-3, encoder at half); 80 Volume Fusion steps teach the encoder little

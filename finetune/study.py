@@ -57,7 +57,7 @@ class StudyConfig:
     hu_window: tuple[float, float] | None = None  # a fixed HU window; None = the planned foreground z-score, as in
     # the pipeline
     patch_size: tuple[int, int, int] = (64, 64, 32)  # training patch / sliding-window ROI, as in the pipeline
-    batch_size: int = 2  # patches per step (all processes together), as in the pipeline
+    batch_size: int = 1  # patches per step (all processes together), as in the pipeline
     processes: int | None = None  # DDP processes per fine-tune; None = as the pipeline picks (2 on a CPU-only
     # machine with >= 2 cores and an even batch, else 1)
     fg_prob: float = 0.8  # foreground-centred patches, as in the pipeline

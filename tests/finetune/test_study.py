@@ -93,19 +93,24 @@ def test_report_table_and_paired_differences(tmp_path):
 
 @pytest.mark.slow
 def test_two_step_study_resumes(tmp_path):
-    """The whole command at a tiny budget: phantoms, 3 arms x 1 seed fine-tuned as subprocesses, report; a rerun
-    trains nothing."""
+    """The whole command at a tiny budget: phantoms, 3 arms x 1 seed fine-tuned as subprocesses (through accelerate
+    launch where the batch splits over the cores), report; a rerun trains nothing."""
     from nny_models.phantoms import write_dataset
 
     train = write_dataset(tmp_path / "train", cases=5, seed=5, preset="test")  # 4 train / 1 val rows
     test = write_dataset(tmp_path / "test", cases=2, seed=6, preset="test")
     args = [sys.executable, "-m", "finetune.study", "--output_dir", str(tmp_path / "study"), "--models", "unet",
             "--seeds", "0", "--steps", "2", "--pretrained", "none", "--data_dir", str(train), "--test_dir", str(test),
-            "--patch_size", "32", "32", "32", "--spacing", "6", "6", "6", "--num_workers", "0", "--bootstrap", "200"]
+            "--patch_size", "32", "32", "32", "--spacing", "6", "6", "6", "--num_workers", "0", "--bootstrap", "200",
+            "--batch_size", "2"]  # two DDP processes of one patch each where there are 2 cores (finetune_processes)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
     first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert first.stdout.count("$ ") == 3  # none, cross_attention, cross_attention_permuted
+    from finetune.pipeline import finetune_processes
+
+    assert (first.stdout.count("accelerate.commands.launch --multi_gpu --num_processes 2") == 3) == (
+        finetune_processes(None, 2) == 2)  # DDP fine-tuning where the cores allow it
     md = (tmp_path / "study" / "study.md").read_text()
     for row in ("| unet | none | n/a | 1 |", "| unet | cross_attention | patient's | 1 |",
                 "| unet | cross_attention | none | 1 |", "| unet | cross_attention_permuted | permuted | 1 |",
