@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._common import emit  # noqa: E402
+from finetune.pipeline import _cores, stage_command  # noqa: E402
 
 PATCH = (64, 64, 32)
 CLINICAL = 29  # the embedded phantoms' encoded clinical width
@@ -85,16 +85,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    cores = args.processes or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    cores = args.processes or _cores()
     if cores < 2:
         raise SystemExit("bench/cpu_processes.py: needs at least 2 cores (or --processes 2)")
     torch.set_num_threads(cores)
     one_1 = measure(1, args.steps, args.precision)
     one_n = measure(cores, args.steps, args.precision)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(cores),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--num_cpu_threads_per_process", "1", __file__, "--worker", "--steps", str(args.steps),
-           "--precision", args.precision]  # fmt: skip
+    # the pipeline's own launch command: one single-thread process per core (autocast is set in measure)
+    cmd = stage_command([__file__, "--worker", "--steps", str(args.steps), "--precision", args.precision], cores)
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not rows:

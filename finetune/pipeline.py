@@ -113,6 +113,11 @@ def finetune_processes(choice: int | None, batch: int) -> int:
     return choice
 
 
+def finetune_workers(processes: int) -> int:
+    """DataLoader workers of each fine-tuning process: 2 beside one process, 1 beside each of several."""
+    return 2 if processes == 1 else 1
+
+
 def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, dict[str, Any]]:
     """The pipeline's choices for each stage's run config (FinetuneConfig / PretrainConfig fields).
 
@@ -131,7 +136,7 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, dict[str, Any]]:
                      "pretrained": str(out / "pretrain" / "model"), "fusion": cfg.fusion,
                      "max_steps": cfg.finetune_steps, "val_every": cfg.val_every,
                      "batch_size": cfg.finetune_batch // processes,
-                     "num_workers": 2 if processes == 1 else 1,  # one augmenting worker per process beside it
+                     "num_workers": finetune_workers(processes),
                      "lr": cfg.finetune_lr, "encoder_lr_scale": 1.0,
                      "mixed_precision": finetune_precision(cfg.finetune_precision),
                      "patch_size": list(cfg.finetune_patch_size), "fg_prob": 0.8,

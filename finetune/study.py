@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.pipeline import finetune_precision, finetune_processes, stage_command
+from finetune.pipeline import finetune_precision, finetune_processes, finetune_workers, stage_command
 from nny_models.training import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                     pretrained = cfg.pretrained if model == "nnynet" else "none"
                     processes = finetune_processes(cfg.processes, cfg.batch_size)
                     precision = finetune_precision(cfg.finetune_precision)
-                    workers = cfg.num_workers if cfg.num_workers is not None else 2 if processes == 1 else 1
+                    workers = cfg.num_workers if cfg.num_workers is not None else finetune_workers(processes)
                     cmd = ["finetune/run.py", "--data_dir", str(train), "--output_dir", str(run_dir),
                            "--pretrained", pretrained, "--model", model, "--size", cfg.size, "--fusion", fusion,
                            "--max_steps", str(cfg.steps), "--val_every", str(cfg.val_every), "--seed", str(seed),

@@ -23,7 +23,7 @@ def test_a_config_without_the_field_keeps_the_old_position_and_new_finetunes_get
         create_model("nnynet", "tiny", fusion_position="middle")
 
 
-def test_finetune_build_model_sets_the_position_for_nnynet_only():
+def test_finetune_build_model_sets_the_position_for_nnynet_and_swinunetr_only():
     from types import SimpleNamespace
 
     from finetune.run import FinetuneConfig, build_model
@@ -35,6 +35,8 @@ def test_finetune_build_model_sets_the_position_for_nnynet_only():
     acc = SimpleNamespace(print=lambda *a, **k: None)
     model, _ = build_model(FinetuneConfig(fusion="none", patch_size=(64, 64, 32)), None, data, pre, acc)
     assert model.config.model_kwargs["fusion_position"] == "after_bottleneck"
+    swin, _ = build_model(FinetuneConfig(model="swinunetr", fusion="none", patch_size=(64, 64, 32)), None, data, pre, acc)
+    assert swin.config.model_kwargs["fusion_position"] == "after_bottleneck" and swin.net.fusion_position == "after_bottleneck"
     with pytest.raises(ValueError, match="applies to nnynet and swinunetr only"):
         build_model(FinetuneConfig(model="unet", fusion="none", fusion_position="after_bottleneck",
                                    patch_size=(64, 64, 32)), None, data, pre, acc)
