@@ -135,8 +135,10 @@ class AugmentedPatches(torch.utils.data.Dataset):
         seed = (self.seed * 1_000_003 + index) % (2**32)
         self.transform.set_random_state(seed=seed)
         out = self.transform({"image": sample["image"], "label": sample["label"]})
-        sample["image"] = torch.as_tensor(out["image"]).float().contiguous()
-        sample["label"] = torch.as_tensor(out["label"]).round().long().contiguous()
+        # plain tensors: MONAI hands back MetaTensors, whose Python-level __torch_function__ then wraps every op of
+        # the forward, the loss and the backward (about 10% of a tiny nnynet's CPU training step)
+        sample["image"] = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float().contiguous()
+        sample["label"] = torch.as_tensor(out["label"]).as_subclass(torch.Tensor).round().long().contiguous()
         if "clinical" in sample and np.random.default_rng(seed).random() < self.clinical_dropout:
             sample["clinical"] = torch.full_like(sample["clinical"], float("nan"))  # all missing
         return sample

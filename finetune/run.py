@@ -50,6 +50,7 @@ from nny_models.swin_next import FUSION_POSITIONS
 from nny_models.training import (
     CheckpointManager,
     MetricsLog,
+    adamw,
     batches_from,
     check_output_dir,
     check_run_config,
@@ -406,7 +407,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
         f"{model.config.model} from {cfg.pretrained or 'scratch'}"
     )
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    optimizer = adamw(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     # The encoder group's LR is 0 for the first freeze_encoder_steps steps, by name, inside the schedule.
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, zero_lr_steps={"encoder": cfg.freeze_encoder_steps})
     loss_fn = DiceFocalCELoss(

@@ -35,6 +35,7 @@ from nny_models.config import PreprocessConfig  # noqa: E402
 from nny_models.training import (  # noqa: E402
     CheckpointManager,
     MetricsLog,
+    adamw,
     batches_from,
     check_output_dir,
     check_run_config,
@@ -219,7 +220,7 @@ def train(cfg: PretrainConfig) -> None:
     if any(p % divisor for p in cfg.patch_size):
         raise ValueError(f"--patch_size {cfg.patch_size} must be divisible by {divisor} for model {cfg.model!r}")
     criterion = DiceCELoss(softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)  # stepped by train_loop: not prepared
     check_output_dir(accelerator, out_dir, cfg.resume, cfg.overwrite)  # before the cache: never over an earlier run
 

@@ -21,6 +21,7 @@ from nny_models.training.plan import run_plan, save_plan
 from nny_models.training.files import lock_output_dir, replace_dir, write_text_atomic, writing_dir
 from nny_models.training.loop import (
     MetricsLog,
+    adamw,
     batches_from,
     learning_rates,
     make_accelerator,
@@ -32,7 +33,7 @@ from nny_models.training.loop import (
 )
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "MetricsLog", "batches_from", "build_config", "check_output_dir", "check_run_config",
+    "CheckpointError", "CheckpointManager", "MetricsLog", "adamw", "batches_from", "build_config", "check_output_dir", "check_run_config",
     "checkpoint_dirs", "field_comments", "learning_rates", "lock_output_dir", "make_accelerator", "parse_config",
     "progress", "read_checkpoint", "read_metrics", "replace_dir", "run_plan", "save_plan", "step_seed", "tracker_config", "train_loop",
     "warmup_cosine", "write_text_atomic", "writing_dir",

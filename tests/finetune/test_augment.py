@@ -44,6 +44,8 @@ def test_deterministic_per_seed_and_index(phantom_patch):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
         assert torch.equal(torch.isnan(x["clinical"]), torch.isnan(y["clinical"]))
     assert torch.equal(a[4]["image"], a[4]["image"])  # the same index again gives the same patch
+    # plain tensors, not MONAI MetaTensors (their __torch_function__ would slow every op of the training step)
+    assert all(type(a[i][k]) is torch.Tensor for i in range(6) for k in ("image", "label"))
     other = AugmentedPatches(_patches(phantom_patch, 6), seed=4, clinical_dropout=0.5)
     assert any(not torch.equal(a[i]["image"], other[i]["image"]) for i in range(6))
 

@@ -127,3 +127,28 @@ def test_fast_window_attention_matches_monai(bf16):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         ours, ref = net(x).float(), reference(x).float()
     assert rel_err(ours, ref) < (3e-2 if bf16 else 1e-5), rel_err(ours, ref)
+
+
+def test_cached_window_masks_match_monai_in_training():
+    """The cached shifted-window mask gives MONAI's BasicLayer result, loss and gradients, at two shapes (the
+    cache is keyed by shape) and again on a repeat call (the cached mask is only read)."""
+    from monai.networks.nets.swin_unetr import BasicLayer
+
+    from nny_models.swin_next import CachedMaskBasicLayer
+
+    torch.manual_seed(0)
+    net = create_model("nnynet", "tiny", window_size=3, deep_supervision=False).train()
+    assert all(type(m) is CachedMaskBasicLayer for m in net.modules() if isinstance(m, BasicLayer))
+    reference = copy.deepcopy(net)
+    for m in reference.modules():
+        if type(m) is CachedMaskBasicLayer:
+            m.__class__ = BasicLayer
+    for shape in [(64, 64, 32), (64, 96, 64), (64, 64, 32)]:
+        x = torch.randn(1, 1, *shape)
+        ours, ref = net(x), reference(x)
+        assert torch.equal(ours, ref)
+        ours.square().mean().backward()
+        ref.square().mean().backward()
+        for (name, a), b in zip(net.named_parameters(), reference.parameters()):
+            assert torch.equal(a.grad, b.grad), name
+        net.zero_grad(), reference.zero_grad()

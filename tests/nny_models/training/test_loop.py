@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from nny_models.training import (
     CheckpointManager,
     MetricsLog,
+    adamw,
     batches_from,
     make_accelerator,
     read_metrics,
@@ -64,7 +65,7 @@ def _run(tmp_path, steps, *, model=None, opt=None, sched=None, grad_clip=1.0, gr
     acc = make_accelerator(tmp_path, log_with=None, seed=0, grad_accum=grad_accum, mixed_precision=mixed_precision)
     torch.manual_seed(0)
     model = model or torch.nn.Linear(4, 1)
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt = opt or adamw(model.parameters(), lr=0.1)  # the stages' optimizer: a fused one must resume exactly
     sched = sched or warmup_cosine(opt, 2, steps)
     model, opt, loader = acc.prepare(model, opt, _loader())
     ckpt = CheckpointManager(acc, tmp_path, model, opt, sched, keep_last=2)
@@ -189,3 +190,23 @@ def test_frozen_encoder_is_bitwise_unchanged_for_exactly_n_steps(tmp_path, one_t
     assert dec_same == [False] * (n + 2)
     rows = read_metrics(tmp_path / "m.jsonl")
     assert [r["lr_encoder"] for r in rows[:n]] == [0.0] * n and rows[n]["lr_encoder"] > 0
+
+
+def test_adamw_is_fused_on_this_torch_and_updates_as_the_unfused_one():
+    """adamw picks torch's fused kernel (torch >= 2.4 on the CPU) and makes the unfused update to rounding."""
+    torch.manual_seed(0)
+    a = torch.nn.Linear(16, 8)
+    b = torch.nn.Linear(16, 8)
+    b.load_state_dict(a.state_dict())
+    start = [p.detach().clone() for p in a.parameters()]
+    fused, plain = adamw(a.parameters(), lr=0.01, weight_decay=0.1), torch.optim.AdamW(b.parameters(), lr=0.01, weight_decay=0.1)
+    assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
+    for _ in range(5):
+        x = torch.randn(4, 16)
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q, p0 in zip(a.parameters(), b.parameters(), start):
+        assert (p - p0).abs().max() > 1e-3  # the parameters moved
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
