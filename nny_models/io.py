@@ -7,7 +7,9 @@ NIfTI convention, which MONAI's readers also use); preprocessing reorients them.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -108,6 +110,10 @@ def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
     with ImageOpener(str(path)) as f:  # the header as written: nib.load has already "fixed" pixdim
         raw = type(img.header).from_fileobj(f, check=False)
     check_size(path, raw.get_data_shape(), max_bytes)
+    dtype = raw.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":  # nibabel would drop the imaginary part / fail
+        raise ValueError(f"{path}: voxel type {dtype} (NIfTI datatype {int(raw['datatype'])}) is not a grayscale "
+                         "intensity; expected real-valued CT voxels (integer or float)")
     sform, qform = int(raw["sform_code"]), int(raw["qform_code"])
     if sform == 0:  # the affine comes from pixdim (qform or the bare pixdim scaling)
         pixdim = [float(f"{v:.6g}") for v in raw["pixdim"][1:4]]  # float32 -> readable
@@ -159,8 +165,12 @@ def load_volume(path: str | Path, *, max_bytes: int = MAX_VOLUME_BYTES) -> tuple
             array, affine = _load_with_monai(path, max_bytes)
         else:
             raise ValueError(f"{path}: unsupported format; expected .nii, .nii.gz, .nrrd or a DICOM series folder")
-    except (ValueError, ImportError):
+    except ImportError:
         raise
+    except ValueError as e:
+        if str(path) in str(e):  # ours: already names the file
+            raise
+        raise ValueError(f"{path}: could not read the volume ({type(e).__name__}: {e}); is the file complete?") from e
     except Exception as e:  # truncated gzip, bad header, unreadable DICOM, ...
         raise ValueError(f"{path}: could not read the volume ({type(e).__name__}: {e}); is the file complete?") from e
     if not name.endswith(NIFTI_SUFFIXES):
@@ -177,9 +187,16 @@ def _load_with_monai(path: Path, max_bytes: int = MAX_VOLUME_BYTES) -> tuple[np.
 
     shape, _ = _dicom_header(path)
     check_size(path, shape, max_bytes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns about optional GPU decoders on every DICOM read
-        img = LoadImage(reader=PydicomReader(), image_only=True)(str(path))
+    # MONAI warns (and logs, on stderr) about its optional GPU decoder on every DICOM read
+    codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = codec_log.level
+    codec_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = LoadImage(reader=PydicomReader(), image_only=True)(str(path))
+    finally:
+        codec_log.setLevel(level)
     return np.asarray(img, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
 
 
@@ -197,13 +214,16 @@ def _load_nrrd(path: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     header = nrrd.read_header(str(path))
     check_size(path, header.get("sizes", ()), max_bytes)
     data, header = nrrd.read(str(path), index_order="F")  # (X, Y, Z), like NIfTI
-    ndim = data.ndim
     if "space directions" in header:
-        dirs = np.asarray([d for d in header["space directions"] if d is not None and np.isfinite(d).all()], float)
+        spatial = [d is not None and np.isfinite(d).all() for d in header["space directions"]]
+        if data.ndim == len(spatial) == 4 and not spatial[0] and data.shape[0] == 1:
+            data = data[0]  # a one-element list axis first, e.g. (1, X, Y, Z) from a vector-image writer
+        dirs = np.asarray([d for d, ok in zip(header["space directions"], spatial) if ok], float)
     elif "spacings" in header:
         dirs = np.diag([float(s) for s in header["spacings"]][:3])
     else:
         raise ValueError(f"{path}: NRRD header has neither 'space directions' nor 'spacings'; the voxel spacing is unknown")
+    ndim = data.ndim
     if dirs.shape != (3, 3) or ndim < 3:
         raise ValueError(f"{path}: expected a 3D NRRD with 3 spatial 'space directions', got {dirs.tolist()}")
     space = str(header.get("space", "left-posterior-superior")).lower()
@@ -239,19 +259,91 @@ def read_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return tuple(array.shape), tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
-def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    import pydicom
+# A DICOM series is stacked in InstanceNumber order with one slice step (MONAI's PydicomReader), so anything
+# else (a missing slice, uneven steps, two series in one folder, a gantry tilt) would give a wrong grid: refused.
+# The reader places slice k at first + k * (last - first) / (n - 1). A slice further than this fraction of the
+# spacing from that place is refused: a missing slice puts the middle ones about 0.5 off, and rounded positions
+# (0.01 mm on 0.6 mm slices) stay far below.
+DICOM_GRID_TOLERANCE = 0.2
+DICOM_TILT_TOLERANCE_DEG = 0.5  # the stack runs further off the slice normal than this: gantry tilt (sheared grid)
+NON_CT_MODALITIES = ("MR", "PT", "NM", "US")  # volumetric DICOM modalities whose voxels are not HU
 
-    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(path.iterdir()) if f.is_file()]
-    slices = [s for s in slices if "ImagePositionPatient" in s]
+
+def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Shape (X, Y, Z) and spacing of a DICOM series folder, from the headers; ValueError naming the folder,
+    the tag and what was expected unless the slices form one evenly spaced, untilted stack."""
+    import pydicom
+    from pydicom.misc import is_dicom
+
+    files = [f for f in sorted(path.iterdir()) if f.is_file() and is_dicom(str(f))]  # what PydicomReader reads
+    slices = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if "DirectoryRecordSequence" not in ds:  # a DICOMDIR index file, not a slice
+            slices.append((f.name, ds))
     if len(slices) < 2:
-        raise ValueError(f"{path}: expected a DICOM series with at least 2 slices")
-    normal = np.cross(*np.asarray(slices[0].ImageOrientationPatient, dtype=float).reshape(2, 3))
-    positions = np.sort([float(np.dot(normal, s.ImagePositionPatient)) for s in slices])
-    dz = float(np.median(np.diff(positions)))
-    row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
+        frames = int(slices[0][1].get("NumberOfFrames", 1) or 1) if slices else 1
+        hint = (f" ({slices[0][0]} is one multi-frame object of {frames} frames, which is not supported: "
+                "convert it to NIfTI first, e.g. with dcm2niix)") if frames > 1 else ""
+        raise ValueError(f"{path}: expected a DICOM series with at least 2 slices, found {len(slices)}{hint}")
+    series: dict[tuple[str, str], int] = {}
+    for _, s in slices:
+        key = (str(s.get("SeriesInstanceUID", "?")), str(s.get("Modality", "?")))
+        series[key] = series.get(key, 0) + 1
+    if len(series) > 1:
+        found = ", ".join(f"{uid} ({modality}, {n} files)" for (uid, modality), n in series.items())
+        raise ValueError(f"{path}: the folder mixes {len(series)} series (SeriesInstanceUID {found}); "
+                         "expected one series per folder: move each series to its own folder")
+    modality = str(slices[0][1].get("Modality", ""))
+    if modality in NON_CT_MODALITIES:  # their intensities are not Hounsfield units
+        raise ValueError(f"{path}: the series has Modality {modality!r}; expected a CT series (Modality 'CT')")
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "InstanceNumber", "Rows", "Columns"):
+        lacking = [name for name, s in slices if s.get(tag) is None]
+        if lacking:
+            raise ValueError(f"{path}: {len(lacking)} slice(s) lack {tag} (e.g. {lacking[0]}); "
+                             "expected every slice of the series to have it")
+    for tag in ("ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+        first_name, first = slices[0]
+        ref = np.asarray(first.get(tag), dtype=float)
+        for name, s in slices[1:]:
+            other = np.asarray(s.get(tag), dtype=float)
+            if other.shape != ref.shape or not np.allclose(other, ref, atol=1e-4):
+                raise ValueError(f"{path}: {tag} differs between slices ({first_name}: {ref.tolist()}, {name}: "
+                                 f"{other.tolist()}); expected one value for the series")
+    numbers = [int(s.InstanceNumber) for _, s in slices]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"{path}: InstanceNumber repeats across slices; expected one number per slice")
+    slices = [slices[i] for i in np.argsort(numbers)]  # the order the slices are stacked in
+    row, col = np.asarray(slices[0][1].ImageOrientationPatient, dtype=float).reshape(2, 3)
+    normal = np.cross(row, col)
+    positions = np.asarray([s.ImagePositionPatient for _, s in slices], dtype=float)
+    along = np.diff(positions, axis=0) @ normal
+    dz = float(np.median(np.abs(along)))
+    same = np.flatnonzero(np.abs(along) <= 1e-3 * max(dz, 1e-3))
+    if same.size:
+        a, b = slices[same[0]][0], slices[same[0] + 1][0]
+        raise ValueError(f"{path}: slices {a} and {b} share one position along the slice normal (a duplicate or "
+                         "a second acquisition?); expected one slice per position")
+    if not (np.all(along > 0) or np.all(along < 0)):
+        raise ValueError(f"{path}: InstanceNumber order is not the order of the slice positions (the reader stacks "
+                         "slices by InstanceNumber); expected numbers that increase along the stack")
+    depth = (positions - positions[0]) @ normal
+    grid = np.linspace(0.0, depth[-1], len(depth))  # where the reader puts each slice
+    if np.max(np.abs(depth - grid)) > DICOM_GRID_TOLERANCE * dz:
+        worst = int(np.argmax(np.abs(np.abs(along) - dz)))
+        raise ValueError(
+            f"{path}: uneven slice spacing: {abs(along[worst]):.4g} mm between {slices[worst][0]} and "
+            f"{slices[worst + 1][0]}, {dz:.4g} mm elsewhere (a missing slice?); expected a constant spacing"
+        )
+    span = positions[-1] - positions[0]
+    tilt = float(np.degrees(np.arctan2(np.linalg.norm(span - depth[-1] * normal), abs(depth[-1]))))
+    if tilt > DICOM_TILT_TOLERANCE_DEG:
+        raise ValueError(f"{path}: the slices step {tilt:.1f} degrees off the slice normal (gantry tilt); expected "
+                         "an untilted stack: resample it first (e.g. dcm2niix corrects gantry tilt)")
+    row_spacing, col_spacing = (float(v) for v in slices[0][1].PixelSpacing)
     # MONAI's PydicomReader swaps i/j so that X runs along columns, like the other readers
-    return (int(slices[0].Columns), int(slices[0].Rows), len(slices)), (col_spacing, row_spacing, dz)
+    slice_spacing = abs(float(depth[-1])) / (len(slices) - 1)  # the reader's
+    return (int(slices[0][1].Columns), int(slices[0][1].Rows), len(slices)), (col_spacing, row_spacing, slice_spacing)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -322,7 +414,25 @@ def _from_images_tr(root: Path) -> list[CaseRecord]:
             image = names[case + ("_0000" if chans == ["0000"] else "")]
             label = _find_image(root / labels_dir, case)
             records.append(CaseRecord(case, str(image.resolve()), str(label.resolve()) if label else None))
+        labels = {_strip_suffix(f.name) for f in _image_files(root / labels_dir)}
+        _warn_unmatched(root / images_dir, root / labels_dir, set(channels), labels)
     return records
+
+
+def _warn_unmatched(images_dir: Path, labels_dir: Path, cases: set[str], labels: set[str]) -> None:
+    """Some cases labeled and some not is usually a misnamed file: say which, since training silently uses
+    only the labeled ones."""
+    if not labels:
+        return  # no labels at all: an unlabeled set (imagesTs, pretraining data)
+    unlabeled, orphans = sorted(cases - labels), sorted(labels - cases)
+    if unlabeled:
+        warnings.warn(f"{labels_dir}: no label for {len(unlabeled)} of the {len(cases)} image(s) in {images_dir} "
+                      f"({', '.join(unlabeled[:5])}{', ...' if len(unlabeled) > 5 else ''}); they are unlabeled cases, "
+                      "left out of fine-tuning", stacklevel=3)
+    if orphans:
+        warnings.warn(f"{labels_dir}: {len(orphans)} label(s) without an image in {images_dir} "
+                      f"({', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''}); they are ignored",
+                      stacklevel=3)
 
 
 def _from_plain_folder(root: Path) -> list[CaseRecord]:
@@ -335,8 +445,13 @@ def _from_plain_folder(root: Path) -> list[CaseRecord]:
 def _from_manifest(path: Path) -> list[CaseRecord]:
     """CSV or JSONL rows with case_id, image[, label]; relative paths are relative to the manifest."""
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:  # utf-8-sig: a spreadsheet's byte-order mark would otherwise become part of the first column name
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e}); expected a UTF-8 CSV") from e
+        header = text.split("\n", 1)[0]
+        delimiter = max(",;\t", key=header.count)  # spreadsheets in many locales save with ";"
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
     else:
         rows = []
         for i, line in enumerate(path.read_text().splitlines()):
@@ -347,18 +462,22 @@ def _from_manifest(path: Path) -> list[CaseRecord]:
                     raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
     records = []
     for i, row in enumerate(rows):
+        # stripped: " 007" would never match the clinical table, which strips its ids
+        row = {k: "" if v is None else str(v).strip() for k, v in row.items() if k is not None}
         if not row.get("case_id") or not row.get("image"):
-            raise ValueError(f"{path}: row {i + 1} needs non-empty 'case_id' and 'image' columns, got {dict(row)}")
-        image = (path.parent / str(row["image"])).resolve()
-        label = (path.parent / str(row["label"])).resolve() if row.get("label") else None
-        records.append(CaseRecord(str(row["case_id"]), str(image), str(label) if label else None))
+            raise ValueError(f"{path}: row {i + 1} needs non-empty 'case_id' and 'image' columns, got {row}")
+        image = (path.parent / row["image"]).resolve()
+        label = (path.parent / row["label"]).resolve() if row.get("label") else None
+        records.append(CaseRecord(row["case_id"], str(image), str(label) if label else None))
     return records
 
 
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
+    # hidden files are skipped: macOS "._case.nii.gz" resource forks (shipped in the MSD archives) are not images
+    return sorted(f for f in folder.iterdir()
+                  if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(IMAGE_SUFFIXES))
 
 
 def _find_image(folder: Path, stem: str) -> Path | None:
@@ -377,6 +496,9 @@ def _check_records(records: Sequence[CaseRecord], source: Path) -> None:
         for kind, p in (("image", r.image), ("label", r.label)):
             if p is not None and not Path(p).exists():
                 raise FileNotFoundError(f"{source}: {kind} of case {r.case_id!r} not found: {p}")
+        if r.label is not None and Path(r.label).resolve() == Path(r.image).resolve():
+            raise ValueError(f"{source}: case {r.case_id!r} has the same file as image and label ({r.image}); "
+                             "expected a separate label volume")
 
 
 # ----------------------------------------------------------------------------- clinical table

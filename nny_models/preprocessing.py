@@ -87,8 +87,14 @@ def _check_affine(affine: Any, name: str) -> np.ndarray:
 def _check_label(label: np.ndarray, name: str, num_classes: int | None = None) -> np.ndarray:
     """Integer labels in 0..255 and, with ``num_classes``, inside the label map 0..num_classes-1."""
     label = _check_volume(label, name)
-    if label.size and (label.min() < 0 or label.max() > 255 or not np.array_equal(label, np.round(label))):
-        raise ValueError(f"{name}: expected integer class labels in 0..255, got values in [{label.min()}, {label.max()}]")
+    fractional = label != np.round(label)
+    if fractional.any():  # e.g. 0.9999 from a resampled or rescaled label: rounding would guess the class
+        example = float(label[fractional].flat[0])
+        raise ValueError(f"{name}: {int(fractional.sum())} voxel(s) are not whole numbers (e.g. {example:.6g}); "
+                         "expected integer class labels in 0..255 (was the label interpolated or saved with a scale?)")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"{name}: expected integer class labels in 0..255, "
+                         f"got values in [{label.min():g}, {label.max():g}]")
     if num_classes is not None and label.size and label.max() >= num_classes:
         values, counts = np.unique(label[label >= num_classes], return_counts=True)
         found = ", ".join(f"{int(v)} ({int(n)} voxel{'s' if n > 1 else ''})" for v, n in zip(values, counts))
