@@ -374,6 +374,7 @@ def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: Preproc
         probs = sliding_window_probs(
             model, image, cfg.patch_size, clinical, overlap=cfg.val_overlap, device=device,
             cval=preprocess.air_value,  # pad with air, as predict does
+            amp=cfg.mixed_precision == "bf16",  # a bf16 run is validated as predict runs it on such hardware
         )  # fmt: skip
         pred = probs.argmax(1)[0].cpu().numpy()
         if model.config.keep_largest:  # the same post-processing predict applies

@@ -162,3 +162,28 @@ def test_per_label_weights_need_one_positive_value_per_label():
         _per_label((1.0, 5.0), labels, "class_weights")
     with pytest.raises(ValueError, match="--fg_class_weights"):
         _per_label((1.0, -1.0), labels[1:], "fg_class_weights", first=1)
+
+
+@pytest.mark.parametrize("precision, amp", [("bf16", True), ("no", False)])
+def test_validation_runs_in_the_precision_the_run_trains_in(monkeypatch, precision, amp):
+    """A bf16 run picks its best model from bf16 predictions, as predict makes them on bf16 hardware."""
+    from types import SimpleNamespace
+
+    import finetune.run as run
+    from nny_models.config import DEFAULT_LABELS, PreprocessConfig
+
+    seen = []
+
+    def fake_probs(model, image, patch_size, clinical, **kwargs):
+        seen.append(kwargs["amp"])
+        background = torch.zeros(image.shape[2:], dtype=torch.long)
+        return torch.nn.functional.one_hot(background, len(DEFAULT_LABELS)).movedim(-1, 0)[None].float()
+
+    monkeypatch.setattr(run, "sliding_window_probs", fake_probs)
+    cache = SimpleNamespace(image=lambda cid: np.zeros((1, 8, 8, 8), np.float32),
+                            label=lambda cid: np.zeros((1, 8, 8, 8), np.uint8))
+    data = {"val_ids": ["a"], "cache": cache, "vectors": {}, "labels": DEFAULT_LABELS}
+    model = SimpleNamespace(config=SimpleNamespace(keep_largest=()), train=lambda: None)
+    cfg = run.FinetuneConfig(mixed_precision=precision, patch_size=(8, 8, 8))
+    run.validate(model, data, cfg, PreprocessConfig(), "cpu")
+    assert seen == [amp]
