@@ -48,6 +48,7 @@ Input problems at inference:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import re
@@ -203,14 +204,35 @@ def infer_column_type(
 # ----------------------------------------------------------------------------- reading rows
 
 
-def _read_csv_cells(path: Path) -> list[dict[str, str]]:
-    """A CSV as rows of text cells, exactly as written (no pandas NA guessing: "none" stays "none")."""
+def read_csv_text(path: Path) -> "pandas.DataFrame":  # noqa: F821 (pandas is imported lazily)
+    """A clinical CSV as a DataFrame of text cells, exactly as written (no pandas NA guessing: "none" stays
+    "none"). A spreadsheet's byte-order mark is dropped and ";" or tab separators (many locales save so) are
+    detected from the header: read as commas, such a file is one column, and every clinical value would be
+    imputed as missing. Repeated column names are refused (pandas would rename the second to "age.1")."""
+    import csv
+
     import pandas as pd
 
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"clinical file {str(path)!r} is not UTF-8 text: {err}") from None
+    header = text.split("\n", 1)[0]
+    delimiter = max(",;\t", key=header.count)
+    names = next(csv.reader([header], delimiter=delimiter), [])
+    repeated = sorted({n.strip() for n in names if [m.strip() for m in names].count(n.strip()) > 1})
+    if repeated:
+        raise ValueError(f"clinical file {str(path)!r}: column(s) {repeated} appear more than once in the header; "
+                         "expected one column per variable")
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, sep=delimiter)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"clinical file {str(path)!r} is not a readable CSV: {err}") from None
+
+
+def _read_csv_cells(path: Path) -> list[dict[str, str]]:
+    """A CSV as rows of text cells (read_csv_text)."""
+    df = read_csv_text(path)
     return [{str(k): v for k, v in r.items()} for r in df.to_dict(orient="records")]
 
 
@@ -223,7 +245,7 @@ def _load(rows: Any) -> tuple[list[dict[str, Any]], str | None, int]:
             raise ValueError(f"clinical file {name!r} does not exist")
         if path.suffix.lower() == ".json":
             try:
-                data = json.loads(path.read_text())
+                data = json.loads(path.read_text(encoding="utf-8-sig"))  # an editor's byte-order mark is not JSON
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ValueError(f"clinical file {name!r} is not valid JSON: {err}") from None
             data = [data] if isinstance(data, dict) else data
@@ -383,7 +405,9 @@ def read_clinical_csv(
     if not path.is_file():
         raise ValueError(f"{path}: clinical table not found")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        raw = read_csv_text(path)
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"{path}: could not read the CSV ({type(e).__name__}: {e})") from e
     if id_column not in raw.columns:

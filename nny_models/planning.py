@@ -189,6 +189,7 @@ def fingerprint_dataset(data_dir: str | Path, *, task: str = "segmentation", sam
                         seed: int = 1234) -> dict[str, Any]:
     """Spacings, body-cropped shapes (RAS order) and sampled foreground HU statistics of every case."""
     from nny_models.io import discover_cases, load_volume
+    from nny_models.preprocessing import check_label_grid
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
@@ -206,9 +207,7 @@ def fingerprint_dataset(data_dir: str | Path, *, task: str = "segmentation", sam
             raise ValueError(f"{rec.image}: NaN or Inf voxels; expected finite HU values")
         if task == "segmentation":
             label, label_affine = load_volume(rec.label)
-            if label.shape != image.shape:
-                raise ValueError(f"{rec.label}: label shape {label.shape} differs from image shape {image.shape} "
-                                 f"({rec.image}); expected the same voxel grid")
+            label = check_label_grid(label, label_affine, image.shape, affine, rec.label, rec.image)
             fg = label > 0
         else:
             fg = image > BODY_THRESHOLD_HU

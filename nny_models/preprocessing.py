@@ -105,6 +105,24 @@ def _check_label(label: np.ndarray, name: str, num_classes: int | None = None) -
     return label
 
 
+def check_label_grid(label: np.ndarray, label_affine: Any, image_shape: tuple[int, ...], affine: Any,
+                     label_path: Any, image_path: Any, num_classes: int | None = None) -> np.ndarray:
+    """The label as integers on its image's voxel grid (same shape, same affine), else a ValueError naming
+    both files: a label on another grid would pair every voxel with the wrong HU."""
+    label = _check_label(label, str(label_path), num_classes)
+    if label.shape != tuple(image_shape):
+        raise ValueError(
+            f"{label_path}: label shape {label.shape} differs from image shape {tuple(image_shape)} ({image_path}); "
+            "expected the same voxel grid"
+        )
+    if not np.allclose(label_affine, affine, rtol=1e-4, atol=1e-3):
+        raise ValueError(
+            f"{label_path}: label affine differs from the image affine of {image_path}; expected the same "
+            f"voxel grid.\nimage:\n{np.round(affine, 4)}\nlabel:\n{np.round(label_affine, 4)}"
+        )
+    return label
+
+
 def _run(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, cfg: PreprocessConfig):
     """The one code path: returns (image (1,X,Y,Z) tensor, label tensor | None, JSON-able state)."""
     import nibabel as nib
@@ -179,17 +197,7 @@ def preprocess_case(
     label = None
     if label_path is not None:
         label, label_affine = load_volume(label_path)
-        label = _check_label(label, str(label_path), num_classes)
-        if label.shape != image.shape:
-            raise ValueError(
-                f"{label_path}: label shape {label.shape} differs from image shape {image.shape} ({image_path}); "
-                "expected the same voxel grid"
-            )
-        if not np.allclose(label_affine, affine, rtol=1e-4, atol=1e-3):
-            raise ValueError(
-                f"{label_path}: label affine differs from the image affine of {image_path}; expected the same "
-                f"voxel grid.\nimage:\n{np.round(affine, 4)}\nlabel:\n{np.round(label_affine, 4)}"
-            )
+        label = check_label_grid(label, label_affine, image.shape, affine, label_path, image_path, num_classes)
     img, lab, meta = _run(image, label, affine, cfg)
     meta["image_path"] = str(image_path)
     meta["label_path"] = None if label_path is None else str(label_path)

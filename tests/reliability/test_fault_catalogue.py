@@ -296,3 +296,53 @@ def test_fractional_label_names_the_voxels(tmp_path):
     label_path = write_nifti(tmp_path / "seg.nii.gz", label)
     with pytest.raises(ValueError, match=r"seg.nii.gz: 864 voxel\(s\) are not whole numbers \(e.g. 0.9999\)"):
         preprocess_case(image, label_path, PreprocessConfig(spacing=(3.0, 3.0, 4.0)), num_classes=2)
+
+
+# ----------------------------------------------------------------------------- clinical files and planning
+
+
+def test_clinical_csv_with_semicolons_or_a_bom_reads_its_columns(tmp_path):
+    """A ';' CSV read as commas was one column: every value imputed as missing, with only a warning."""
+    from nny_models.clinical import read_clinical_csv, read_clinical_row
+
+    row = tmp_path / "row.csv"
+    row.write_text("\ufeffcase_id;age;sex\nc0;61;M\n", encoding="utf-8")
+    assert read_clinical_row(str(row), case_id="c0") == {"case_id": "c0", "age": "61", "sex": "M"}
+    table = tmp_path / "clinical.csv"
+    table.write_text("case_id\tage\nc0\t61\nc1\t70\n")
+    df = read_clinical_csv(table)
+    assert list(df.columns) == ["age"] and df.loc["c1", "age"] == 70.0
+    js = tmp_path / "row.json"
+    js.write_text('\ufeff{"case_id": "c0", "age": 61}', encoding="utf-8")
+    assert read_clinical_row(str(js), case_id="c0")["age"] == 61
+
+
+def test_clinical_csv_with_a_repeated_column_is_refused(tmp_path):
+    from nny_models.clinical import read_clinical_csv, read_clinical_row
+
+    path = tmp_path / "clinical.csv"
+    path.write_text("case_id,age,age\nc0,61,62\n")
+    for read in (lambda: read_clinical_csv(path), lambda: read_clinical_row(str(path), case_id="c0")):
+        with pytest.raises(ValueError, match=r"\['age'\] appear more than once"):
+            read()
+
+
+@pytest.mark.parametrize("fault", ["affine", "fractional"])
+def test_planning_checks_each_label_against_its_image(tmp_path, fault):
+    """nnynet-plan sampled foreground HU through a label on another grid, or of interpolated values."""
+    from nny_models.planning import plan_dataset
+
+    for d in ("imagesTr", "labelsTr"):
+        (tmp_path / d).mkdir()
+    image = ct()
+    label = (image > 0).astype(np.float32)
+    label_affine = AFFINE.copy()
+    if fault == "affine":
+        label_affine[0, 3] = 12.0  # shifted by 8 voxels
+    else:
+        label[label > 0] = 0.9999
+    nib.save(nib.Nifti1Image(image, AFFINE), tmp_path / "imagesTr" / "c0_0000.nii.gz")
+    nib.save(nib.Nifti1Image(label, label_affine), tmp_path / "labelsTr" / "c0.nii.gz")
+    with pytest.raises(ValueError, match="label affine differs" if fault == "affine" else "not whole numbers") as err:
+        plan_dataset(tmp_path)
+    assert "c0.nii.gz" in str(err.value)
