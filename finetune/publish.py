@@ -86,9 +86,11 @@ def evaluate_and_publish(
     if curves.is_file():
         shutil.copy(curves, eval_dir / "figures" / "training_curves.png")
 
+    side = f" on the patient's {model.config.keep_side}" if model.config.keep_side else ""
     model.config.metrics = {
         "split": f"held-out synthetic phantoms ({len(per_case)} cases), original voxel grid"
-        + (f", largest connected {' + '.join(model.config.keep_largest)} component kept" if model.config.keep_largest else ""),
+        + (f", largest connected {' + '.join(model.config.keep_largest)} component{side} kept"
+           if model.config.keep_largest else ""),
         **card_metrics(summary),
     }
     training = json.loads((model_dir / "config.json").read_text()).get("metrics") or {}

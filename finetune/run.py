@@ -133,6 +133,8 @@ class FinetuneConfig:
     val_overlap: float = 0.25  # sliding-window overlap during validation
     keep_largest: tuple[str, ...] = ("liver", "tumor")  # labels forming one organ whose largest connected
     # component validation and predict keep; a bare flag turns it off (the default skips names the label map lacks)
+    keep_side: str = "auto"  # right | left | none: keep the largest such component on that side of the patient
+    # (nny_models.postprocess; a spleen called liver can be the larger one); "auto" = right when the organ is the liver
     min_encoder_loaded: float = 0.9  # fail if a smaller fraction of encoder tensors loads from --pretrained
     phantom_cases: int = 24  # number of labeled phantoms generated when data_dir is None
     cache_dir: str | None = None  # preprocessed-case cache; None = OUTPUT_DIR/cache
@@ -303,6 +305,15 @@ def _keep_largest(cfg: FinetuneConfig, labels: list[str]) -> list[str]:
     return [n for n in cfg.keep_largest if n in labels]
 
 
+def _keep_side(cfg: FinetuneConfig, keep_largest: list[str]) -> str | None:
+    """cfg.keep_side as stored in config.json (None = the largest component wherever it lies)."""
+    if cfg.keep_side not in ("auto", "right", "left", "none"):
+        raise ValueError(f"--keep_side: expected auto, right, left or none, got {cfg.keep_side!r}")
+    if cfg.keep_side == "auto":
+        return "right" if "liver" in keep_largest else None
+    return None if cfg.keep_side == "none" or not keep_largest else cfg.keep_side
+
+
 def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, preprocess: PreprocessConfig, accelerator,
                 plan: Plan | None = None):
     """NnyNet for the task's labels and clinical schema; encoder and decoder transferred from the export."""
@@ -323,6 +334,7 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
             patch_size=cfg.patch_size,
             clinical_schema=schema.to_dict() if schema else None,
             keep_largest=_keep_largest(cfg, data["labels"]),
+            keep_side=_keep_side(cfg, _keep_largest(cfg, data["labels"])),
             plan=plan.to_dict() if plan is not None else None,
             # mirror TTA (nny_models.tta) only along the axes training really mirrored
             tta_mirror_axes=list(cfg.flip_axes) if cfg.augment and cfg.augmentation.p_flip > 0 else [],
@@ -378,7 +390,8 @@ def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: Preproc
         )  # fmt: skip
         pred = probs.argmax(1)[0].cpu().numpy()
         if model.config.keep_largest:  # the same post-processing predict applies
-            pred = keep_largest_component(pred, label_indices(data["labels"], model.config.keep_largest))
+            pred = keep_largest_component(pred, label_indices(data["labels"], model.config.keep_largest),
+                                          model.config.keep_side, preprocess.orientation)
         gt = np.asarray(data["cache"].label(cid))[0]
         per_case.append(evaluate_case(pred, gt, preprocess.spacing, data["labels"], case_id=cid))
     model.train()
@@ -403,8 +416,9 @@ def training_function(cfg: FinetuneConfig) -> Path:
     save_plan(plan, output_dir, accelerator)
     accelerator.print(
         f"{len(data['train_ids'])} training / {len(data['val_ids'])} validation cases, labels {data['labels']}, "
-        f"post-processing: largest component of {model.config.keep_largest or 'nothing'}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"post-processing: largest component of {model.config.keep_largest or 'nothing'}"
+        + (f" on the patient's {model.config.keep_side}, " if model.config.keep_side else ", ")
+        + f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{model.config.model} from {cfg.pretrained or 'scratch'}"
     )
 

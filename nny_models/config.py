@@ -111,6 +111,9 @@ class NnyNetConfig:
     metrics: dict[str, Any] | None = None  # evaluation summary shown in the model card, or None
     keep_largest: list[str] = field(default_factory=list)  # labels forming one organ (e.g. liver, tumor): predict
     # keeps only its largest connected component (nny_models.postprocess); empty = raw argmax
+    keep_side: str | None = None  # "right" / "left": keep_largest keeps the largest component on that side of the
+    # patient (the liver's is the right) unless it is under a quarter of the largest; None = the largest (models
+    # saved before 2026-12-02, whose files lack the field, predict exactly as before)
     plan: dict[str, Any] | None = None  # the training run's plan (nny_models.planning.Plan.to_dict()), kept for
     # provenance; inference replays `preprocessing` and `patch_size`, which already hold what the plan set
     tta_mirror_axes: list[int] = field(default_factory=list)  # axes (0, 1, 2 of the preprocessed volume, e.g.
@@ -163,6 +166,8 @@ class NnyNetConfig:
         unknown = sorted(set(self.keep_largest) - set(names))
         if unknown:
             raise ValueError(f"NnyNetConfig.keep_largest: names {unknown} are not labels {names}")
+        if self.keep_side not in (None, "right", "left"):
+            raise ValueError(f"NnyNetConfig.keep_side: expected 'right', 'left' or null, got {self.keep_side!r}")
 
     def _check_clinical(self) -> None:
         schema = self.clinical_schema

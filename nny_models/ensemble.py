@@ -35,7 +35,7 @@ from torch import nn
 
 from nny_models.config import check_mirror_axes
 
-SHARED_FIELDS = ("preprocessing", "patch_size", "label_names", "keep_largest", "task")  # config.json fields
+SHARED_FIELDS = ("preprocessing", "patch_size", "label_names", "keep_largest", "keep_side", "task")  # config.json fields
 ENSEMBLE_FORMAT = 1  # the "ensemble" section of an ensemble's config.json that this code writes and reads
 COMBINE = "mean_softmax"  # members' softmax probabilities averaged window by window (the only rule there is)
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a plain sub-folder name: no "/", "..", "~"

@@ -358,7 +358,8 @@ def predict(
             probs = probs.cpu().numpy() if return_probabilities else None
     if config.keep_largest:  # on the model grid, where the network decided
         with stage("postprocess"):
-            labels[0] = keep_largest_component(labels[0], label_indices(config.label_names, config.keep_largest))
+            labels[0] = keep_largest_component(labels[0], label_indices(config.label_names, config.keep_largest),
+                                               config.keep_side, config.preprocess.orientation)
     _warn_if_liver_on_left(labels[0], config, name)
 
     with stage("restore"):

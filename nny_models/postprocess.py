@@ -4,6 +4,12 @@ The one step the field agrees on for liver CT: the liver is a single organ, so k
 component of (liver + liver tumors) and drop the rest. That removes spleen voxels called liver and tumor
 voxels outside the liver (both are the usual false positives), and keeps a tumor on the liver border joined to
 its liver.
+
+When the spleen called liver is the larger component, "the largest" keeps the spleen and drops the whole liver:
+Dice 0 where the raw argmax had 0.28 (a shifted phantom, 2026-12-01). ``side="right"`` (config.keep_side)
+keeps the largest component that lies on the patient's right instead, the liver's side in all but about 1 in
+10,000 people; a component there that is much smaller than the largest (MIN_SIDE_FRACTION) is not taken for
+the organ, so a situs inversus liver is not dropped for a stray voxel cluster on the right.
 """
 
 from __future__ import annotations
@@ -15,12 +21,20 @@ import torch
 from scipy import ndimage
 
 
+SIDES = ("right", "left")  # the patient's side config.keep_side may name
+MIN_SIDE_FRACTION = 0.25  # a component on the named side must be at least this fraction of the largest one
+
+
 def keep_largest_component(
-    pred: np.ndarray | torch.Tensor, labels: int | Sequence[int]
+    pred: np.ndarray | torch.Tensor, labels: int | Sequence[int], side: str | None = None, orientation: str = "RAS"
 ) -> np.ndarray | torch.Tensor:
     """Keep the largest 26-connected component of the union of ``labels`` (one organ, e.g. liver + tumor) in
     a (X, Y, Z) label volume; voxels of those labels outside it become background. Other labels are untouched.
     Returns the same type (and device) as ``pred``.
+
+    side: "right" or "left" keeps the largest component whose centroid lies on that side of the patient (of the
+    x axis centre of a grid in ``orientation``, body-cropped as preprocessing leaves it) if it has at least
+    MIN_SIDE_FRACTION of the largest component's voxels, else the largest; None = the largest.
 
     Same result as ``monai.transforms.KeepLargestConnectedComponent(applied_labels, independent=False,
     connectivity=3)``, which needs scikit-image (not a dependency here), so scipy.ndimage.label does the
@@ -29,15 +43,42 @@ def keep_largest_component(
         raise ValueError(
             f"keep_largest_component: expected a (X, Y, Z) label volume, got shape {tuple(np.shape(pred))}"
         )
+    if side not in (None, *SIDES):
+        raise ValueError(f"keep_largest_component: side must be one of {SIDES} or None, got {side!r}")
     labels = [labels] if isinstance(labels, int) else [int(v) for v in labels]
     is_tensor = isinstance(pred, torch.Tensor)
     out = pred.detach().cpu().numpy().copy() if is_tensor else np.array(pred, copy=True)
     organ = np.isin(out, labels)
     components, n = ndimage.label(organ, structure=np.ones((3, 3, 3), bool))
     if n > 1:
-        largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
-        out[organ & (components != largest)] = 0
+        sizes = np.bincount(components.ravel())[1:]
+        keep = 1 + int(np.argmax(sizes))
+        if side is not None:
+            keep = _largest_on_side(components, sizes, side, orientation) or keep
+        out[organ & (components != keep)] = 0
     return torch.as_tensor(out, device=pred.device) if is_tensor else out
+
+
+def _largest_on_side(components: np.ndarray, sizes: np.ndarray, side: str, orientation: str) -> int | None:
+    """Label of the largest component (of ``ndimage.label``'s ``components``) on the patient's ``side`` with at
+    least MIN_SIDE_FRACTION of the largest one's voxels; None if there is none."""
+    axis, sign = _right_axis(orientation)
+    coords = np.broadcast_to(np.arange(components.shape[axis]).reshape([-1 if i == axis else 1 for i in range(3)]),
+                             components.shape)
+    centre = np.bincount(components.ravel(), weights=coords.ravel(), minlength=len(sizes) + 1)[1:] / sizes
+    rightward = sign * ((centre + 0.5) / components.shape[axis] - 0.5)  # > 0: the patient's right
+    on_side = (rightward > 0) if side == "right" else (rightward < 0)
+    eligible = on_side & (sizes >= MIN_SIDE_FRACTION * sizes.max())
+    if not eligible.any():
+        return None
+    return 1 + int(np.argmax(np.where(eligible, sizes, -1)))
+
+
+def _right_axis(orientation: str) -> tuple[int, int]:
+    """(the left-right axis of ``orientation``, +1 if its index grows towards the patient's right, else -1)."""
+    codes = orientation.upper()
+    axis = [i for i, code in enumerate(codes) if code in "LR"][0]
+    return axis, (1 if codes[axis] == "R" else -1)
 
 
 def label_indices(label_names: Sequence[str], names: Sequence[str]) -> list[int]:
@@ -52,9 +93,8 @@ def rightward_offset(pred: np.ndarray, labels: Sequence[int], orientation: str =
     absent. ``pred`` is (X, Y, Z) on a grid reoriented to ``orientation`` (preprocessing's axcodes) and cropped
     to the body, so the axis centre is close to the body's midline; the liver's centroid lies well right of it
     (about +0.15 to +0.3), the spleen's well left."""
-    axis = [i for i, code in enumerate(orientation.upper()) if code in "LR"][0]
+    axis, sign = _right_axis(orientation)
     where = np.nonzero(np.isin(np.asarray(pred), list(labels)))[axis]
     if where.size == 0:
         return None
-    offset = (where.mean() + 0.5) / pred.shape[axis] - 0.5
-    return float(offset if orientation.upper()[axis] == "R" else -offset)
+    return float(sign * ((where.mean() + 0.5) / pred.shape[axis] - 0.5))

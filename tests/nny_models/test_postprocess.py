@@ -71,3 +71,51 @@ def test_predict_warns_when_the_liver_lies_on_the_patients_left():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_if_liver_on_left(pred, config, "ct.nii.gz")
+
+
+def _liver_and_bigger_spleen(right_size: int = 6):
+    """RAS grid (x grows to the patient's right): a liver block of right_size^3 on the right, a larger 'spleen
+    called liver' block of 7^3 on the left."""
+    pred = np.zeros((32, 16, 16), np.uint8)
+    pred[24:24 + right_size, 2:2 + right_size, 2:2 + right_size] = 1
+    pred[2:9, 2:9, 2:9] = 1
+    pred[25, 3, 3] = 2  # a tumor inside the liver
+    return pred
+
+
+def test_side_keeps_the_liver_when_the_spleen_called_liver_is_larger():
+    pred = _liver_and_bigger_spleen()
+    assert (keep_largest_component(pred, [1, 2])[24:, :, :] == 0).all()  # the largest: the spleen, liver dropped
+    out = keep_largest_component(pred, [1, 2], side="right")
+    assert (out[:16] == 0).all() and (out[24:30, 2:8, 2:8] > 0).all() and out[25, 3, 3] == 2
+    # the same volume written x-flipped in an LAS grid: the liver is still the one on the patient's right
+    flipped = keep_largest_component(pred[::-1].copy(), [1, 2], side="right", orientation="LAS")
+    assert np.array_equal(flipped[::-1], out)
+    assert np.array_equal(keep_largest_component(pred, [1, 2], side="left"), keep_largest_component(pred, [1, 2]))
+
+
+def test_side_ignores_a_small_cluster_on_that_side():
+    """Situs inversus: the liver on the left and a stray cluster under a quarter of its size on the right."""
+    pred = _liver_and_bigger_spleen(right_size=3)  # 27 voxels vs 343
+    assert np.array_equal(keep_largest_component(pred, [1, 2], side="right"), keep_largest_component(pred, [1, 2]))
+    with pytest.raises(ValueError, match="side"):
+        keep_largest_component(pred, [1, 2], side="up")
+
+
+def test_keep_side_is_checked_and_older_configs_keep_the_largest():
+    from nny_models.config import NnyNetConfig
+
+    kwargs = {"model_kwargs": {"size": "tiny", "out_channels": 5}, "keep_largest": ["liver", "tumor"]}
+    assert NnyNetConfig(**kwargs).keep_side is None  # a config.json without the field
+    assert NnyNetConfig(**kwargs, keep_side="right").to_dict()["keep_side"] == "right"
+    with pytest.raises(ValueError, match="keep_side"):
+        NnyNetConfig(**kwargs, keep_side="up")
+
+
+@pytest.mark.parametrize("option, labels, expected", [
+    ("auto", ["liver", "tumor"], "right"), ("auto", ["kidney"], None), ("none", ["liver"], None),
+    ("left", ["liver"], "left"), ("right", [], None)])
+def test_fine_tuning_stores_the_liver_side(option, labels, expected):
+    from finetune.run import FinetuneConfig, _keep_side
+
+    assert _keep_side(FinetuneConfig(keep_side=option), labels) == expected
