@@ -39,7 +39,7 @@ class PipelineConfig:
     finetune_cases: int = 24  # labeled phantoms (with clinical.csv) for fine-tuning
     test_cases: int = 6  # held-out labeled phantoms for the final evaluation (and as many shifted ones)
     pretrain_steps: int = 80  # Volume Fusion optimizer steps
-    finetune_steps: int = 1800  # fine-tuning optimizer steps (about 0.31 s each on 2 idle cores at the 64 x 64 x 32
+    finetune_steps: int = 1800  # fine-tuning optimizer steps (about 0.25 s each on 2 idle cores at the 64 x 64 x 32
     # patch: the randomized phantom world needs this many before tumors appear; 1000 steps of 96 x 96 x 32 found none)
     val_every: int = 300  # fine-tuning validates (and may export a new best model) every N steps
     spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # pretraining spacing (mm); fine-tuning plans its own
