@@ -55,9 +55,12 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `import nny_models` stays light
+    import pandas as pd
 
 KINDS = ("numeric", "categorical", "boolean")
 SCHEMA_VERSION = 2  # version written by fit_clinical_schema (see the module docstring)
@@ -204,7 +207,7 @@ def infer_column_type(
 # ----------------------------------------------------------------------------- reading rows
 
 
-def read_csv_text(path: Path) -> "pandas.DataFrame":  # noqa: F821 (pandas is imported lazily)
+def read_csv_text(path: Path) -> pd.DataFrame:
     """A clinical CSV as a DataFrame of text cells, exactly as written (no pandas NA guessing: "none" stays
     "none"). A spreadsheet's byte-order mark is dropped and ";" or tab separators (many locales save so) are
     detected from the header: read as commas, such a file is one column, and every clinical value would be

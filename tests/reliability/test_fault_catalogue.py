@@ -28,9 +28,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from nny_models.config import NnyNetConfig, PreprocessConfig
+from nny_models.config import PreprocessConfig
 from nny_models.io import discover_cases, load_volume
 
 pydicom = pytest.importorskip("pydicom")
@@ -157,16 +156,6 @@ def test_dicom_positions_rounded_to_a_hundredth_load(tmp_path):
     z = [round(k * 0.625, 2) for k in range(12)]  # 0.62, 1.25, 1.88, ...: steps of 0.62 and 0.63 mm
     array, affine = load_volume(write_series(tmp_path / "s", ct(), z=z))
     np.testing.assert_allclose(affine[2, 2], 6.88 / 11, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = NnyNetConfig(model_kwargs={"size": "tiny"}, patch_size=(64, 64, 64),
-                          preprocessing=PreprocessConfig(spacing=(3.0, 3.0, 4.0)).to_dict())
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    hub.NnyNet(config).save_pretrained(path)
-    return path
 
 
 def run_main(capsys, *args: str) -> subprocess.CompletedProcess:

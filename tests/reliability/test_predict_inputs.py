@@ -20,9 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from nny_models.config import NnyNetConfig, PreprocessConfig
 
 hub = pytest.importorskip("nny_models.hub")
 cli = pytest.importorskip("nny_models.cli")
@@ -56,16 +54,6 @@ def write_ct(path: Path) -> Path:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = NnyNetConfig(model_kwargs={"size": "tiny"}, patch_size=(64, 64, 64),
-                          preprocessing=PreprocessConfig(spacing=(3.0, 3.0, 4.0)).to_dict())
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    hub.NnyNet(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture
