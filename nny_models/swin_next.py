@@ -194,8 +194,11 @@ def use_fast_window_attention(model: nn.Module) -> nn.Module:
 @lru_cache(maxsize=64)
 def _shifted_window_mask(dims: tuple[int, int, int], window: tuple[int, ...], shift: tuple[int, ...],
                          device: str) -> torch.Tensor:
-    """MONAI's compute_mask, once per (padded shape, window, shift, device): it is a constant of the shape."""
-    return compute_mask(list(dims), window, shift, torch.device(device))
+    """MONAI's compute_mask, once per (padded shape, window, shift, device): it is a constant of the shape.
+    Built as a normal tensor even when first asked for under inference_mode (predict), so that training may
+    use it afterwards."""
+    with torch.inference_mode(False):
+        return compute_mask(list(dims), window, shift, torch.device(device))
 
 
 class CachedMaskBasicLayer(BasicLayer):

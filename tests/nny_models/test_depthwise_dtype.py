@@ -152,3 +152,18 @@ def test_cached_window_masks_match_monai_in_training():
         for (name, a), b in zip(net.named_parameters(), reference.parameters()):
             assert torch.equal(a.grad, b.grad), name
         net.zero_grad(), reference.zero_grad()
+
+
+def test_a_mask_cached_under_inference_mode_serves_training():
+    from nny_models.swin_next import _shifted_window_mask
+
+    _shifted_window_mask.cache_clear()
+    with torch.inference_mode():
+        assert not _shifted_window_mask((8, 8, 8), (4, 4, 4), (2, 2, 2), "cpu").is_inference()
+    net = create_model("nnynet", "tiny", window_size=3, deep_supervision=False)
+    x = torch.randn(1, 1, 64, 64, 32)
+    with torch.inference_mode():  # predict fills the cache first
+        net.eval()(x)
+    cached = _shifted_window_mask.cache_info().currsize
+    net.train()(x).square().mean().backward()
+    assert _shifted_window_mask.cache_info().currsize == cached  # training reused the masks predict built
