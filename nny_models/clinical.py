@@ -207,11 +207,15 @@ def infer_column_type(
 # ----------------------------------------------------------------------------- reading rows
 
 
+DECIMAL_COMMA = r"^\s*([+-]?\d+),(\d+)\s*$"  # a whole cell such as "12,5" in a ";"-separated file
+
+
 def read_csv_text(path: Path) -> pd.DataFrame:
     """A clinical CSV as a DataFrame of text cells, exactly as written (no pandas NA guessing: "none" stays
     "none"). A spreadsheet's byte-order mark is dropped and ";" or tab separators (many locales save so) are
     detected from the header: read as commas, such a file is one column, and every clinical value would be
-    imputed as missing. Repeated column names are refused (pandas would rename the second to "age.1")."""
+    imputed as missing. In a ";" file, decimal commas ("12,5") are read as numbers. Repeated column names are
+    refused (pandas would rename the second to "age.1")."""
     import csv
 
     import pandas as pd
@@ -228,9 +232,12 @@ def read_csv_text(path: Path) -> pd.DataFrame:
         raise ValueError(f"clinical file {str(path)!r}: column(s) {repeated} appear more than once in the header; "
                          "expected one column per variable")
     try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, sep=delimiter)
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, sep=delimiter)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"clinical file {str(path)!r} is not a readable CSV: {err}") from None
+    if delimiter == ";":  # the locales that save ";" write decimal commas: "12,5" is 12.5, not a category
+        df = df.apply(lambda col: col.str.replace(DECIMAL_COMMA, r"\1.\2", regex=True))
+    return df
 
 
 def _read_csv_cells(path: Path) -> list[dict[str, str]]:

@@ -306,6 +306,18 @@ def test_clinical_csv_with_semicolons_or_a_bom_reads_its_columns(tmp_path):
     assert read_clinical_row(str(js), case_id="c0")["age"] == 61
 
 
+def test_semicolon_clinical_csv_reads_decimal_commas_as_numbers(tmp_path):
+    """The locales that save ";" write 12,5 for 12.5: read as text, AFP became a categorical column."""
+    from nny_models.clinical import read_clinical_csv, read_clinical_row
+
+    path = tmp_path / "clinical.csv"
+    path.write_text("case_id;afp;note\nc0;12,5;a,b\nc1;-3,25;x\n")
+    df = read_clinical_csv(path)
+    assert df.attrs["column_types"]["afp"] == "numeric" and df.loc["c1", "afp"] == -3.25
+    assert df.loc["c0", "note"] == "a,b"  # only whole-cell numbers change
+    assert read_clinical_row(str(path), case_id="c0")["afp"] == "12.5"
+
+
 def test_clinical_csv_with_a_repeated_column_is_refused(tmp_path):
     from nny_models.clinical import read_clinical_csv, read_clinical_row
 
