@@ -125,7 +125,28 @@ def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
             )
     source = "sform" if sform else "qform" if qform else "pixdim"
     check_spacing(img.affine, path, f"NIfTI header ({source})")
+    if sform and qform:
+        _warn_if_forms_disagree(raw, path)
     return img
+
+
+def _warn_if_forms_disagree(raw, path: Path) -> None:
+    """A header whose sform and qform place the voxels differently is read by its sform (as nibabel does), but
+    ITK-based viewers may show the qform: say so, above all when the two disagree on an axis direction (which
+    side is the patient's right decides the liver post-processing)."""
+    import nibabel as nib
+
+    try:
+        s_aff, q_aff = raw.get_sform(), raw.get_qform()
+    except Exception:  # an invalid quaternion: nibabel itself ignores the qform then
+        return
+    if np.allclose(s_aff, q_aff, rtol=1e-3, atol=1e-2):
+        return
+    s_codes, q_codes = "".join(nib.aff2axcodes(s_aff)), "".join(nib.aff2axcodes(q_aff))
+    detail = (f"they disagree on the axis directions ({s_codes} vs {q_codes})" if s_codes != q_codes
+              else f"both {s_codes}, with other origins or spacings")
+    warnings.warn(f"{path}: the NIfTI sform and qform differ ({detail}); nnynet reads the sform, as nibabel does, "
+                  "while some viewers use the qform: check that the mask lies on the anatomy", stacklevel=3)
 
 
 def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:

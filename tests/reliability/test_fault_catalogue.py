@@ -347,3 +347,25 @@ def test_planning_checks_each_label_against_its_image(tmp_path, fault):
     with pytest.raises(ValueError, match="label affine differs" if fault == "affine" else "not whole numbers") as err:
         plan_dataset(tmp_path)
     assert "c0.nii.gz" in str(err.value)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_nifti_whose_sform_and_qform_disagree_is_read_by_its_sform_with_a_warning(tmp_path, flip):
+    img = nib.Nifti1Image(ct(), AFFINE)
+    qform = AFFINE.copy()
+    if flip:
+        qform[0, 0] = -qform[0, 0]  # the qform mirrors left and right
+    else:
+        qform[:3, 3] = (5.0, 0.0, 0.0)  # the qform moves the origin
+    img.set_qform(qform, code=1)
+    img.set_sform(AFFINE, code=1)
+    path = tmp_path / "forms.nii.gz"
+    nib.save(img, path)
+    with pytest.warns(UserWarning, match="axis directions" if flip else "other origins") as record:
+        _, affine = load_volume(path)
+    assert str(path) in str(record[0].message)
+    np.testing.assert_allclose(affine, AFFINE)
+    with warnings.catch_warnings():  # agreeing forms: no warning
+        warnings.simplefilter("error")
+        nib.save(nib.Nifti1Image(ct(), AFFINE), tmp_path / "ok.nii.gz")
+        load_volume(tmp_path / "ok.nii.gz")
