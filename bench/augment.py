@@ -32,17 +32,17 @@ from nny_models.zoo import create_model  # noqa: E402
 PATCH = (96, 96, 32)
 
 
-def phantom_patches(n: int) -> list[dict]:
-    """n copies of a 96 x 96 x 32 phantom patch around the liver (HU window -200..300 -> [-1, 1])."""
+def phantom_patches(n: int, patch: tuple[int, int, int] = PATCH) -> list[dict]:
+    """n copies of a phantom patch (default 96 x 96 x 32) around the liver (HU window -200..300 -> [-1, 1])."""
     from nny_models.phantoms import generate_phantom
 
     c = generate_phantom(0)
     cx, cy, cz = (int(v.mean()) for v in np.nonzero(c.label == 1))
-    start = [min(max(0, m - p // 2), s - p) for m, p, s in zip((cx, cy, cz), PATCH, c.image.shape)]
-    sl = tuple(slice(a, a + p) for a, p in zip(start, PATCH))
+    start = [min(max(0, m - p // 2), s - p) for m, p, s in zip((cx, cy, cz), patch, c.image.shape)]
+    sl = tuple(slice(a, a + p) for a, p in zip(start, patch))
     img = torch.from_numpy(np.clip((c.image[sl] + 200) / 250 - 1, -1, 1).astype(np.float32))[None]
     lab = torch.from_numpy(c.label[sl].astype(np.int64))[None]
-    assert img.shape[1:] == PATCH, img.shape
+    assert img.shape[1:] == tuple(patch), img.shape
     return [{"image": img.clone(), "label": lab.clone()} for _ in range(n)]
 
 

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import device_name, emit  # noqa: E402
+from augment import phantom_patches  # noqa: E402  (bench/augment.py)
 
 from finetune.augment import AugmentedPatches  # noqa: E402
 from finetune.loss import DiceFocalCELoss  # noqa: E402
@@ -37,19 +38,6 @@ from nny_models.zoo import create_model  # noqa: E402
 
 PATCH = (64, 64, 32)  # the pipeline's fine-tuning patch
 FIXES = ("plain_tensors", "cached_masks", "fused_adamw")
-
-
-def phantom_patches(n: int) -> list[dict]:
-    """n copies of a 64 x 64 x 32 phantom patch around the liver (HU window -200..300 -> [-1, 1])."""
-    from nny_models.phantoms import generate_phantom
-
-    c = generate_phantom(0)
-    centre = [int(v.mean()) for v in np.nonzero(c.label == 1)]
-    start = [min(max(0, m - p // 2), s - p) for m, p, s in zip(centre, PATCH, c.image.shape)]
-    sl = tuple(slice(a, a + p) for a, p in zip(start, PATCH))
-    img = torch.from_numpy(np.clip((c.image[sl] + 200) / 250 - 1, -1, 1).astype(np.float32))[None]
-    lab = torch.from_numpy(c.label[sl].astype(np.int64))[None]
-    return [{"image": img.clone(), "label": lab.clone()} for _ in range(n)]
 
 
 class Variant:
@@ -94,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = create_model("nnynet", "tiny", deep_supervision=True)
-    data = AugmentedPatches(phantom_patches(args.steps + 3), seed=0, clinical_dropout=0.0)
+    data = AugmentedPatches(phantom_patches(args.steps + 3, PATCH), seed=0, clinical_dropout=0.0)
     setups = {"ours": set(FIXES), "peer": set()}
     setups.update({f"without_{fix}": set(FIXES) - {fix} for fix in FIXES})
     variants = {name: Variant(base, fixes, data, args.precision) for name, fixes in setups.items()}

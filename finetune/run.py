@@ -325,6 +325,7 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
         kwargs["fusion_position"] = cfg.fusion_position or "after_bottleneck"
     elif cfg.fusion_position:
         raise ValueError(f"--fusion_position applies to nnynet and swinunetr only; {name!r} has one fusion position")
+    keep_largest = _keep_largest(cfg, data["labels"])
     try:
         config = NnyNetConfig(
             model=name,
@@ -333,8 +334,8 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
             preprocessing=preprocess.to_dict(),
             patch_size=cfg.patch_size,
             clinical_schema=schema.to_dict() if schema else None,
-            keep_largest=_keep_largest(cfg, data["labels"]),
-            keep_side=_keep_side(cfg, _keep_largest(cfg, data["labels"])),
+            keep_largest=keep_largest,
+            keep_side=_keep_side(cfg, keep_largest),
             plan=plan.to_dict() if plan is not None else None,
             # mirror TTA (nny_models.tta) only along the axes training really mirrored
             tta_mirror_axes=list(cfg.flip_axes) if cfg.augment and cfg.augmentation.p_flip > 0 else [],

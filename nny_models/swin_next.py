@@ -205,7 +205,7 @@ class CachedMaskBasicLayer(BasicLayer):
     """MONAI's 3D BasicLayer (same parameters and state dict) that reuses the shifted-window attention mask.
 
     MONAI rebuilds the mask on every forward with 27 Python-level slice assignments per stage: 5% of a tiny
-    nnynet training step at 64 x 64 x 32 on CPU (py-spy). The mask depends only on the padded shape, so it
+    nnynet training step at 64 x 64 x 32 on CPU (0.217 vs 0.228 s, bench/train_step.py). The mask depends only on the padded shape, so it
     is cached; the attention blocks only read it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
