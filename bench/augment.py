@@ -54,7 +54,7 @@ def seconds_per_sample(ds: AugmentedPatches, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=60, help="indices augmented for the default-probability mean")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps (median)")
@@ -63,14 +63,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     dev = device_name("cpu")
 
-    patches = phantom_patches(args.samples + 2)
+    if args.samples < 1:
+        ap.error(f"--samples must be >= 1, got {args.samples}")
+    forced_samples = 6  # indices timed per transform forced to fire
+    patches = phantom_patches(max(args.samples, forced_samples) + 2)
     aug = seconds_per_sample(AugmentedPatches(patches, seed=0, clinical_dropout=0.0), args.samples)
 
     off = AugmentConfig(**{f.name: 0.0 for f in dataclasses.fields(AugmentConfig) if f.name.startswith("p_")})
     forced = {}
     for name in ("rotation", "scaling", "noise", "blur", "brightness", "contrast", "low_res", "gamma_inverted", "gamma"):
         cfg = dataclasses.replace(off, **{f"p_{name}": 1.0})
-        forced[name] = seconds_per_sample(AugmentedPatches(patches, seed=0, clinical_dropout=0.0, config=cfg), 6)
+        forced[name] = seconds_per_sample(AugmentedPatches(patches, seed=0, clinical_dropout=0.0, config=cfg),
+                                          forced_samples)
 
     model = create_model("nnynet", "tiny", deep_supervision=True)
     model.train()
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
 
     t_step = time_it(step, "cpu", warmup=1, repeats=args.steps)
-    emit("augment", "augmentation s / step (default probabilities, batch 1, 96x96x32) vs training step s",
+    return emit("augment", "augmentation s / step (default probabilities, batch 1, 96x96x32) vs training step s",
          aug, t_step, "tiny nnynet training step", "lower", "ratio < 0.25", dev,
          forced_s={k: round(v, 4) for k, v in forced.items()}, threads=args.threads)
 
