@@ -121,6 +121,9 @@ class FinetuneConfig:
     # that a foreground-centred patch picks it among the labels the case holds; None = equal (nnU-Net)
     class_weights: tuple[float, ...] | None = None  # one per label, background first: weights of the focal and CE
     # terms (a rare tumor class otherwise gets a vanishing share of the voxel-averaged gradient); None = equal
+    balance_lesions: tuple[str, ...] = ()  # labels whose foreground-centred patches pick one of the label's connected
+    # components (lesions) uniformly, then a voxel of it, instead of a voxel uniformly: small lesions are seen as often
+    # as large ones (nny_models.sampling); () = nnU-Net's voxel draw
     augment: bool = True  # nnU-Net's default augmentation on training patches (see augmentation; flips: flip_axes)
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)  # probabilities and ranges:
     # --augmentation.<field> (finetune/augment.py)
@@ -218,6 +221,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
         fg_prob=cfg.fg_prob,
         fg_class_weights=_per_label(cfg.fg_class_weights, labels[1:], "fg_class_weights", first=1),
         extras=vectors or None,
+        lesion_classes=_label_index(cfg.balance_lesions, labels, "balance_lesions"),
     )
     dataset = (AugmentedPatches(patches, cfg.seed, cfg.clinical_dropout, cfg.flip_axes, config=cfg.augmentation)
                if cfg.augment else patches)
@@ -243,6 +247,14 @@ def _per_label(values: tuple[float, ...] | None, labels: list[str], flag: str, f
     if len(values) != len(labels) or any(not v > 0 for v in values):
         raise ValueError(f"--{flag}: expected {len(labels)} values > 0, one per label {labels}, got {list(values)}")
     return {first + i: float(v) for i, v in enumerate(values)}
+
+
+def _label_index(names: tuple[str, ...], labels: list[str], flag: str) -> list[int]:
+    """--flag's label names as indices into ``labels``; background and unknown names are refused."""
+    bad = [n for n in names if n not in labels[1:]]
+    if bad:
+        raise ValueError(f"--{flag}: {bad} are not foreground labels of this dataset; expected some of {labels[1:]}")
+    return [labels.index(n) for n in names]
 
 
 def _label_names(data_dir: Path) -> list[str]:

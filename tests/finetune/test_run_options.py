@@ -164,6 +164,17 @@ def test_per_label_weights_need_one_positive_value_per_label():
         _per_label((1.0, -1.0), labels[1:], "fg_class_weights", first=1)
 
 
+def test_balance_lesions_names_foreground_labels():
+    from finetune.run import _label_index
+
+    labels = ["background", "liver", "tumor"]
+    assert _label_index((), labels, "balance_lesions") == []
+    assert _label_index(("tumor",), labels, "balance_lesions") == [2]
+    for bad in (("lesion",), ("background",)):
+        with pytest.raises(ValueError, match=r"--balance_lesions: \['\w+'\] are not foreground labels"):
+            _label_index(bad, labels, "balance_lesions")
+
+
 @pytest.mark.parametrize("precision, amp", [("bf16", True), ("no", False)])
 def test_validation_runs_in_the_precision_the_run_trains_in(monkeypatch, precision, amp):
     """A bf16 run picks its best model from bf16 predictions, as predict makes them on bf16 hardware."""

@@ -111,3 +111,34 @@ def test_bad_arguments(cache):
         PatchDataset(cache, None, (8, 8), 4)
     with pytest.raises(ValueError, match="extras has no entry for case 'c1'"):
         PatchDataset(cache, ["c0", "c1"], (8, 8, 8), 4, extras={"c0": {}})
+
+
+def test_lesion_classes_centre_small_lesions_as_often_as_large_ones(tmp_path):
+    """One 512-voxel and one 8-voxel tumor: a voxel draw centres on the small one ~1.5 % of the time, a lesion
+    draw half of the time; other classes keep the voxel draw."""
+    shape = (48, 48, 48)
+    label = np.zeros(shape, np.uint8)
+    label[4:44, 4:44, 4:44] = 1
+    label[10:18, 10:18, 10:18] = 2  # large lesion
+    label[34:36, 34:36, 34:36] = 2  # small lesion, far from the large one
+    image = np.random.default_rng(0).normal(0, 100, shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "t.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "t_seg.nii.gz"))
+    cache = build_cache([CaseRecord("t", str(tmp_path / "t.nii.gz"), str(tmp_path / "t_seg.nii.gz"))], CFG,
+                        tmp_path / "cache")
+    n, p = 600, (8, 8, 8)
+
+    def small_share(lesion_classes):
+        ds = PatchDataset(cache, ["t"], p, length=n, seed=0, fg_prob=1.0, fg_classes=[2],
+                          lesion_classes=lesion_classes)
+        patches = [ds[i]["label"][0] for i in range(n)]
+        assert all(int(t[4, 4, 4]) == 2 for t in patches)  # every patch is centred on a tumor voxel
+        # centred on the small lesion, the window holds its 8 tumor voxels; on the large one, at least 4^3
+        return np.mean([int((t == 2).sum()) <= 8 for t in patches])
+
+    assert small_share(()) < 0.05
+    assert abs(small_share([2]) - 0.5) < 0.07
+    ds = PatchDataset(cache, ["t"], p, length=4, lesion_classes=[2])
+    assert [len(v) for v in ds.lesions("t", 2)] == [512, 8]
+    with pytest.raises(ValueError, match="lesion_classes must be foreground"):
+        PatchDataset(cache, ["t"], p, 4, lesion_classes=[0])
