@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors import SafetensorError
@@ -112,6 +113,11 @@ class NnyNet(
         if config is not None and _as_config(config).to_dict() != self.config.to_dict():
             raise ValueError("NnyNet.save_pretrained: config.json always mirrors model.config; "
                              "set model.config instead of passing a different config")
+        bad = [k for k, t in self.inference_state_dict().items()
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # such a model predicts garbage (from_pretrained refuses the file): write nothing
+            raise ValueError(f"NnyNet.save_pretrained({save_directory}): NaN / Inf in {len(bad)} weight tensor(s), "
+                             f"e.g. {bad[:3]}; nothing was written (did the training diverge?)")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         # The mixin never overwrites an existing README.md: write ours first so a re-save refreshes it.

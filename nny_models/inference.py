@@ -353,6 +353,9 @@ def predict(
             device=device, amp=amp, cval=float(cfg.air_value),  # pad with "air", not mid-window grey
             timings=timings,
         )[0]
+        if not torch.isfinite(probs).all():  # argmax would call NaN voxels class 0: a silent empty mask
+            raise RuntimeError(f"predict: the network's probabilities for {name} hold NaN / Inf "
+                               f"(precision {'bf16' if amp else 'fp32'}); no mask was written. Try --precision fp32")
         with stage("argmax"):
             labels = probs.argmax(dim=0, keepdim=True).to(torch.uint8).cpu().numpy()
             probs = probs.cpu().numpy() if return_probabilities else None

@@ -12,6 +12,7 @@ Importing this package imports accelerate; ``import nny_models`` and ``nny_model
 from nny_models.training.checkpoints import (
     CheckpointError,
     CheckpointManager,
+    DivergedError,
     check_output_dir,
     checkpoint_dirs,
     read_checkpoint,
@@ -33,7 +34,7 @@ from nny_models.training.loop import (
 )
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "MetricsLog", "adamw", "batches_from", "build_config", "check_output_dir", "check_run_config",
+    "CheckpointError", "CheckpointManager", "DivergedError", "MetricsLog", "adamw", "batches_from", "build_config", "check_output_dir", "check_run_config",
     "checkpoint_dirs", "field_comments", "learning_rates", "lock_output_dir", "make_accelerator", "parse_config",
     "progress", "read_checkpoint", "read_metrics", "replace_dir", "run_plan", "save_plan", "step_seed", "tracker_config", "train_loop",
     "warmup_cosine", "write_text_atomic", "writing_dir",

@@ -44,6 +44,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder that cannot be used; the message names the file and what is wrong."""
 
 
+class DivergedError(RuntimeError):
+    """The run's loss or weights became NaN / Inf: it stops, and nothing is saved over the last good files."""
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an Inf."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """Complete-looking step_* folders under OUTPUT_DIR/checkpoints, newest step first."""
     root = Path(output_dir) / CHECKPOINT_DIR
@@ -77,7 +86,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         weights = safetensors.torch.load_file(model_file)
     except Exception as e:  # safetensors raises its own error types for truncated / malformed files
         raise CheckpointError(f"{model_file}: unreadable ({type(e).__name__}: {e})") from None
-    bad = [k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite(weights)
     if bad:
         raise CheckpointError(f"{model_file}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}")
 
@@ -140,6 +149,16 @@ class CheckpointManager:
         final = self.root / f"step_{step:07d}"
         acc.wait_for_everyone()
         weights = acc.get_state_dict(self.model)  # unwrapped names; gathers shards where needed
+        bad = non_finite(weights)
+        if bad:  # saving would prune the last good checkpoints and leave nothing to resume from
+            kept = self.latest()
+            raise DivergedError(
+                f"step {step}: the model's weights hold NaN / Inf in {len(bad)} tensor(s), e.g. {bad[:3]}: the run "
+                f"diverged. No checkpoint was written; "
+                + (f"the last good one, {kept}, is kept (--resume continues from it; lower --lr or check the "
+                   f"training data first)." if kept else "there is no earlier one to resume from (lower --lr or "
+                   f"check the training data).")
+            )
         if acc.is_main_process:
             tmp = self.root / f".{final.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)

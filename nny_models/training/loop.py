@@ -222,6 +222,12 @@ def train_loop(
         if done % log_every == 0 or last:
             row = {"step": done, "loss": accelerator.reduce(total, reduction="mean").item(), **lrs,
                    "samples_per_s": samples_per_step * (done - logged) / max(time.perf_counter() - tic, 1e-9)}
+            if not math.isfinite(row["loss"]) and accelerator.scaler is None:
+                # fp16's GradScaler skips such a step; in fp32 / bf16 the optimizer has already applied it
+                from nny_models.training.checkpoints import DivergedError
+
+                raise DivergedError(f"step {done}: the training loss is {row['loss']}: the run diverged (lower --lr, "
+                                    f"or check the training data); checkpoints written before this step are kept")
             tic, logged = time.perf_counter(), done
         if validate is not None:
             extra = validate(done)

@@ -112,6 +112,20 @@ def test_keep_largest_from_the_config_drops_a_second_blob():
     assert_on_cube(mask, cube)
 
 
+class NaNNet(ThresholdNet):
+    """Finite logits except NaN on the cube: argmax would call those voxels background, silently."""
+
+    def forward(self, image, clinical=None):
+        out = super().forward(image, clinical)
+        return torch.where(image > self.threshold, torch.nan, out)
+
+
+def test_non_finite_network_output_is_an_error_not_an_empty_mask(tmp_path):
+    vol, _ = synthetic_ct()
+    with pytest.raises(RuntimeError, match="probabilities for input array hold NaN / Inf .*no mask was written"):
+        predict(NaNNet(make_config()), vol, spacing=(0.9, 0.9, 3.0), device="cpu")
+
+
 def test_array_with_spacing_only():
     vol, cube = synthetic_ct()
     mask = predict(ThresholdNet(make_config()), vol, spacing=(0.9, 0.9, 3.0), device="cpu")

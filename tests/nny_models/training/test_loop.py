@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nny_models.training import (
     CheckpointManager,
+    DivergedError,
     MetricsLog,
     adamw,
     batches_from,
@@ -213,3 +214,44 @@ def test_adamw_is_fused_on_this_torch_and_updates_as_the_unfused_one():
     for p, q, p0 in zip(a.parameters(), b.parameters(), start):
         assert (p - p0).abs().max() > 1e-3  # the parameters moved
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoints(tmp_path):
+    """A NaN loss from step 8 on (fp32: no GradScaler to skip it) poisons the weights: the run stops at that
+    step with DivergedError, and the good checkpoints (3 and 6) are neither pruned nor joined by a NaN one."""
+
+    def loss_fn(batch, step, micro):
+        loss = _mse(model)(batch, step, micro)
+        return loss * float("nan") if step >= 7 else loss
+
+    model = torch.nn.Linear(4, 1)
+    with pytest.raises(DivergedError, match="step 8: the training loss is nan"):
+        _run(tmp_path, steps=13, model=model, loss_fn=loss_fn)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert kept == ["step_0000003", "step_0000006"]
+    resumed, _, _ = _run(tmp_path, steps=13, resume=True, stop_after=7)  # the good checkpoint still resumes
+    assert torch.isfinite(resumed.weight).all()
+
+
+def test_checkpoint_and_export_refuse_nan_weights(tmp_path):
+    acc = make_accelerator(tmp_path, log_with=None, seed=0)
+    model = torch.nn.Linear(4, 1)
+    opt = adamw(model.parameters(), lr=0.1)
+    ckpt = CheckpointManager(acc, tmp_path, model, opt, warmup_cosine(opt, 0, 10), keep_last=1)
+    good = ckpt.save(1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(DivergedError, match=r"step 2: the model's weights hold NaN / Inf in 1 tensor\(s\), e\.g\. "
+                                            r"\['weight'\].*the last good one, .*step_0000001, is kept"):
+        ckpt.save(2)
+    assert ckpt.latest() == good and sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [good.name]
+
+    from nny_models.hub import NnyNet
+    from nny_models.config import NnyNetConfig
+
+    net = NnyNet(NnyNetConfig(model_kwargs={"feature_size": 12, "window_size": 4}, patch_size=(32, 32, 32)))
+    with torch.no_grad():
+        next(net.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN / Inf in 1 weight tensor.*nothing was written"):
+        net.save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists()
