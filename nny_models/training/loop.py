@@ -22,6 +22,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from nny_models.training.checkpoints import DivergedError
+
 
 def make_accelerator(
     output_dir: str | Path,
@@ -224,8 +226,6 @@ def train_loop(
                    "samples_per_s": samples_per_step * (done - logged) / max(time.perf_counter() - tic, 1e-9)}
             if not math.isfinite(row["loss"]) and accelerator.scaler is None:
                 # fp16's GradScaler skips such a step; in fp32 / bf16 the optimizer has already applied it
-                from nny_models.training.checkpoints import DivergedError
-
                 raise DivergedError(f"step {done}: the training loss is {row['loss']}: the run diverged (lower --lr, "
                                     f"or check the training data); checkpoints written before this step are kept")
             tic, logged = time.perf_counter(), done
