@@ -206,8 +206,16 @@ def _load_with_monai(path: Path, max_bytes: int = MAX_VOLUME_BYTES) -> tuple[np.
     from monai.data import PydicomReader
     from monai.transforms import LoadImage
 
-    shape, _ = _dicom_header(path)
+    shape, _, order = _dicom_stack(path)
     check_size(path, shape, max_bytes)
+
+    class StackOrderReader(PydicomReader):
+        def read(self, data, **kwargs):
+            img = super().read(data, **kwargs)
+            if self.has_series:
+                _renumber(img, self.filenames[0], order)
+            return img
+
     # MONAI warns (and logs, on stderr) about its optional GPU decoder on every DICOM read
     codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
     level = codec_log.level
@@ -215,10 +223,22 @@ def _load_with_monai(path: Path, max_bytes: int = MAX_VOLUME_BYTES) -> tuple[np.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = LoadImage(reader=PydicomReader(), image_only=True)(str(path))
+            img = LoadImage(reader=StackOrderReader(), image_only=True)(str(path))
     finally:
         codec_log.setLevel(level)
     return np.asarray(img, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+
+
+def _renumber(datasets: list, filenames: Sequence[str], order: dict[str, int]) -> None:
+    """Set each slice's InstanceNumber, in memory (the files are untouched), to its place in ``order`` (file name
+    -> stack index, from _dicom_stack), so that MONAI's PydicomReader, which stacks by InstanceNumber, stacks in the
+    order that was checked. A file outside ``order`` (a DICOMDIR index) loses its number, so the reader skips it."""
+    for ds, name in zip(datasets, filenames):
+        rank = order.get(Path(name).name)
+        if rank is not None:
+            ds.InstanceNumber = rank + 1
+        elif "InstanceNumber" in ds:
+            del ds.InstanceNumber
 
 
 _NRRD_TO_RAS = {"left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
@@ -268,7 +288,7 @@ def read_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
             return tuple(int(s) for s in shape[:3]), check_spacing(img.affine, path, "NIfTI header")
         if path.is_dir():
             _need_pydicom(path)
-            shape, spacing = _dicom_header(path)
+            shape, spacing, _ = _dicom_stack(path)
             check_spacing(np.diag([*spacing, 1.0]), path, "DICOM PixelSpacing / slice positions")
             return shape, spacing
     except (ValueError, ImportError):
@@ -290,9 +310,11 @@ DICOM_TILT_TOLERANCE_DEG = 0.5  # the stack runs further off the slice normal th
 NON_CT_MODALITIES = ("MR", "PT", "NM", "US")  # volumetric DICOM modalities whose voxels are not HU
 
 
-def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Shape (X, Y, Z) and spacing of a DICOM series folder, from the headers; ValueError naming the folder,
-    the tag and what was expected unless the slices form one evenly spaced, untilted stack."""
+def _dicom_stack(path: Path) -> tuple[tuple[int, ...], tuple[float, ...], dict[str, int]]:
+    """Shape (X, Y, Z), spacing and stack order (file name -> slice index) of a DICOM series folder, from the
+    headers; ValueError naming the folder, the tag and what was expected unless the slices form one evenly
+    spaced, untilted stack. The slices stack in InstanceNumber order where it runs along the slice positions
+    (either way), else, with a warning, in the order of their positions along the slice normal."""
     import pydicom
     from pydicom.misc import is_dicom
 
@@ -318,7 +340,7 @@ def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     modality = str(slices[0][1].get("Modality", ""))
     if modality in NON_CT_MODALITIES:  # their intensities are not Hounsfield units
         raise ValueError(f"{path}: the series has Modality {modality!r}; expected a CT series (Modality 'CT')")
-    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "InstanceNumber", "Rows", "Columns"):
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         lacking = [name for name, s in slices if s.get(tag) is None]
         if lacking:
             raise ValueError(f"{path}: {len(lacking)} slice(s) lack {tag} (e.g. {lacking[0]}); "
@@ -331,10 +353,7 @@ def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
             if other.shape != ref.shape or not np.allclose(other, ref, atol=1e-4):
                 raise ValueError(f"{path}: {tag} differs between slices ({first_name}: {ref.tolist()}, {name}: "
                                  f"{other.tolist()}); expected one value for the series")
-    numbers = [int(s.InstanceNumber) for _, s in slices]
-    if len(set(numbers)) != len(numbers):
-        raise ValueError(f"{path}: InstanceNumber repeats across slices; expected one number per slice")
-    slices = [slices[i] for i in np.argsort(numbers)]  # the order the slices are stacked in
+    slices = _stack_order(path, slices)
     row, col = np.asarray(slices[0][1].ImageOrientationPatient, dtype=float).reshape(2, 3)
     normal = np.cross(row, col)
     positions = np.asarray([s.ImagePositionPatient for _, s in slices], dtype=float)
@@ -345,9 +364,6 @@ def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
         a, b = slices[same[0]][0], slices[same[0] + 1][0]
         raise ValueError(f"{path}: slices {a} and {b} share one position along the slice normal (a duplicate or "
                          "a second acquisition?); expected one slice per position")
-    if not (np.all(along > 0) or np.all(along < 0)):
-        raise ValueError(f"{path}: InstanceNumber order is not the order of the slice positions (the reader stacks "
-                         "slices by InstanceNumber); expected numbers that increase along the stack")
     depth = (positions - positions[0]) @ normal
     grid = np.linspace(0.0, depth[-1], len(depth))  # where the reader puts each slice
     if np.max(np.abs(depth - grid)) > DICOM_GRID_TOLERANCE * dz:
@@ -364,7 +380,30 @@ def _dicom_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     row_spacing, col_spacing = (float(v) for v in slices[0][1].PixelSpacing)
     # MONAI's PydicomReader swaps i/j so that X runs along columns, like the other readers
     slice_spacing = abs(float(depth[-1])) / (len(slices) - 1)  # the reader's
-    return (int(slices[0][1].Columns), int(slices[0][1].Rows), len(slices)), (col_spacing, row_spacing, slice_spacing)
+    shape = (int(slices[0][1].Columns), int(slices[0][1].Rows), len(slices))
+    return shape, (col_spacing, row_spacing, slice_spacing), {name: k for k, (name, _) in enumerate(slices)}
+
+
+def _stack_order(path: Path, slices: list) -> list:
+    """The (name, dataset) slices in stack order: by InstanceNumber where the numbers are unique and run along the
+    slice positions (either way, as the scanner wrote them), else by position along the slice normal, with a
+    warning (numbers missing, repeated or out of position order: a re-export or an anonymizer renumbered them)."""
+    row, col = np.asarray(slices[0][1].ImageOrientationPatient, dtype=float).reshape(2, 3)
+    normal = np.cross(row, col)
+    depth = np.asarray([s.ImagePositionPatient for _, s in slices], dtype=float) @ normal
+    numbers = [s.get("InstanceNumber") for _, s in slices]
+    if None not in numbers and len({int(n) for n in numbers}) == len(numbers):
+        by_number = np.argsort([int(n) for n in numbers], kind="stable")
+        steps = np.diff(depth[by_number])
+        if np.all(steps > 0) or np.all(steps < 0):
+            return [slices[i] for i in by_number]
+        why = "InstanceNumber order is not the order of the slice positions"
+    else:
+        lacking = sum(n is None for n in numbers)
+        why = f"{lacking} slice(s) lack InstanceNumber" if lacking else "InstanceNumber repeats across slices"
+    warnings.warn(f"{path}: {why}; the slices are stacked by their position along the slice normal "
+                  "(ImagePositionPatient), as dcm2niix and ITK stack them", stacklevel=4)
+    return [slices[i] for i in np.argsort(depth, kind="stable")]
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -4,7 +4,8 @@ DICOM series (MONAI's PydicomReader stacks every DICOM file of the folder in Ins
 one slice step from the first and last positions): a missing slice, uneven steps, two series in one folder,
 slices numbered out of position order, a slice without InstanceNumber (skipped silently) and a gantry tilt
 all loaded with a wrong grid and predicted with exit code 0, and so did a series with Modality MR. They are
-now refused by nny_models.io, naming the folder, the slice files and the tag (rounded positions still load).
+now refused by nny_models.io, naming the folder, the slice files and the tag (rounded positions still load),
+except the numbering faults: slices numbered out of position order, twice or not at all stack by position.
 A README next to the slices is ignored, as the reader ignores it (it was a refusal), an enhanced multi-frame
 file is named as such, and MONAI's GPU-decoder log line no longer precedes the one-line error on stderr.
 
@@ -21,6 +22,7 @@ numbers (it said "expected integer class labels in 0..255, got values in [0.0, 0
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -122,15 +124,28 @@ def test_dicom_gantry_tilt_is_refused(tmp_path):
     refused(series, "20.0 degrees off the slice normal", "gantry tilt")
 
 
-def test_dicom_slices_numbered_out_of_position_order_are_refused(tmp_path):
-    series = write_series(tmp_path / "s", ct(), numbers=[3, 1, 2, *range(4, 13)])
-    refused(series, "InstanceNumber order is not the order of the slice positions")
+@pytest.mark.parametrize("numbers, drop, why", [
+    ([3, 1, 2, *range(4, 13)], None, "InstanceNumber order is not the order of the slice positions"),
+    ([5, 1, 12, 2, 9, 3, 11, 4, 10, 6, 8, 7], None, "InstanceNumber order is not the order of the slice positions"),
+    ([1, 2, 2, *range(4, 13)], None, "InstanceNumber repeats across slices"),
+    (None, ("InstanceNumber", 4), "1 slice(s) lack InstanceNumber"),
+])
+def test_dicom_slices_numbered_out_of_position_order_stack_by_position(tmp_path, numbers, drop, why):
+    """The reader stacks by InstanceNumber, so these used to load scrambled (exit 0), then were refused; they now
+    stack by position along the slice normal, as dcm2niix does, with a warning that says why."""
+    volume = ct()
+    volume[:, :, 5] = 400.0  # one slice that must land at its own position
+    series = write_series(tmp_path / "s", volume, numbers=numbers, drop=drop)
+    with pytest.warns(UserWarning, match=re.escape(why)):
+        array, affine = load_volume(series)
+    np.testing.assert_array_equal(array, volume)
+    expected = load_volume(write_series(tmp_path / "ordered", volume))[1]
+    np.testing.assert_allclose(affine, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("tag", ["InstanceNumber", "ImagePositionPatient"])
-def test_dicom_slice_without_a_geometry_tag_is_refused(tmp_path, tag):
-    series = write_series(tmp_path / "s", ct(), drop=(tag, 4))
-    refused(series, f"1 slice(s) lack {tag} (e.g. IM0004.dcm)")
+def test_dicom_slice_without_a_position_is_refused(tmp_path):
+    series = write_series(tmp_path / "s", ct(), drop=("ImagePositionPatient", 4))
+    refused(series, "1 slice(s) lack ImagePositionPatient (e.g. IM0004.dcm)")
 
 
 def test_dicom_mixed_orientations_name_the_tag(tmp_path):
