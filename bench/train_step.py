@@ -2,10 +2,11 @@
 
 Ours: the tiny nnynet (deep supervision) on an augmented 64 x 64 x 32 phantom patch (finetune/augment.py, which
 hands plain tensors to the loop), Dice + Focal + CE (finetune/loss.py), backward, fused AdamW
-(nny_models.training.adamw), with the shifted-window masks cached per shape (CachedMaskBasicLayer). The peer is
-the same network, data and loss as MONAI and torch give them by default: the augmented patch as the MetaTensor
-MONAI's transforms return, MONAI's BasicLayer (it rebuilds the mask every forward) and torch's per-tensor AdamW
-on the CPU. Both run in one process, interleaved in blocks, so load changes hit both alike; the ablation rows
+(nny_models.training.adamw), with the shifted-window masks cached per shape (CachedMaskBasicLayer) and MedNeXt's
+1x1x1 transposed convs computed as convs (PointwiseConvTranspose3d). The peer is the same network, data and loss
+as MONAI and torch give them by default: the augmented patch as the MetaTensor MONAI's transforms return,
+MONAI's BasicLayer (it rebuilds the mask every forward), torch's per-tensor AdamW on the CPU and torch's
+ConvTranspose3d. Both run in one process, interleaved in blocks, so load changes hit both alike; the ablation rows
 put back one default at a time. The same update, to rounding (tests/nny_models/test_depthwise_dtype.py,
 tests/nny_models/training/test_loop.py): only the time differs.
 
@@ -32,12 +33,12 @@ from augment import phantom_patches  # noqa: E402  (bench/augment.py)
 
 from finetune.augment import AugmentedPatches  # noqa: E402
 from finetune.loss import DiceFocalCELoss  # noqa: E402
-from nny_models.swin_next import CachedMaskBasicLayer  # noqa: E402
+from nny_models.swin_next import CachedMaskBasicLayer, PointwiseConvTranspose3d  # noqa: E402
 from nny_models.training import adamw  # noqa: E402
 from nny_models.zoo import create_model  # noqa: E402
 
 PATCH = (64, 64, 32)  # the pipeline's fine-tuning patch
-FIXES = ("plain_tensors", "cached_masks", "fused_adamw")
+FIXES = ("plain_tensors", "cached_masks", "fused_adamw", "pointwise_transposed")
 
 
 class Variant:
@@ -52,6 +53,10 @@ class Variant:
             for m in self.model.modules():
                 if type(m) is CachedMaskBasicLayer:
                     m.__class__ = BasicLayer  # MONAI's own forward: the mask is rebuilt every call
+        if "pointwise_transposed" not in fixes:
+            for m in self.model.modules():
+                if type(m) is PointwiseConvTranspose3d:
+                    m.__class__ = torch.nn.ConvTranspose3d  # PyTorch's own (slow on CPU) 1x1x1 transposed conv
         params = self.model.parameters()
         self.opt = adamw(params, lr=1e-3) if "fused_adamw" in fixes else torch.optim.AdamW(params, lr=1e-3)
         self.wrap = (lambda t: t) if "plain_tensors" in fixes else MetaTensor  # what MONAI's transforms return

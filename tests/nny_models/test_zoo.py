@@ -11,7 +11,12 @@ import torch.nn as nn
 from nny_models import zoo
 from nny_models.config import NnyNetConfig
 from nny_models.hub import NnyNet
-from nny_models.swin_next import FastDepthwiseConv3d, FastDepthwiseConvTranspose3d, use_fast_depthwise
+from nny_models.swin_next import (
+    FastDepthwiseConv3d,
+    FastDepthwiseConvTranspose3d,
+    PointwiseConvTranspose3d,
+    use_fast_depthwise,
+)
 from nny_models.zoo import (TRAINING_SWITCHES, build_model, create_model, list_models, resolve_model_kwargs,
                             training_switches)
 
@@ -114,6 +119,30 @@ def test_fast_depthwise_conv_matches_native_gradients(k, transposed):
         assert torch.allclose(a, b, atol=1e-10)
     with torch.no_grad():  # the inference path too
         assert torch.allclose(ref(x), fast(x), atol=1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_transposed_conv_matches_native_gradients_and_keeps_its_state_dict(stride):
+    torch.manual_seed(0)
+    # MedNeXtOutBlock's head (stride 1) and MedNeXtUpBlock's residual path (stride 2)
+    ref = nn.ConvTranspose3d(6, 5, kernel_size=1, stride=stride).double()
+    fast = use_fast_depthwise(nn.Sequential(copy.deepcopy(ref)))[0]
+    assert isinstance(fast, PointwiseConvTranspose3d)
+    assert fast.state_dict().keys() == ref.state_dict().keys() and fast.weight.shape == (6, 5, 1, 1, 1)
+    padded = use_fast_depthwise(nn.Sequential(nn.ConvTranspose3d(6, 5, 1, stride=2, output_padding=1)))[0]
+    assert type(padded) is nn.ConvTranspose3d  # output padding is left to PyTorch
+    x = torch.randn(2, 6, 9, 8, 7, dtype=torch.double)
+    grads = []
+    for conv in (ref, fast):
+        xi = x.clone().requires_grad_()
+        out = conv(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.double).view_as(out)).sum().backward()
+        grads.append((out, xi.grad, conv.weight.grad, conv.bias.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
+    heads = [m for m in create_model("nnynet", "tiny").modules() if isinstance(m, nn.ConvTranspose3d)
+             and m.kernel_size == (1, 1, 1)]
+    assert heads and all(type(m) is PointwiseConvTranspose3d for m in heads)
 
 
 def test_gradient_checkpointing_gives_same_gradients():
