@@ -98,6 +98,18 @@ def test_presets_and_overrides():
     assert len(list_models()) == 10
 
 
+def assert_same_outputs_and_gradients(ref: nn.Module, fast: nn.Module, x: torch.Tensor) -> None:
+    """Output and the gradients of input, weight and bias agree (fp64) under a non-uniform output gradient."""
+    grads = []
+    for conv in (ref, fast):
+        xi = x.clone().requires_grad_()
+        out = conv(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.double).view_as(out)).sum().backward()
+        grads.append((out, xi.grad, conv.weight.grad, conv.bias.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 @pytest.mark.parametrize("k", [3, 7])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fast_depthwise_conv_matches_native_gradients(k, transposed):
@@ -109,14 +121,7 @@ def test_fast_depthwise_conv_matches_native_gradients(k, transposed):
     fast = use_fast_depthwise(nn.Sequential(copy.deepcopy(ref)))[0]
     assert isinstance(fast, FastDepthwiseConvTranspose3d if transposed else FastDepthwiseConv3d)
     x = torch.randn(2, 4, 9, 8, 7, dtype=torch.double)
-    grads = []
-    for conv in (ref, fast):
-        xi = x.clone().requires_grad_()
-        out = conv(xi)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.double).view_as(out)).sum().backward()
-        grads.append((out, xi.grad, conv.weight.grad, conv.bias.grad))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-10)
+    assert_same_outputs_and_gradients(ref, fast, x)
     with torch.no_grad():  # the inference path too
         assert torch.allclose(ref(x), fast(x), atol=1e-10)
 
@@ -132,14 +137,7 @@ def test_pointwise_transposed_conv_matches_native_gradients_and_keeps_its_state_
     padded = use_fast_depthwise(nn.Sequential(nn.ConvTranspose3d(6, 5, 1, stride=2, output_padding=1)))[0]
     assert type(padded) is nn.ConvTranspose3d  # output padding is left to PyTorch
     x = torch.randn(2, 6, 9, 8, 7, dtype=torch.double)
-    grads = []
-    for conv in (ref, fast):
-        xi = x.clone().requires_grad_()
-        out = conv(xi)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.double).view_as(out)).sum().backward()
-        grads.append((out, xi.grad, conv.weight.grad, conv.bias.grad))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-10)
+    assert_same_outputs_and_gradients(ref, fast, x)
     heads = [m for m in create_model("nnynet", "tiny").modules() if isinstance(m, nn.ConvTranspose3d)
              and m.kernel_size == (1, 1, 1)]
     assert heads and all(type(m) is PointwiseConvTranspose3d for m in heads)
