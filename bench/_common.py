@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,7 +17,18 @@ def device_name(device: torch.device | str) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({_cpu_model() or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name on Linux ("AMD EPYC", "Intel(R) Xeon(R) ..."): hosts change, and with them the figures."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def sync(device: torch.device | str) -> None:
