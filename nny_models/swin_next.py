@@ -140,6 +140,47 @@ class PointwiseConvTranspose3d(nn.ConvTranspose3d):
         return out if self.bias is None else out + self.bias.to(out.dtype).view(1, -1, 1, 1, 1)
 
 
+def _bf16_weight_grad_unsafe(conv: nn.Module, x: torch.Tensor) -> bool:
+    """True where PyTorch's CPU bf16 weight gradient of a dense 3D conv is wrong: a kernel wider than 1 on an input
+    with a side of at most 2 voxels, under bf16 autocast while gradients are kept. On an AMD EPYC (AVX512-BF16, no
+    AMX) with torch 2.13 a 3x3x3 conv, stride 1, on a (2, ...) input returned weight gradients off by 100 % to
+    1e36 (NaN training) and different in every process; input gradients and the forward were right, and so was
+    every shape with all sides >= 3 that was tried (tests/nny_models/test_zoo.py checks it on the machine at hand)."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and max(conv.kernel_size) > 1
+            and min(x.shape[2:]) <= 2)
+
+
+class SafeBf16Conv3d(nn.Conv3d):
+    """nn.Conv3d (same parameters and state dict) that runs in fp32 where _bf16_weight_grad_unsafe: such inputs
+    are a few voxels, so it costs nothing measurable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _bf16_weight_grad_unsafe(self, x):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+class SafeBf16ConvTranspose3d(nn.ConvTranspose3d):
+    """nn.ConvTranspose3d counterpart of SafeBf16Conv3d (its weight gradient has the same fault)."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if _bf16_weight_grad_unsafe(self, x):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float(), output_size)
+        return super().forward(x, output_size)
+
+
+def use_safe_bf16_convs(model: nn.Module) -> nn.Module:
+    """Give every plain dense nn.Conv3d / nn.ConvTranspose3d with a kernel wider than 1 the fp32 fallback of
+    SafeBf16Conv3d where CPU bf16 training would get a wrong weight gradient (in place; same parameters)."""
+    for m in model.modules():
+        if type(m) in (nn.Conv3d, nn.ConvTranspose3d) and m.groups == 1 and max(m.kernel_size) > 1:
+            m.__class__ = SafeBf16Conv3d if type(m) is nn.Conv3d else SafeBf16ConvTranspose3d
+    return model
+
+
 def _is_pointwise_transposed(m: nn.Module) -> bool:
     return (m.kernel_size == (1, 1, 1) and m.padding == (0, 0, 0) and m.groups == 1 and m.dilation == (1, 1, 1)
             and m.output_padding == (0, 0, 0) and m.padding_mode == "zeros")

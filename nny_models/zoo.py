@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from nny_models.config import _plain
 from nny_models.fusion import apply_fusion, check_fusion_args, check_image, make_fusion
 from nny_models.pctnet import PCTNet
-from nny_models.swin_next import FUSION_POSITIONS, SwinNeXt, use_fast_depthwise
+from nny_models.swin_next import FUSION_POSITIONS, SwinNeXt, use_fast_depthwise, use_safe_bf16_convs
 from nny_models.uxnet import UXNet3D
 
 SIZES = ("tiny", "small", "base")
@@ -397,7 +397,7 @@ def build_model(name: str, model_kwargs: dict[str, Any], **switches: bool) -> nn
                          f"{sorted(training_switches(name))}, and never inside model_kwargs")
     kwargs = {**model_kwargs, **switches}
     _check_kwargs(name, kwargs)
-    return _BUILDERS[name](**kwargs)
+    return use_safe_bf16_convs(_BUILDERS[name](**kwargs))
 
 
 def create_model(name: str, size: str = "base", **overrides: Any) -> nn.Module:
