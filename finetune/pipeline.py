@@ -42,8 +42,9 @@ class PipelineConfig:
     finetune_steps: int = 1800  # fine-tuning optimizer steps (about 0.19 s each on 2 idle cores at the 64 x 64 x 32
     # patch: the randomized phantom world needs this many before tumors appear; 1000 steps of 96 x 96 x 32 found none)
     val_every: int = 600  # fine-tuning validates (and may export a new best model) every N steps: each pass over
-    # the 5 validation cases costs about 7 s here, and under the cosine schedule the best model was the last one in
-    # every default run so far (validating every 300 steps, 2026-12-02: mean Dice 0.39 0.53 0.63 0.64 0.65 0.66)
+    # the 5 validation cases costs several seconds here (about 7 s: the stage's time less its steps, an estimate),
+    # and under the cosine schedule the best model was the last one in every default run so far (validating every
+    # 300 steps, 2026-12-02: mean Dice 0.39 0.53 0.63 0.64 0.65 0.66)
     spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # pretraining spacing (mm); fine-tuning plans its own
     hu_window: tuple[float, float] = (-200.0, 300.0)  # pretraining's soft-tissue HU window; fine-tuning plans a
     # foreground z-score normalization (nny_models.planning)

@@ -353,9 +353,9 @@ def _dicom_stack(path: Path) -> tuple[tuple[int, ...], tuple[float, ...], dict[s
             if other.shape != ref.shape or not np.allclose(other, ref, atol=1e-4):
                 raise ValueError(f"{path}: {tag} differs between slices ({first_name}: {ref.tolist()}, {name}: "
                                  f"{other.tolist()}); expected one value for the series")
-    slices = _stack_order(path, slices)
     row, col = np.asarray(slices[0][1].ImageOrientationPatient, dtype=float).reshape(2, 3)
     normal = np.cross(row, col)
+    slices = _stack_order(path, slices, normal)
     positions = np.asarray([s.ImagePositionPatient for _, s in slices], dtype=float)
     along = np.diff(positions, axis=0) @ normal
     dz = float(np.median(np.abs(along)))
@@ -384,12 +384,10 @@ def _dicom_stack(path: Path) -> tuple[tuple[int, ...], tuple[float, ...], dict[s
     return shape, (col_spacing, row_spacing, slice_spacing), {name: k for k, (name, _) in enumerate(slices)}
 
 
-def _stack_order(path: Path, slices: list) -> list:
+def _stack_order(path: Path, slices: list, normal: np.ndarray) -> list:
     """The (name, dataset) slices in stack order: by InstanceNumber where the numbers are unique and run along the
-    slice positions (either way, as the scanner wrote them), else by position along the slice normal, with a
+    slice positions (either way, as the scanner wrote them), else by position along the slice ``normal``, with a
     warning (numbers missing, repeated or out of position order: a re-export or an anonymizer renumbered them)."""
-    row, col = np.asarray(slices[0][1].ImageOrientationPatient, dtype=float).reshape(2, 3)
-    normal = np.cross(row, col)
     depth = np.asarray([s.ImagePositionPatient for _, s in slices], dtype=float) @ normal
     numbers = [s.get("InstanceNumber") for _, s in slices]
     if None not in numbers and len({int(n) for n in numbers}) == len(numbers):

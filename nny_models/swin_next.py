@@ -125,8 +125,8 @@ class PointwiseConvTranspose3d(nn.ConvTranspose3d):
     """A 1x1x1 nn.ConvTranspose3d (MedNeXt's output heads, stride 1, and its up blocks' residual path, stride 2;
     same parameters and state dict) computed as the equal nn.Conv3d with the in/out axes of the weight swapped,
     its output placed on every stride-th voxel of a grid that holds the bias elsewhere. PyTorch's transposed conv
-    takes a slow path for these on CPU: 21 vs 3.5 ms forward + backward for the 6 -> 5 channel head at
-    64 x 64 x 32 under bf16 (the same output, bit for bit); a tiny nnynet training step went from 0.226 to 0.156 s."""
+    takes a slow path for these on CPU: the tiny nnynet training step takes 0.149 s with this and 0.195 s without
+    (bench/train_step.py, row train_step_s_without_pointwise_transposed)."""
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if output_size is not None or torch.onnx.is_in_onnx_export():
