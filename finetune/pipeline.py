@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -121,6 +122,34 @@ def finetune_workers(processes: int) -> int:
     return 2 if processes == 1 else 1
 
 
+def prepare_phantoms(folder: Path, cases: int, seed: int, unlabeled: bool, world: str) -> bool:
+    """Generate the phantoms of one data set into ``folder`` unless the ones there are the same (world, generator
+    version, seed and count); returns whether it generated them. Phantoms of another world, an older generator
+    (e.g. v2's mirror image), seed or count are replaced: --finetune_cases 96 must not train on the 24 cases an
+    earlier run left there, nor 24 on an earlier 96. A folder that is not a pipeline phantom set is refused."""
+    from nny_models.phantoms import write_dataset
+    from nny_models.phantoms.dataset import GENERATOR_VERSION
+
+    meta = folder / "dataset.json"
+    found = json.loads(meta.read_text()) if meta.is_file() else {}
+    wanted = {"generator_version": GENERATOR_VERSION, "numTraining": cases, "seed": seed}
+    if found.get("randomization", {}).get("name") == world and all(found.get(k) == v for k, v in wanted.items()):
+        return False
+    if folder.exists() and any(folder.iterdir()):
+        if found.get("name") != "nnynet-phantoms":
+            raise ValueError(f"{folder}: expected the pipeline's phantoms (a dataset.json named 'nnynet-phantoms') "
+                             "or an empty folder; refusing to replace it. Choose another --output_dir")
+        shutil.rmtree(folder)
+    write_dataset(folder, cases=cases, seed=seed, unlabeled=unlabeled, workers=2, randomization=world)
+    return True
+
+
+def validation_folds(cases: int, val_cases: int = 5) -> int:
+    """The k of fine-tuning's k-fold split that validates on about ``val_cases`` cases (never fewer than 5 folds):
+    a pass over the validation fold costs seconds per case, and 20 % of 96 cases would be 19 of them."""
+    return max(5, round(cases / val_cases))
+
+
 def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, dict[str, Any]]:
     """The pipeline's choices for each stage's run config (FinetuneConfig / PretrainConfig fields).
 
@@ -138,6 +167,7 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, dict[str, Any]]:
         "finetune": {**shared, "data_dir": str(data / "train"), "output_dir": str(out / "finetune"),
                      "pretrained": str(out / "pretrain" / "model"), "fusion": cfg.fusion,
                      "max_steps": cfg.finetune_steps, "val_every": cfg.val_every,
+                     "folds": validation_folds(cfg.finetune_cases),
                      "batch_size": cfg.finetune_batch // processes,
                      "num_workers": finetune_workers(processes),
                      "lr": cfg.finetune_lr, "encoder_lr_scale": 1.0,
@@ -177,9 +207,6 @@ def main(argv: list[str] | None = None) -> None:
     py = sys.executable
 
     # 1. data
-    from nny_models.phantoms import write_dataset
-    from nny_models.phantoms.dataset import GENERATOR_VERSION
-
     data = out / "data"
     t0 = time.perf_counter()
     for name, cases, seed, unlabeled, world in (
@@ -190,11 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         # arterial/delayed phases, mostly hyperdense lesions, more noise; nny_models/phantoms/randomization.py)
         ("test_ood", cfg.test_cases, cfg.seed + 3000, False, "ood"),
     ):
-        meta = data / name / "dataset.json"
-        found = json.loads(meta.read_text()) if meta.is_file() else {}
-        # phantoms of another world or of an older generator (e.g. v2's mirror image) are generated again
-        if found.get("randomization", {}).get("name") != world or found.get("generator_version") != GENERATOR_VERSION:
-            write_dataset(data / name, cases=cases, seed=seed, unlabeled=unlabeled, workers=2, randomization=world)
+        prepare_phantoms(data / name, cases, seed, unlabeled, world)
     seconds = {"data": time.perf_counter() - t0}  # wall time per stage, printed at the end
     print(f"phantoms ready in {seconds['data']:.0f}s under {data}", flush=True)
 

@@ -79,7 +79,7 @@ def write_dataset(out_dir, cases: int, seed: int, *, unlabeled: bool = False, pr
         "name": "nnynet-phantoms",
         "description": f"Procedural abdominal CT phantoms (preset {preset}, randomization {rand.name}, seed {seed}, "
                        f"generator v{GENERATOR_VERSION})",
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSION, "seed": seed,
         "randomization": rand.to_dict(),
         "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": dict(LABELS),
         "numTraining": cases, "numTest": 0, "training": [r["entry"] for r in results], "test": [],

@@ -198,3 +198,33 @@ def test_validation_runs_in_the_precision_the_run_trains_in(monkeypatch, precisi
     cfg = run.FinetuneConfig(mixed_precision=precision, patch_size=(8, 8, 8))
     run.validate(model, data, cfg, PreprocessConfig(), "cpu")
     assert seen == [amp]
+
+
+def test_pipeline_regenerates_phantoms_of_another_count_or_seed_and_refuses_foreign_folders(tmp_path):
+    from finetune.pipeline import prepare_phantoms
+
+    folder = tmp_path / "train"
+    assert prepare_phantoms(folder, 2, 0, False, "train")
+    assert not prepare_phantoms(folder, 2, 0, False, "train")  # the same set: reused
+    assert prepare_phantoms(folder, 1, 0, False, "train")  # fewer cases: no leftovers of the earlier two
+    assert len(list((folder / "imagesTr").iterdir())) == 1 and len(list((folder / "labelsTr").iterdir())) == 1
+    first = (folder / "imagesTr" / "phantom_000.nii.gz").read_bytes()
+    assert prepare_phantoms(folder, 1, 5, False, "train")  # another seed
+    assert (folder / "imagesTr" / "phantom_000.nii.gz").read_bytes() != first
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "scan.nii.gz").write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="nnynet-phantoms"):
+        prepare_phantoms(foreign, 1, 0, False, "train")
+    assert (foreign / "scan.nii.gz").read_bytes() == b"not ours"
+
+
+def test_pipeline_validates_on_about_five_cases_whatever_the_case_count():
+    from finetune.pipeline import validation_folds
+
+    assert [validation_folds(n) for n in (6, 24, 48, 96)] == [5, 5, 10, 19]
+    from sklearn.model_selection import KFold
+
+    for n in (24, 48, 96):  # the split fine-tuning makes with that k
+        val = next(KFold(validation_folds(n), shuffle=True, random_state=0).split(range(n)))[1]
+        assert 4 <= len(val) <= 6
