@@ -67,6 +67,8 @@ class PretrainConfig:
     phantom_cases: int = 8  # number of unlabeled phantoms generated without --data_dir
     model: str = "nnynet"  # zoo name (nny_models.list_models())
     size: str = "tiny"  # zoo size preset: tiny | small | base (expanded into explicit arguments in config.json)
+    feature_size: int | None = None  # replaces the preset's feature_size (networks that have one, e.g. nnynet:
+    # channels of the first stage, doubled per stage); None = the preset's. Fine-tuning inherits it from the export
     plan: str = "auto"  # "auto" = plan spacing, patch and batch from the data (nny_models.planning, whole-body
     # statistics); a plan.json from nnynet-plan --task pretraining; "none" = the defaults below. Flags win over the plan
     spacing: tuple[float, float, float] | None = None  # target voxel spacing (mm); None = the plan's, else
@@ -97,6 +99,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check_run_config(self)
+        if self.feature_size is not None and self.feature_size < 1:
+            raise ValueError(f"--feature_size: expected a positive channel count or None, got {self.feature_size}")
 
 
 PRESETS = {
@@ -165,7 +169,8 @@ def build_model(cfg: PretrainConfig, pretext: PretextConfig, prep: PreprocessCon
     return NnyNet(
         NnyNetConfig(
             model=cfg.model,
-            model_kwargs=resolve_model_kwargs(cfg.model, cfg.size, out_channels=pretext.num_classes),
+            model_kwargs=resolve_model_kwargs(cfg.model, cfg.size, out_channels=pretext.num_classes,
+                                              **({} if cfg.feature_size is None else {"feature_size": cfg.feature_size})),
             label_names=["background"] + [f"fusion_{k}" for k in range(1, pretext.num_classes)],
             preprocessing=prep.to_dict(),
             patch_size=tuple(cfg.patch_size),

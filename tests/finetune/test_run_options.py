@@ -108,6 +108,7 @@ def test_pipeline_stage_configs_are_valid_stage_configs_with_the_pipeline_values
     fine = build_config(FinetuneConfig, configs["finetune"])
     assert (pre.spacing, pre.hu_window, pre.patch_size, pre.batch_size) == ((3.0, 3.0, 4.0), (-200.0, 300.0), (96, 96, 32), 1)
     assert (pre.model, pre.size, pre.max_steps, fine.max_steps, fine.val_every) == ("nnynet", "tiny", 80, 1800, 600)
+    assert pre.feature_size == 24 and fine.folds == 19  # 96 cases: the wider network, about 5 validating
     assert (fine.patch_size, fine.batch_size, fine.fusion) == ((64, 64, 32), 1, "cross_attention_film")
     split = stage_configs(PipelineConfig(finetune_batch=2, finetune_processes=2), tmp_path)["finetune"]
     assert build_config(FinetuneConfig, split).batch_size == 1  # two DDP processes share the step's two patches

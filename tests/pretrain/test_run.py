@@ -148,3 +148,17 @@ def test_config_precedence_default_preset_json_flag(tmp_path):
         load_config(["--grad_clip", "-1"])
     with pytest.raises(ValueError, match="preset"):
         load_config(["--preset", "huge"])
+
+
+def test_feature_size_replaces_the_presets_and_is_written_into_config_json():
+    from nny_models.config import PreprocessConfig
+    from pretrain.data import PretextConfig
+    from pretrain.run import PretrainConfig, build_model
+
+    wide = build_model(PretrainConfig(feature_size=24, patch_size=(32, 32, 32)), PretextConfig(), PreprocessConfig())
+    assert wide.config.model_kwargs["feature_size"] == 24 and wide.config.model_kwargs["window_size"] == 4  # tiny's
+    tiny = build_model(PretrainConfig(patch_size=(32, 32, 32)), PretextConfig(), PreprocessConfig())
+    assert tiny.config.model_kwargs["feature_size"] == 12
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in tiny.parameters())
+    with pytest.raises(ValueError, match="feature_size"):
+        PretrainConfig(feature_size=0)
