@@ -270,8 +270,9 @@ def train(cfg: PretrainConfig) -> None:
         if cfg.export_every and done % cfg.export_every == 0 and done < cfg.max_steps:
             export(model, cfg, pretext, done, accelerator)
 
-    accelerator.print(f"pretraining {cfg.model}/{cfg.size} on {len(cache)} volumes, {accelerator.num_processes} "
-                      f"process(es), steps {start}..{cfg.max_steps}")
+    width = "" if cfg.feature_size is None else f" (feature_size {cfg.feature_size})"
+    accelerator.print(f"pretraining {cfg.model}/{cfg.size}{width} on {len(cache)} volumes, "
+                      f"{accelerator.num_processes} process(es), steps {start}..{cfg.max_steps}")
     train_loop(
         accelerator, train_model, optimizer, scheduler, batches_from(loader, start, accelerator),
         loss_fn=pretext_loss, start_step=start, max_steps=cfg.max_steps, grad_clip=cfg.grad_clip, seed=cfg.seed,
