@@ -1,7 +1,7 @@
 """The nnY-Net study: does the clinical fusion help, measured against controls, over seeds, with paired CIs.
 
     python -m finetune.study [--output_dir runs/study] [--models nnynet] [--fusions none cross_attention] \\
-        [--permuted cross_attention] [--seeds 0 1 2] [--steps 1000] [--pretrained auto]
+        [--permuted cross_attention] [--seeds 0 1 2] [--steps 1000] [--pretrained runs/pipeline/pretrain/model]
 
 Arms per model and seed: every fusion in --fusions, plus every fusion in --permuted trained AND tested with the
 clinical rows permuted across patients (a permuted clinical.csv passed through --clinical_csv: the image-label
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.pipeline import finetune_precision, finetune_processes, finetune_workers, stage_command
+from finetune.pipeline import finetune_precision, finetune_processes, finetune_workers, stage_command, validation_folds
 from nny_models.training import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,12 +44,12 @@ class StudyConfig:
     permuted: tuple[str, ...] = ("cross_attention",)  # fusion modes also trained+tested with permuted clinical rows
     seeds: tuple[int, ...] = (0, 1, 2)  # one run per seed and arm (model init, split, sampling, permutation)
     steps: int = 1800  # fine-tuning steps per run (the pipeline's budget)
-    pretrained: str = "auto"  # nnynet runs start from this export ("auto" = runs/pretrain/model if present,
-    # "none" = scratch); other models always train from scratch
-    size: str = "tiny"  # zoo size preset when training from scratch
+    pretrained: str = "none"  # nnynet runs start from this export (e.g. runs/pipeline/pretrain/model); "none" =
+    # scratch. Other models always train from scratch. Nothing is looked up implicitly
+    size: str = "tiny"  # zoo size preset when training from scratch (a pretrained export brings its own network)
     data_dir: str | None = None  # labeled training cases + clinical.csv; None = generated phantoms
     test_dir: str | None = None  # labeled held-out cases + clinical.csv; None = generated phantoms
-    train_cases: int = 24  # phantoms generated for training when data_dir is None
+    train_cases: int = 96  # phantoms generated for training when data_dir is None (the pipeline's count)
     test_cases: int = 8  # phantoms generated for testing when test_dir is None
     data_seed: int = 0  # phantom seed (the test set uses data_seed + 1000)
     spacing: tuple[float, float, float] | None = None  # preprocessing spacing (mm); None = planned from the data,
@@ -159,11 +159,15 @@ def check_config(cfg: StudyConfig) -> None:
         raise ValueError(f"--seeds: expected distinct seeds, got {list(cfg.seeds)}")
     if cfg.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.pretrained == "auto":  # it used to mean runs/pretrain/model, which fine-tuning no longer accepts
+        raise ValueError("--pretrained auto is gone: pass the export directory (e.g. runs/pipeline/pretrain/model) "
+                         "or none")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(StudyConfig, argv, description=__doc__.splitlines()[0])
     check_config(cfg)
+    from nny_models.io import discover_cases
     from nny_models.phantoms import write_dataset
 
     out = Path(cfg.output_dir).resolve()
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                                      (test, cfg.test_dir, cfg.test_cases, cfg.data_seed + 1000)):  # fmt: skip
         if not given and not (path / "dataset.json").is_file():
             write_dataset(path, cases=cases, seed=seed, workers=2)
+    folds = validation_folds(sum(r.label is not None for r in discover_cases(train)))  # ~5 validate, as the pipeline
     needs_clinical = [a for a, f, _ in arms(cfg) if f != "none"]
     for path in (train, test):
         if needs_clinical and not (path / "clinical.csv").is_file():
@@ -193,13 +198,15 @@ def main(argv: list[str] | None = None) -> None:
                     precision = finetune_precision(cfg.finetune_precision)
                     workers = cfg.num_workers if cfg.num_workers is not None else finetune_workers(processes)
                     cmd = ["finetune/run.py", "--data_dir", str(train), "--output_dir", str(run_dir),
-                           "--pretrained", pretrained, "--model", model, "--size", cfg.size, "--fusion", fusion,
+                           "--pretrained", pretrained, "--model", model, "--fusion", fusion, "--folds", str(folds),
                            "--max_steps", str(cfg.steps), "--val_every", str(cfg.val_every), "--seed", str(seed),
                            "--patch_size", *map(str, cfg.patch_size), "--batch_size", str(cfg.batch_size // processes),
                            "--fg_prob", str(cfg.fg_prob), "--lr", str(cfg.lr),
                            "--encoder_lr_scale", str(cfg.encoder_lr_scale),
                            "--mixed_precision", precision, "--num_workers", str(workers),
                            "--cache_dir", str(out / "cache")]  # fmt: skip
+                    if pretrained == "none":  # an export's network (e.g. the pipeline's feature_size 24) is its own
+                        cmd += ["--size", cfg.size]
                     for flag in ("spacing", "hu_window", "fg_class_weights", "class_weights"):
                         if getattr(cfg, flag) is not None:
                             cmd += [f"--{flag}", *map(str, getattr(cfg, flag))]

@@ -51,7 +51,8 @@ def test_bad_grid_is_refused_before_any_work(tmp_path):
     from finetune.study import main
 
     for args, match in ((["--fusions", "film"], "fusion must be one of"), (["--models", "resnet"], "--models"),
-                        (["--permuted", "none"], "--permuted"), (["--seeds", "1", "1"], "--seeds")):
+                        (["--permuted", "none"], "--permuted"), (["--seeds", "1", "1"], "--seeds"),
+                        (["--pretrained", "auto"], "--pretrained auto is gone")):
         with pytest.raises(ValueError, match=match):
             main(["--output_dir", str(tmp_path / "s"), *args])
     assert not (tmp_path / "s").exists()
@@ -107,6 +108,7 @@ def test_two_step_study_resumes(tmp_path):
     first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert first.stdout.count("$ ") == 3  # none, cross_attention, cross_attention_permuted
+    assert first.stdout.count("--size tiny") == 3 and first.stdout.count("--folds 5") == 3  # from scratch; 1 of 5 validates
     from finetune.pipeline import finetune_processes
 
     assert (first.stdout.count("accelerate.commands.launch --multi_gpu --num_processes 2") == 3) == (
@@ -131,6 +133,7 @@ def test_study_defaults_are_the_pipeline_finetune_budget():
     study, pipe = StudyConfig(), PipelineConfig()
     assert (study.steps, study.patch_size, study.batch_size) == (pipe.finetune_steps, pipe.finetune_patch_size,
                                                                  pipe.finetune_batch)
+    assert study.train_cases == pipe.finetune_cases  # generated phantoms: the pipeline's count
     assert study.processes == pipe.finetune_processes  # both pick DDP over the CPU cores alike
     assert (study.fg_class_weights, study.class_weights) == (pipe.fg_class_weights, pipe.class_weights)
     finetune = stage_configs(pipe, Path("out"))["finetune"]
