@@ -218,6 +218,14 @@ def test_pipeline_regenerates_phantoms_of_another_count_or_seed_and_refuses_fore
     with pytest.raises(ValueError, match="nnynet-phantoms"):
         prepare_phantoms(foreign, 1, 0, False, "train")
     assert (foreign / "scan.nii.gz").read_bytes() == b"not ours"
+    (foreign / "imagesTr").mkdir()  # our layout, but not our files: refused too
+    (foreign / "imagesTr" / "ct_001.nii.gz").write_bytes(b"not ours")
+    (foreign / "scan.nii.gz").unlink()
+    with pytest.raises(ValueError, match="nnynet-phantoms"):
+        prepare_phantoms(foreign, 1, 0, False, "train")
+    assert (foreign / "imagesTr" / "ct_001.nii.gz").is_file()
+    (folder / "dataset.json").unlink()  # a generation killed before its last file: generated again, not refused
+    assert prepare_phantoms(folder, 1, 5, False, "train") and (folder / "dataset.json").is_file()
 
 
 def test_pipeline_validates_on_about_five_cases_whatever_the_case_count():
