@@ -152,6 +152,21 @@ def test_pipeline_fine_tunes_in_bf16_only_where_the_hardware_is_fast_at_it(monke
         finetune_precision("fp16")
 
 
+def test_pipeline_pretrains_in_the_precision_its_option_picks(monkeypatch, tmp_path):
+    import nny_models.inference
+    from finetune.pipeline import PipelineConfig, main, stage_configs
+
+    monkeypatch.setattr(nny_models.inference, "bf16_is_fast", lambda device: True)
+    assert stage_configs(PipelineConfig(finetune_processes=1), tmp_path)["pretrain"]["mixed_precision"] == "bf16"
+    fp32 = PipelineConfig(finetune_processes=1, pretrain_precision="no")
+    assert stage_configs(fp32, tmp_path)["pretrain"]["mixed_precision"] == "no"
+    monkeypatch.setattr(nny_models.inference, "bf16_is_fast", lambda device: False)
+    assert stage_configs(PipelineConfig(finetune_processes=1), tmp_path)["pretrain"]["mixed_precision"] == "no"
+    with pytest.raises(ValueError, match="--pretrain_precision: expected 'auto', 'bf16' or 'no', got 'fp16'"):
+        main(["--output_dir", str(tmp_path / "p"), "--pretrain_precision", "fp16"])
+    assert not (tmp_path / "p" / "data").exists()  # refused before any phantom was written
+
+
 def test_per_label_weights_need_one_positive_value_per_label():
     from finetune.run import _per_label
 
