@@ -78,7 +78,8 @@ class PipelineConfig:
     # portal vein / aorta, same run otherwise)
     pretrain_precision: str = "auto"  # pretraining autocast, chosen like finetune_precision: on a 2-core AMX Xeon
     # (2026-12-02) 80 Volume Fusion steps ran 1.13x the samples per second in bf16 (0.751 vs 0.664) to the same
-    # losses (mean of the first / last 20 steps 1.225 / 1.056 in both)
+    # losses (mean of the first / last 20 steps 1.225 / 1.056 in both); the one full pipeline run after the change
+    # pretrained in 120 s against an earlier fp32 run's 121 s, on a host whose speed fell ~1.6x between the two
     model: str = "nnynet"  # zoo name
     size: str = "tiny"  # zoo size preset (tiny: CPU-sized, 4^3 attention windows)
     feature_size: int | None = 24  # the network's first-stage channels, instead of the tiny preset's 12: with
