@@ -12,6 +12,9 @@ Empty-class conventions (the paper does not fix them; ours, applied everywhere):
 - HD95 is defined only when both sides are non-empty; otherwise it is NaN, excluded from the HD95
   mean and counted as ``hd95_undefined`` (so a missed tumor is visible, not silently averaged away).
 NaN is written as ``null`` in metrics.json and as an empty cell in the CSV.
+
+Tumors are also scored lesion by lesion: each ground-truth lesion (detected? its Dice; small ones apart) and each
+predicted lesion (does it touch a real one?), which gives lesion precision and the false-alarm volume per case.
 """
 
 from __future__ import annotations
@@ -111,7 +114,9 @@ def evaluate_case(
         "miou": float(np.mean(ious)) if ious else math.nan,
     }
     if LESION_LABEL in label_names:
-        result["lesions"] = lesion_metrics(pred_t.numpy(), gt_t.numpy(), spacing, list(label_names).index(LESION_LABEL))
+        label = list(label_names).index(LESION_LABEL)
+        result["lesions"] = lesion_metrics(pred_t.numpy(), gt_t.numpy(), spacing, label)
+        result["predicted_lesions"] = predicted_lesions(pred_t.numpy(), gt_t.numpy(), spacing, label)
     return result
 
 
@@ -135,6 +140,41 @@ def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], l
         dice = 2.0 * inter / (float(lesion.sum()) + float(matched.sum()))
         rows.append({"volume_ml": float(lesion.sum()) * voxel_ml, "detected": bool(len(touching)), "dice": dice})
     return rows
+
+
+def predicted_lesions(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], label: int) -> list[dict[str, Any]]:
+    """One row per predicted lesion (26-connected component of ``label`` in the prediction): its volume (mL) and
+    whether it touches a ground-truth lesion. A component touching none is a false-positive lesion: the voxel Dice
+    of a case mixes such false alarms with misses, and in a tumor-free case any of them makes the Dice 0."""
+    from scipy import ndimage
+
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    pred_cc, n = ndimage.label(pred == label, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return []
+    sizes = np.bincount(pred_cc.ravel(), minlength=n + 1)[1:]
+    touching = np.zeros(n + 1, dtype=bool)
+    touching[np.unique(pred_cc[gt == label])] = True
+    return [{"volume_ml": float(sizes[k - 1]) * voxel_ml, "true_positive": bool(touching[k])} for k in range(1, n + 1)]
+
+
+def summarize_false_positives(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Lesion-level precision and false alarms over cases scored with predicted_lesions: predicted lesions, the
+    share of them that touch a real lesion (lesion precision), false-positive lesions and their volume (total
+    and per case), and how many tumor-free cases came out tumor-free."""
+    scored = [case for case in per_case if "predicted_lesions" in case]
+    rows = [row for case in scored for row in case["predicted_lesions"]]
+    false = [row for row in rows if not row["true_positive"]]
+    free = [case for case in scored if not case.get("lesions")]
+    return {
+        "n_predicted": len(rows),
+        "lesion_precision": (len(rows) - len(false)) / len(rows) if rows else math.nan,
+        "n_false_positive": len(false),
+        "false_positive_ml": float(sum(row["volume_ml"] for row in false)),
+        "false_positive_ml_per_case": float(sum(row["volume_ml"] for row in false)) / len(scored) if scored else math.nan,
+        "tumor_free_cases": len(free),
+        "tumor_free_cases_clean": sum(not case["predicted_lesions"] for case in free),
+    }
 
 
 def summarize_lesions(per_case: Sequence[dict[str, Any]], small_ml: float = SMALL_LESION_ML) -> dict[str, Any]:
@@ -181,6 +221,8 @@ def summarize(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if any("lesions" in case for case in per_case):
         summary["lesions"] = summarize_lesions(per_case)
+    if any("predicted_lesions" in case for case in per_case):
+        summary["false_positives"] = summarize_false_positives(per_case)
     return summary
 
 
@@ -234,6 +276,13 @@ def write_reports(per_case: Sequence[dict[str, Any]], summary: dict[str, Any], o
         for name, s in summary["lesions"].items():
             lines.append(f"| {name} | {s['n_lesions']} | {s['detected']} | {_fmt(s['detection_rate'], 3)} | "
                          f"{_fmt(s['dice_mean'], 3)} |")
+    if "false_positives" in summary:
+        fp = summary["false_positives"]
+        lines += ["", f"Predicted {LESION_LABEL} lesions: {fp['n_predicted']}, lesion precision "
+                  f"{_fmt(fp['lesion_precision'], 3)} (share touching a real lesion); false-positive lesions: "
+                  f"{fp['n_false_positive']}, {fp['false_positive_ml']:.1f} mL in all "
+                  f"({_fmt(fp['false_positive_ml_per_case'], 1)} mL per case); tumor-free cases predicted "
+                  f"tumor-free: {fp['tumor_free_cases_clean']} of {fp['tumor_free_cases']}."]
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
 

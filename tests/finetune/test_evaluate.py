@@ -120,3 +120,33 @@ def test_lesions_are_scored_one_by_one_and_small_ones_apart(tmp_path):
     assert summary["lesions"][">= 7 mL".join(["large (", ")"])]["detection_rate"] == 1.0
     md = write_reports([case], summary, tmp_path)["md"].read_text()
     assert "| small (< 7 mL) | 1 | 0 | 0.000 | 0.000 |" in md
+
+
+def test_false_positive_lesions_and_tumor_free_cases_are_counted(tmp_path):
+    """A predicted lesion touching no real one is a false alarm: counted with its volume, it lowers lesion
+    precision, and a tumor-free case with one is not 'clean'."""
+    from finetune.evaluate import evaluate_case, summarize, write_reports
+
+    labels = ["background", "liver", "tumor"]
+    gt = np.zeros((40, 40, 20), dtype=np.int64)
+    gt[2:30, 2:30, 2:18] = 1
+    gt[4:10, 4:10, 4:10] = 2  # one real lesion, 216 voxels
+    pred = gt.copy()
+    pred[20:25, 20:25, 5:9] = 2  # a false alarm of 100 voxels of 8 mm^3 = 0.8 mL, apart from the real one
+    with_lesion = evaluate_case(pred, gt, (2.0, 2.0, 2.0), labels, case_id="a")
+    assert sorted(r["true_positive"] for r in with_lesion["predicted_lesions"]) == [False, True]
+    assert [r["volume_ml"] for r in with_lesion["predicted_lesions"] if not r["true_positive"]] == [pytest.approx(0.8)]
+
+    free_gt = np.where(gt == 2, 1, gt)  # the same liver without a lesion
+    clean = evaluate_case(free_gt, free_gt, (2.0, 2.0, 2.0), labels, case_id="b")
+    alarm = evaluate_case(np.where(pred == 2, 2, free_gt), free_gt, (2.0, 2.0, 2.0), labels, case_id="c")
+    assert clean["predicted_lesions"] == [] and len(alarm["predicted_lesions"]) == 2
+
+    fp = summarize([with_lesion, clean, alarm])["false_positives"]
+    assert fp["n_predicted"] == 4 and fp["n_false_positive"] == 3
+    assert fp["lesion_precision"] == pytest.approx(0.25)
+    assert fp["false_positive_ml"] == pytest.approx(0.8 + 1.728 + 0.8)
+    assert fp["false_positive_ml_per_case"] == pytest.approx((0.8 + 1.728 + 0.8) / 3)
+    assert (fp["tumor_free_cases"], fp["tumor_free_cases_clean"]) == (2, 1)
+    md = write_reports([with_lesion, clean, alarm], summarize([with_lesion, clean, alarm]), tmp_path)["md"].read_text()
+    assert "lesion precision 0.250" in md and "tumor-free: 1 of 2" in md
