@@ -293,11 +293,16 @@ def card_metrics(summary: dict[str, Any]) -> dict[str, Any]:
 
     Used by fine-tuning's best-model export and by publish's held-out evaluation, so both cards agree."""
     columns = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "precision": "precision", "recall": "recall"}
-    return {
-        "mean_foreground_dice": summary["mean_dice"],
-        "miou": summary["miou"],
-        "per_class": {
-            name: {label: stats[f"{key}_mean"] for key, label in columns.items()}
-            for name, stats in summary["per_class"].items()
-        },
+    card: dict[str, Any] = {"mean_foreground_dice": summary["mean_dice"], "miou": summary["miou"]}
+    # lesion-level figures: detection by size, and the false alarms that voxel Dice folds into one number
+    for group, stats in summary.get("lesions", {}).items():
+        card[f"{LESION_LABEL} lesions detected, {group}"] = f"{stats['detected']}/{stats['n_lesions']}"
+    if "false_positives" in summary:
+        fp = summary["false_positives"]
+        card[f"{LESION_LABEL} lesion precision"] = fp["lesion_precision"]
+        card[f"{LESION_LABEL} false-positive mL per case"] = fp["false_positive_ml_per_case"]
+    card["per_class"] = {
+        name: {label: stats[f"{key}_mean"] for key, label in columns.items()}
+        for name, stats in summary["per_class"].items()
     }
+    return card

@@ -150,3 +150,23 @@ def test_false_positive_lesions_and_tumor_free_cases_are_counted(tmp_path):
     assert (fp["tumor_free_cases"], fp["tumor_free_cases_clean"]) == (2, 1)
     md = write_reports([with_lesion, clean, alarm], summarize([with_lesion, clean, alarm]), tmp_path)["md"].read_text()
     assert "lesion precision 0.250" in md and "tumor-free: 1 of 2" in md
+
+
+def test_model_card_metrics_carry_lesion_detection_and_false_alarms():
+    from finetune.evaluate import card_metrics, evaluate_case, summarize
+    from nny_models.hub import _metrics_table
+
+    labels = ["background", "liver", "tumor"]
+    gt = np.zeros((40, 40, 20), dtype=np.int64)
+    gt[2:30, 2:30, 2:18] = 1
+    gt[4:10, 4:10, 4:10] = 2  # 216 voxels of 8 mm^3 = 1.7 mL: a small lesion, found
+    pred = gt.copy()
+    pred[20:25, 20:25, 5:9] = 2  # a 0.8 mL false alarm
+    card = card_metrics(summarize([evaluate_case(pred, gt, (2.0, 2.0, 2.0), labels)]))
+    assert card["tumor lesions detected, small (< 7 mL)"] == "1/1"
+    assert card["tumor lesions detected, large (>= 7 mL)"] == "0/0"
+    assert card["tumor lesion precision"] == pytest.approx(0.5)
+    assert card["tumor false-positive mL per case"] == pytest.approx(0.8)
+    json.dumps(card)  # stored in config.json
+    _, rows, scalars = _metrics_table(card, labels)
+    assert ("tumor lesion precision", "0.5000") in scalars and [name for name, _ in rows] == ["liver", "tumor"]
