@@ -115,22 +115,27 @@ def evaluate_case(
     }
     if LESION_LABEL in label_names:
         label = list(label_names).index(LESION_LABEL)
-        result["lesions"] = lesion_metrics(pred_t.numpy(), gt_t.numpy(), spacing, label)
-        result["predicted_lesions"] = predicted_lesions(pred_t.numpy(), gt_t.numpy(), spacing, label)
+        result["lesions"], result["predicted_lesions"] = lesion_metrics(pred_t.numpy(), gt_t.numpy(), spacing, label)
     return result
 
 
-def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], label: int) -> list[dict[str, Any]]:
-    """One row per ground-truth lesion (26-connected component of ``label``): its volume (mL), whether any
-    predicted voxel of the class touches it (detected), and its Dice against the predicted components that
-    overlap it. Per-lesion rows let small lesions be reported apart from the per-class mean."""
+def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+                   label: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Lesions (26-connected components of ``label``) from both sides, each side labelled once:
+
+    - one row per ground-truth lesion: its volume (mL), whether any predicted voxel of the class touches it
+      (detected), and its Dice against the predicted components that overlap it; these rows let small lesions be
+      reported apart from the per-class mean;
+    - one row per predicted lesion: its volume (mL) and whether it touches a ground-truth lesion. One touching
+      none is a false-positive lesion: voxel Dice mixes such false alarms with misses, and in a tumor-free case
+      any of them makes the Dice 0."""
     from scipy import ndimage
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
     structure = np.ones((3, 3, 3), dtype=bool)
     gt_cc, n_gt = ndimage.label(gt == label, structure=structure)
-    pred_cc, _ = ndimage.label(pred == label, structure=structure)
-    rows = []
+    pred_cc, n_pred = ndimage.label(pred == label, structure=structure)
+    truth = []
     for k in range(1, n_gt + 1):
         lesion = gt_cc == k
         touching = np.unique(pred_cc[lesion])
@@ -138,40 +143,29 @@ def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], l
         matched = np.isin(pred_cc, touching) if len(touching) else np.zeros_like(lesion)
         inter = float(np.logical_and(lesion, matched).sum())
         dice = 2.0 * inter / (float(lesion.sum()) + float(matched.sum()))
-        rows.append({"volume_ml": float(lesion.sum()) * voxel_ml, "detected": bool(len(touching)), "dice": dice})
-    return rows
-
-
-def predicted_lesions(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], label: int) -> list[dict[str, Any]]:
-    """One row per predicted lesion (26-connected component of ``label`` in the prediction): its volume (mL) and
-    whether it touches a ground-truth lesion. A component touching none is a false-positive lesion: the voxel Dice
-    of a case mixes such false alarms with misses, and in a tumor-free case any of them makes the Dice 0."""
-    from scipy import ndimage
-
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    pred_cc, n = ndimage.label(pred == label, structure=np.ones((3, 3, 3), dtype=bool))
-    if n == 0:
-        return []
-    sizes = np.bincount(pred_cc.ravel(), minlength=n + 1)[1:]
-    touching = np.zeros(n + 1, dtype=bool)
-    touching[np.unique(pred_cc[gt == label])] = True
-    return [{"volume_ml": float(sizes[k - 1]) * voxel_ml, "true_positive": bool(touching[k])} for k in range(1, n + 1)]
+        truth.append({"volume_ml": float(lesion.sum()) * voxel_ml, "detected": bool(len(touching)), "dice": dice})
+    sizes = np.bincount(pred_cc.ravel(), minlength=n_pred + 1)
+    hits = np.zeros(n_pred + 1, dtype=bool)
+    hits[pred_cc[gt_cc > 0]] = True
+    predicted = [{"volume_ml": float(sizes[k]) * voxel_ml, "true_positive": bool(hits[k])} for k in range(1, n_pred + 1)]
+    return truth, predicted
 
 
 def summarize_false_positives(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Lesion-level precision and false alarms over cases scored with predicted_lesions: predicted lesions, the
+    """Lesion-level precision and false alarms over the cases' predicted lesions (lesion_metrics): predicted lesions, the
     share of them that touch a real lesion (lesion precision), false-positive lesions and their volume (total
     and per case), and how many tumor-free cases came out tumor-free."""
     scored = [case for case in per_case if "predicted_lesions" in case]
     rows = [row for case in scored for row in case["predicted_lesions"]]
     false = [row for row in rows if not row["true_positive"]]
+    false_ml = float(sum(row["volume_ml"] for row in false))
     free = [case for case in scored if not case.get("lesions")]
     return {
         "n_predicted": len(rows),
         "lesion_precision": (len(rows) - len(false)) / len(rows) if rows else math.nan,
         "n_false_positive": len(false),
-        "false_positive_ml": float(sum(row["volume_ml"] for row in false)),
-        "false_positive_ml_per_case": float(sum(row["volume_ml"] for row in false)) / len(scored) if scored else math.nan,
+        "false_positive_ml": false_ml,
+        "false_positive_ml_per_case": false_ml / len(scored) if scored else math.nan,
         "tumor_free_cases": len(free),
         "tumor_free_cases_clean": sum(not case["predicted_lesions"] for case in free),
     }

@@ -290,11 +290,12 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{k} {v['dice_mean']:.3f}" for k, v in shifted["per_class"].items())
         + "".join(f"\n  tumor lesions {k}: {v['detected']}/{v['n_lesions']} detected, lesion Dice "
                   f"{v['dice_mean']:.3f} (held-out)" for k, v in result["summary"].get("lesions", {}).items())
-        + "".join(f"\n  tumor false alarms: {v['n_false_positive']} of {v['n_predicted']} predicted lesions touch no real "
-                  f"one ({v['false_positive_ml_per_case']:.1f} mL per case); tumor-free cases called tumor-free: "
-                  f"{v['tumor_free_cases_clean']}/{v['tumor_free_cases']} (held-out)"
-                  for v in filter(None, [result["summary"].get("false_positives")]))
     )
+    fp = result["summary"].get("false_positives")
+    if fp:
+        print(f"  tumor false alarms: {fp['n_false_positive']} of {fp['n_predicted']} predicted lesions touch no real one "
+              f"({fp['false_positive_ml_per_case']:.1f} mL per case); tumor-free cases called tumor-free: "
+              f"{fp['tumor_free_cases_clean']}/{fp['tumor_free_cases']} (held-out)")
 
 
 if __name__ == "__main__":
