@@ -93,6 +93,25 @@ class PreprocessConfig:
         return cls(**d)
 
 
+def check_lesion_in_organ(rule: Any, label_names: list[str]) -> dict[str, Any] | None:
+    """NnyNetConfig.lesion_in_organ, checked against the label map: None, or {"lesion": name, "organ": name,
+    "min_contact": a share in (0, 1]}."""
+    if rule is None:
+        return None
+    where = "NnyNetConfig.lesion_in_organ"
+    if not isinstance(rule, dict) or set(rule) != {"lesion", "organ", "min_contact"}:
+        raise ValueError(f"{where}: expected null or an object with lesion, organ and min_contact, got {rule!r}")
+    for key in ("lesion", "organ"):
+        if rule[key] not in label_names:
+            raise ValueError(f"{where}.{key}: {rule[key]!r} is not a label of {label_names}")
+    if rule["lesion"] == rule["organ"] or label_names[0] in (rule["lesion"], rule["organ"]):
+        raise ValueError(f"{where}: lesion and organ must be two different foreground labels, got {rule!r}")
+    contact = rule["min_contact"]
+    if isinstance(contact, bool) or not isinstance(contact, (int, float)) or not 0.0 < contact <= 1.0:
+        raise ValueError(f"{where}.min_contact: expected a share in (0, 1], got {contact!r}")
+    return {"lesion": rule["lesion"], "organ": rule["organ"], "min_contact": float(contact)}
+
+
 _AXIS_OF = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 
 
@@ -114,6 +133,10 @@ class NnyNetConfig:
     keep_side: str | None = None  # "right" / "left": keep_largest keeps the largest component on that side of the
     # patient (the liver's is the right) unless it is under a quarter of the largest; None = the largest (models
     # saved before 2026-12-02, whose files lack the field, predict exactly as before)
+    lesion_in_organ: dict[str, Any] | None = None  # {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}:
+    # after keep_largest, predict sets to background each lesion component whose surface touches the organ on less
+    # than min_contact of its voxels (nny_models.postprocess.drop_lesions_outside); None = no such step (models
+    # saved before 2026-12-06, whose files lack the field, predict exactly as before)
     plan: dict[str, Any] | None = None  # the training run's plan (nny_models.planning.Plan.to_dict()), kept for
     # provenance; inference replays `preprocessing` and `patch_size`, which already hold what the plan set
     tta_mirror_axes: list[int] = field(default_factory=list)  # axes (0, 1, 2 of the preprocessed volume, e.g.
@@ -168,6 +191,7 @@ class NnyNetConfig:
             raise ValueError(f"NnyNetConfig.keep_largest: names {unknown} are not labels {names}")
         if self.keep_side not in (None, "right", "left"):
             raise ValueError(f"NnyNetConfig.keep_side: expected 'right', 'left' or null, got {self.keep_side!r}")
+        self.lesion_in_organ = check_lesion_in_organ(self.lesion_in_organ, names)
 
     def _check_clinical(self) -> None:
         schema = self.clinical_schema

@@ -35,7 +35,9 @@ from torch import nn
 
 from nny_models.config import check_mirror_axes
 
-SHARED_FIELDS = ("preprocessing", "patch_size", "label_names", "keep_largest", "keep_side", "task")  # config.json fields
+SHARED_FIELDS = ("preprocessing", "patch_size", "label_names", "keep_largest", "keep_side", "lesion_in_organ",
+                 "task")  # config.json fields
+OPTIONAL_SHARED = {"lesion_in_organ": None}  # shared fields newer than ensembles' files: absent = this value
 ENSEMBLE_FORMAT = 1  # the "ensemble" section of an ensemble's config.json that this code writes and reads
 COMBINE = "mean_softmax"  # members' softmax probabilities averaged window by window (the only rule there is)
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a plain sub-folder name: no "/", "..", "~"
@@ -213,9 +215,10 @@ def load_model(path_or_repo: str | Path, *, revision: str | None = None, map_loc
             raise ValueError(f"ensemble {root}: member {name!r} cannot be loaded: {e}") from e
         own = member.config.to_dict()
         for field in SHARED_FIELDS:
-            if own[field] != data[field]:
+            theirs = data.get(field, OPTIONAL_SHARED.get(field))
+            if own[field] != theirs:
                 raise ValueError(f"{folder / CONFIG_NAME}: field {field!r} is {own[field]!r} but the ensemble's "
-                                 f"{path} says {data[field]!r}; every member must share it")
+                                 f"{path} says {theirs!r}; every member must share it")
         members.append(member)
     try:
         return Ensemble(members, tta_mirror_axes=data["tta_mirror_axes"]).eval()
@@ -233,7 +236,7 @@ def _read_json(path: Path) -> Any:
 def _ensemble_section(data: dict[str, Any], path: Path) -> list[str]:
     """The member folder names of an ensemble config.json, after checking every field it holds (strict)."""
     allowed = {"ensemble", "tta_mirror_axes", "metrics", *SHARED_FIELDS}
-    unknown, missing = sorted(set(data) - allowed), sorted(allowed - {"metrics"} - set(data))
+    unknown, missing = sorted(set(data) - allowed), sorted(allowed - {"metrics", *OPTIONAL_SHARED} - set(data))
     if unknown or missing:
         raise ValueError(f"{path}: ensemble config.json " + (f"has unknown field(s) {unknown}" if unknown else "")
                          + ("; " if unknown and missing else "") + (f"lacks field(s) {missing}" if missing else ""))

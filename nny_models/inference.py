@@ -23,7 +23,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from nny_models.postprocess import keep_largest_component, label_indices, rightward_offset
+from nny_models.postprocess import label_indices, postprocess_labels, rightward_offset
 from nny_models.config import NnyNetConfig
 
 # The CT intensity check (air / fat / soft-tissue / bone modes of the histogram) lives in hu_check.
@@ -359,10 +359,8 @@ def predict(
         with stage("argmax"):
             labels = probs.argmax(dim=0, keepdim=True).to(torch.uint8).cpu().numpy()
             probs = probs.cpu().numpy() if return_probabilities else None
-    if config.keep_largest:  # on the model grid, where the network decided
-        with stage("postprocess"):
-            labels[0] = keep_largest_component(labels[0], label_indices(config.label_names, config.keep_largest),
-                                               config.keep_side, config.preprocess.orientation)
+    with stage("postprocess"):  # on the model grid, where the network decided
+        labels[0] = postprocess_labels(labels[0], config)
     _warn_if_liver_on_left(labels[0], config, name)
 
     with stage("restore"):

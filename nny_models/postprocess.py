@@ -10,11 +10,18 @@ Dice 0 where the raw argmax had 0.28 (a shifted phantom, 2026-12-01). ``side="ri
 keeps the largest component that lies on the patient's right instead, the liver's side in all but about 1 in
 10,000 people; a component there that is much smaller than the largest (MIN_SIDE_FRACTION) is not taken for
 the organ, so a situs inversus liver is not dropped for a stray voxel cluster on the right.
+
+A liver tumor lies in the liver. ``drop_lesions_outside`` removes each predicted lesion (tumor component) whose
+surface touches the liver on less than a given share of its voxels (config.lesion_in_organ). On 20 held-out
+phantoms (2026-12-06), 263 of the 495 mL of tumor predicted outside a real lesion lay outside the true liver (a
+spleen, stomach or kidney joined to the liver component); at a share of 0.5 the false-alarm volume fell from 19.2
+to 6.9 mL per case and tumor Dice rose from 0.185 to 0.210, on a shifted set it changed neither (README).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +86,47 @@ def _right_axis(orientation: str) -> tuple[int, int]:
     codes = orientation.upper()
     axis = [i for i, code in enumerate(codes) if code in "LR"][0]
     return axis, (1 if codes[axis] == "R" else -1)
+
+
+def drop_lesions_outside(
+    pred: np.ndarray | torch.Tensor, lesion: int, organ: int, min_contact: float
+) -> np.ndarray | torch.Tensor:
+    """Set to background every 26-connected component of label ``lesion`` whose outer shell (the voxels
+    26-adjacent to it, inside the volume) is less than ``min_contact`` label ``organ``; other voxels are
+    untouched. A lesion inside the organ has a contact of 1, one on its capsule about 0.5 and more, one in a
+    neighbouring organ little or none. Returns the same type (and device) as ``pred``."""
+    if np.ndim(pred) != 3:
+        raise ValueError(f"drop_lesions_outside: expected a (X, Y, Z) label volume, got shape {tuple(np.shape(pred))}")
+    if not 0.0 < float(min_contact) <= 1.0:
+        raise ValueError(f"drop_lesions_outside: min_contact must be in (0, 1], got {min_contact}")
+    if int(lesion) == int(organ):
+        raise ValueError(f"drop_lesions_outside: lesion and organ must be different labels, got {lesion} twice")
+    is_tensor = isinstance(pred, torch.Tensor)
+    out = pred.detach().cpu().numpy().copy() if is_tensor else np.array(pred, copy=True)
+    full = np.ones((3, 3, 3), bool)
+    components, _ = ndimage.label(out == lesion, structure=full)
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)  # room for the shell
+        inside = components[box] == index
+        shell = ndimage.binary_dilation(inside, structure=full) & ~inside
+        if shell.any() and (out[box][shell] == organ).mean() < min_contact:
+            out[box][inside] = 0
+    return torch.as_tensor(out, device=pred.device) if is_tensor else out
+
+
+def postprocess_labels(labels: np.ndarray, config: Any) -> np.ndarray:
+    """The post-processing a model's config.json asks for, on a (X, Y, Z) label volume of the model's grid: the
+    largest component of ``keep_largest`` (on ``keep_side``), then ``lesion_in_organ``. What predict and
+    fine-tuning's validation apply; a config without either returns the labels unchanged."""
+    if config.keep_largest:
+        labels = keep_largest_component(labels, label_indices(config.label_names, config.keep_largest),
+                                        config.keep_side, config.preprocess.orientation)
+    rule = getattr(config, "lesion_in_organ", None)
+    if rule:
+        names = list(config.label_names)
+        labels = drop_lesions_outside(labels, names.index(rule["lesion"]), names.index(rule["organ"]),
+                                      rule["min_contact"])
+    return labels
 
 
 def label_indices(label_names: Sequence[str], names: Sequence[str]) -> list[int]:

@@ -119,3 +119,77 @@ def test_fine_tuning_stores_the_liver_side(option, labels, expected):
     from finetune.run import FinetuneConfig, _keep_side
 
     assert _keep_side(FinetuneConfig(keep_side=option), labels) == expected
+
+
+def _liver_with_lesions():
+    """A liver block with a tumor inside, a tumor on its capsule (half its surface on the liver) and a 'tumor' in a
+    neighbour organ that only touches the liver at one face."""
+    pred = np.zeros((24, 16, 16), np.uint8)
+    pred[2:14, 2:14, 2:14] = 1  # the liver
+    pred[5:8, 5:8, 5:8] = 2  # inside: every shell voxel is liver
+    pred[12:15, 5:8, 5:8] = 2  # on the capsule, bulging out: 57 of its 98 shell voxels are liver
+    pred[15:20, 9:13, 9:13] = 2  # outside, its face against the liver's corner region
+    pred[14, 9:13, 9:13] = 4  # a vessel beside it
+    return pred
+
+
+def test_lesions_outside_the_organ_become_background():
+    from nny_models.postprocess import drop_lesions_outside
+
+    pred = _liver_with_lesions()
+    out = drop_lesions_outside(pred, lesion=2, organ=1, min_contact=0.5)
+    assert (out[5:8, 5:8, 5:8] == 2).all()  # inside the liver: kept
+    assert (out[15:20, 9:13, 9:13] == 0).all()  # in the neighbour: background
+    assert np.array_equal(out[pred != 2], pred[pred != 2])  # no other voxel changes
+    assert (out[12:15, 5:8, 5:8] == 2).all()  # on the capsule: 57 of its 98 shell voxels are liver, kept at 0.5 ...
+    assert (drop_lesions_outside(pred, 2, 1, 0.6)[12:15, 5:8, 5:8] == 0).all()  # ... dropped at 0.6
+    assert (drop_lesions_outside(pred, 2, 1, 1.0) == 2).sum() == 27  # only the lesion wholly inside stays
+    t = drop_lesions_outside(torch.as_tensor(pred), 2, 1, 0.5)
+    assert isinstance(t, torch.Tensor) and torch.equal(t, torch.as_tensor(out))
+    assert pred[16, 10, 10] == 2  # the input is not modified
+    with pytest.raises(ValueError, match="min_contact"):
+        drop_lesions_outside(pred, 2, 1, 0.0)
+    with pytest.raises(ValueError, match="different labels"):
+        drop_lesions_outside(pred, 1, 1, 0.5)
+
+
+def test_predict_applies_the_config_rule_and_older_configs_skip_it():
+    from nny_models.config import NnyNetConfig
+    from nny_models.postprocess import postprocess_labels
+
+    kwargs = {"model_kwargs": {"size": "tiny", "out_channels": 5}, "keep_largest": ["liver", "tumor"]}
+    old = NnyNetConfig(**kwargs)  # a config.json written before the field existed
+    assert old.lesion_in_organ is None
+    pred = _liver_with_lesions()
+    assert np.array_equal(postprocess_labels(pred, old), keep_largest_component(pred, [1, 2]))
+    rule = {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}
+    new = NnyNetConfig(**kwargs, lesion_in_organ=rule)
+    assert NnyNetConfig.from_dict(new.to_dict()).lesion_in_organ == rule  # round trip through config.json
+    out = postprocess_labels(pred, new)
+    assert (out[15:20, 9:13, 9:13] == 0).all() and (out[5:8, 5:8, 5:8] == 2).all()
+    for bad, match in [({"lesion": "tumour", "organ": "liver", "min_contact": 0.5}, "lesion_in_organ.lesion"),
+                       ({"lesion": "tumor", "organ": "background", "min_contact": 0.5}, "two different foreground"),
+                       ({"lesion": "tumor", "organ": "liver", "min_contact": 0}, "min_contact"),
+                       ({"lesion": "tumor", "organ": "liver"}, "lesion, organ and min_contact")]:
+        with pytest.raises(ValueError, match=match):
+            NnyNetConfig(**kwargs, lesion_in_organ=bad)
+
+
+@pytest.mark.parametrize("names, contact, labels, expected", [
+    (("tumor", "liver"), 0.5, ["background", "liver", "tumor"], {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}),
+    (("tumor", "liver"), 0.0, ["background", "liver", "tumor"], None),  # 0 turns it off
+    (("tumor", "liver"), 0.5, ["background", "kidney"], None),  # the default skips a label map without them
+])
+def test_fine_tuning_stores_the_lesion_rule(names, contact, labels, expected):
+    from finetune.run import FinetuneConfig, _lesion_in_organ
+
+    assert _lesion_in_organ(FinetuneConfig(lesion_in_organ=names, lesion_min_contact=contact), labels) == expected
+
+
+def test_fine_tuning_refuses_a_lesion_rule_naming_no_label():
+    from finetune.run import FinetuneConfig, _lesion_in_organ
+
+    with pytest.raises(ValueError, match="--lesion_in_organ"):
+        _lesion_in_organ(FinetuneConfig(lesion_in_organ=("tumour", "liver")), ["background", "liver", "tumor"])
+    with pytest.raises(ValueError, match="--lesion_min_contact"):
+        _lesion_in_organ(FinetuneConfig(lesion_min_contact=1.5), ["background", "liver", "tumor"])
