@@ -26,6 +26,7 @@ from nny_models.attention import predict_attention, uses_attention
 from nny_models.hub import NnyNet
 from nny_models.inference import predict
 from nny_models.clinical import is_missing
+from nny_models.config import check_lesion_in_organ
 from nny_models.io import discover_cases, load_volume, read_clinical_csv
 from nny_models.training import parse_config
 
@@ -33,7 +34,8 @@ from nny_models.training import parse_config
 def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: int = 3) -> tuple[list[dict], dict]:
     """Per-case metrics of ``model`` on every labeled case of ``test_dir``; reports and overlays (plus attention
     overlays for cross-attention models) in out_dir.
-    Predictions are post-processed as the model's config says (config.keep_largest), exactly as predict does."""
+    Predictions are post-processed as the model's config says (keep_largest, lesion_in_organ), exactly as predict
+    does."""
     records = [r for r in discover_cases(test_dir) if r.label is not None]
     if not records:
         raise ValueError(f"{test_dir}: no labeled cases to evaluate")
@@ -68,11 +70,13 @@ def evaluate_and_publish(
     out: Path,
     repo_id: str | None = None,
     keep_largest: Sequence[str] | None = None,
+    lesion_min_contact: float | None = None,
 ) -> dict[str, Any]:
     """Held-out evaluation, then save_pretrained to OUT/model with the metrics, reload it and check it.
 
     keep_largest: None keeps the post-processing the model was trained with; a list replaces it (in the
-    evaluation and in the published config alike)."""
+    evaluation and in the published config alike). lesion_min_contact likewise: None keeps the model's
+    lesion_in_organ, 0 removes it, a share in (0, 1] sets it (tumor in liver unless the model names others)."""
     model_dir, test_dir, out = Path(model_dir), Path(test_dir), Path(out)
     model = NnyNet.from_pretrained(model_dir)
     if keep_largest is not None:
@@ -80,6 +84,8 @@ def evaluate_and_publish(
         if unknown:
             raise ValueError(f"keep_largest: {unknown} not among the model's labels {model.config.label_names}")
         model.config.keep_largest = list(keep_largest)
+    if lesion_min_contact is not None:
+        model.config.lesion_in_organ = _lesion_rule(model.config, float(lesion_min_contact))
     eval_dir = out / "eval"
     per_case, summary = evaluate_dataset(model, test_dir, eval_dir)
     curves = model_dir.parent / "figures" / "training_curves.png"
@@ -90,7 +96,9 @@ def evaluate_and_publish(
     model.config.metrics = {
         "split": f"held-out synthetic phantoms ({len(per_case)} cases), original voxel grid"
         + (f", largest connected {' + '.join(model.config.keep_largest)} component{side} kept"
-           if model.config.keep_largest else ""),
+           if model.config.keep_largest else "")
+        + (", {lesion} components touching the {organ} on under {min_contact:.0%} of their surface dropped".format(
+            **model.config.lesion_in_organ) if model.config.lesion_in_organ else ""),
         **card_metrics(summary),
     }
     training = json.loads((model_dir / "config.json").read_text()).get("metrics") or {}
@@ -124,6 +132,17 @@ def evaluate_and_publish(
     }
 
 
+def _lesion_rule(config: Any, min_contact: float) -> dict[str, Any] | None:
+    """config.lesion_in_organ with ``min_contact`` (0 = no rule), checked against the model's labels."""
+    if min_contact == 0:
+        return None
+    rule = dict(config.lesion_in_organ or {"lesion": "tumor", "organ": "liver"}, min_contact=min_contact)
+    try:
+        return check_lesion_in_organ(rule, list(config.label_names))
+    except ValueError as e:
+        raise ValueError(f"--lesion_min_contact {min_contact}: {e}") from e
+
+
 @dataclass
 class PublishConfig:
     model: str = "runs/finetune/model"  # fine-tuned export (save_pretrained directory)
@@ -132,12 +151,15 @@ class PublishConfig:
     repo_id: str | None = None  # Hub repo to push to (needs a token); None = local only
     keep_largest: tuple[str, ...] | None = None  # labels forming one organ whose largest component predict keeps;
     # None = as the model was trained, a bare flag = no post-processing
+    lesion_min_contact: float | None = None  # drop tumor components touching the liver on less than this share of
+    # their surface (config.json lesion_in_organ); None = as the model was trained, 0 = keep every component
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(PublishConfig, argv, description=__doc__.splitlines()[0])
     result = evaluate_and_publish(
-        Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id, keep_largest=cfg.keep_largest
+        Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id, keep_largest=cfg.keep_largest,
+        lesion_min_contact=cfg.lesion_min_contact,
     )
     print(result["report_md"].read_text())
 

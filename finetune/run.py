@@ -44,7 +44,7 @@ from nny_models.hub import NnyNet, load_config
 from nny_models.inference import sliding_window_probs
 from nny_models.io import discover_cases, read_clinical_csv
 from nny_models.phantoms import embedded_dataset
-from nny_models.postprocess import keep_largest_component, label_indices
+from nny_models.postprocess import postprocess_labels
 from nny_models.sampling import PatchDataset
 from nny_models.swin_next import FUSION_POSITIONS
 from nny_models.training import (
@@ -138,6 +138,10 @@ class FinetuneConfig:
     # component validation and predict keep; a bare flag turns it off (the default skips names the label map lacks)
     keep_side: str = "auto"  # right | left | none: keep the largest such component on that side of the patient
     # (nny_models.postprocess; a spleen called liver can be the larger one); "auto" = right when the organ is the liver
+    lesion_in_organ: tuple[str, str] = ("tumor", "liver")  # a lesion label and the organ it lies in: validation
+    # and predict drop each lesion component whose surface touches the organ on less than lesion_min_contact of its
+    # voxels (nny_models.postprocess.drop_lesions_outside); skipped when the label map lacks either name
+    lesion_min_contact: float = 0.5  # that share; 0 = keep every lesion component
     min_encoder_loaded: float = 0.9  # fail if a smaller fraction of encoder tensors loads from --pretrained
     phantom_cases: int = 24  # number of labeled phantoms generated when data_dir is None
     cache_dir: str | None = None  # preprocessed-case cache; None = OUTPUT_DIR/cache
@@ -326,6 +330,22 @@ def _keep_side(cfg: FinetuneConfig, keep_largest: list[str]) -> str | None:
     return None if cfg.keep_side == "none" or not keep_largest else cfg.keep_side
 
 
+def _lesion_in_organ(cfg: FinetuneConfig, labels: list[str]) -> dict | None:
+    """cfg.lesion_in_organ / lesion_min_contact as stored in config.json (None = no such step)."""
+    if len(cfg.lesion_in_organ) != 2:
+        raise ValueError(f"--lesion_in_organ: expected two label names (lesion, organ), got {list(cfg.lesion_in_organ)}")
+    if not 0.0 <= cfg.lesion_min_contact <= 1.0:
+        raise ValueError(f"--lesion_min_contact: expected a share in [0, 1] (0 = off), got {cfg.lesion_min_contact}")
+    lesion, organ = cfg.lesion_in_organ
+    default = next(f.default for f in dataclasses.fields(FinetuneConfig) if f.name == "lesion_in_organ")
+    missing = [n for n in (lesion, organ) if n not in labels]
+    if missing and tuple(cfg.lesion_in_organ) != default:  # a typo must not silently turn the step off
+        raise ValueError(f"--lesion_in_organ: {missing} are not labels of this dataset; expected two of {labels}")
+    if missing or cfg.lesion_min_contact == 0:
+        return None
+    return {"lesion": lesion, "organ": organ, "min_contact": float(cfg.lesion_min_contact)}
+
+
 def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, preprocess: PreprocessConfig, accelerator,
                 plan: Plan | None = None):
     """NnyNet for the task's labels and clinical schema; encoder and decoder transferred from the export."""
@@ -348,6 +368,7 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
             clinical_schema=schema.to_dict() if schema else None,
             keep_largest=keep_largest,
             keep_side=_keep_side(cfg, keep_largest),
+            lesion_in_organ=_lesion_in_organ(cfg, data["labels"]),
             plan=plan.to_dict() if plan is not None else None,
             # mirror TTA (nny_models.tta) only along the axes training really mirrored
             tta_mirror_axes=list(cfg.flip_axes) if cfg.augment and cfg.augmentation.p_flip > 0 else [],
@@ -402,9 +423,7 @@ def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: Preproc
             amp=cfg.mixed_precision == "bf16",  # a bf16 run is validated as predict runs it on such hardware
         )  # fmt: skip
         pred = probs.argmax(1)[0].cpu().numpy()
-        if model.config.keep_largest:  # the same post-processing predict applies
-            pred = keep_largest_component(pred, label_indices(data["labels"], model.config.keep_largest),
-                                          model.config.keep_side, preprocess.orientation)
+        pred = postprocess_labels(pred, model.config)  # the same post-processing predict applies
         gt = np.asarray(data["cache"].label(cid))[0]
         per_case.append(evaluate_case(pred, gt, preprocess.spacing, data["labels"], case_id=cid))
     model.train()
@@ -430,7 +449,9 @@ def training_function(cfg: FinetuneConfig) -> Path:
     accelerator.print(
         f"{len(data['train_ids'])} training / {len(data['val_ids'])} validation cases, labels {data['labels']}, "
         f"post-processing: largest component of {model.config.keep_largest or 'nothing'}"
-        + (f" on the patient's {model.config.keep_side}, " if model.config.keep_side else ", ")
+        + (f" on the patient's {model.config.keep_side}" if model.config.keep_side else "")
+        + (", {lesion} components touching the {organ} on under {min_contact:.0%} of their surface dropped".format(
+            **model.config.lesion_in_organ) if model.config.lesion_in_organ else "") + ", "
         + f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{model.config.model} from {cfg.pretrained or 'scratch'}"
     )

@@ -118,10 +118,15 @@ def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, p
     from nny_models.hub import NnyNet
 
     out, _ = finetuned
-    assert NnyNet.from_pretrained(out / "model").config.keep_largest == ["liver", "tumor"]  # fine-tuning's default
+    trained = NnyNet.from_pretrained(out / "model").config
+    assert trained.keep_largest == ["liver", "tumor"]  # fine-tuning's defaults
+    assert trained.lesion_in_organ == {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}
     with pytest.raises(ValueError, match="spleen"):
         evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", keep_largest=["spleen"])
-    result = evaluate_and_publish(out / "model", phantoms, tmp_path / "pub", keep_largest=["liver"])
+    with pytest.raises(ValueError, match="--lesion_min_contact 1.5"):
+        evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", lesion_min_contact=1.5)
+    result = evaluate_and_publish(out / "model", phantoms, tmp_path / "pub", keep_largest=["liver"],
+                                  lesion_min_contact=0.7)
     summary = json.loads((tmp_path / "pub" / "eval" / "metrics.json").read_text())
     assert len(summary["per_case"]) == 4  # every labeled case, evaluated on its original grid
     assert set(result["dice"]) == {"liver", "tumor", "portal_vein", "aorta"}
@@ -130,6 +135,9 @@ def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, p
     published = NnyNet.from_pretrained(tmp_path / "pub" / "model")
     assert published.config.keep_largest == ["liver"]  # the override is what users of the export get
     assert "largest connected liver component" in published.config.metrics["split"]
+    assert published.config.lesion_in_organ["min_contact"] == 0.7
+    assert "tumor components touching the liver on under 70% of their surface dropped" in published.config.metrics["split"]
+    assert "on under 70 % of its voxels is set to background" in (tmp_path / "pub" / "model" / "README.md").read_text()
     assert published.config.metrics["per_class"]["liver"]["Dice"] == pytest.approx(result["dice"]["liver"])
     assert "Dice" in (tmp_path / "pub" / "model" / "README.md").read_text()  # the card shows the table
     def no_nan(token: str):
