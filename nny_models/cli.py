@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="onnxruntime: run the network exported by nnynet-export (MODEL/model.onnx or --onnx; fp32)")
     p.add_argument("--onnx", default=None, help="the .onnx file for --backend onnxruntime (default: MODEL/model.onnx)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--keep-all-lesions", action="store_true",
+                   help="skip config.json's lesion_in_organ step: keep tumor components that barely touch the liver "
+                        "(for exophytic tumors, or a CT whose liver comes out poorly; see the README's false-alarm "
+                        "section for what the step costs and saves)")
     p.add_argument("--force", action="store_true",
                    help="run even if the input does not look like a CT in HU (prints a warning; check the mask)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -298,6 +302,8 @@ def run(args: argparse.Namespace) -> None:
             raise InputError(f"--model: {err}") from err
     else:
         model = load_model(args.model[0], args.revision)
+    if args.keep_all_lesions:  # this run only: the model's config.json on disk is untouched
+        model.config.lesion_in_organ = None
     if args.attention is not None:
         from nny_models.attention import attention_fusion
 

@@ -149,3 +149,28 @@ def test_missing_clinical_columns_exit_2(tmp_path, capsys):
     result = main(capsys, "--model", str(model_dir), "--input", str(ct), "--output", str(out), "--clinical", str(csv))
     assert result.returncode == 0, result.stderr
     assert nib.load(out).shape == (40, 36, 12)
+
+
+def test_keep_all_lesions_skips_the_lesion_rule_for_this_run_only(tmp_path, capsys, monkeypatch):
+    import nny_models.inference as inference
+
+    model = save_model(tmp_path / "lio")
+    config_file = model / "config.json"
+    data = json.loads(config_file.read_text())
+    data["lesion_in_organ"] = {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}
+    config_file.write_text(json.dumps(data))
+    before = config_file.read_bytes()
+    seen = []
+
+    def fake_predict(model, volume, **kwargs):  # records the rule predict would apply
+        seen.append(model.config.lesion_in_organ)
+        return np.zeros(np.shape(volume), np.uint8)
+
+    monkeypatch.setattr(inference, "predict", fake_predict)
+    ct = write_ct(tmp_path / "ct.nii.gz")
+    for extra in ([], ["--keep-all-lesions"]):
+        result = main(capsys, "--model", str(model), "--input", str(ct), "--output", str(tmp_path / "m.nii.gz"),
+                      "--force", *extra)
+        assert result.returncode == 0, result.stderr
+    assert seen == [{"lesion": "tumor", "organ": "liver", "min_contact": 0.5}, None]
+    assert config_file.read_bytes() == before  # the model folder is an input: never rewritten
