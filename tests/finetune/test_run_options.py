@@ -252,3 +252,23 @@ def test_pipeline_validates_on_about_five_cases_whatever_the_case_count():
     for n in (24, 48, 96):  # the split fine-tuning makes with that k
         val = next(KFold(validation_folds(n), shuffle=True, random_state=0).split(range(n)))[1]
         assert 4 <= len(val) <= 6
+
+
+@pytest.mark.parametrize("names, contact, labels, expected", [
+    (("tumor", "liver"), 0.5, ["background", "liver", "tumor"], {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}),
+    (("tumor", "liver"), 0.0, ["background", "liver", "tumor"], None),  # 0 turns it off
+    (("tumor", "liver"), 0.5, ["background", "kidney"], None),  # the default skips a label map without them
+])
+def test_fine_tuning_stores_the_lesion_rule(names, contact, labels, expected):
+    from finetune.run import FinetuneConfig, _lesion_in_organ
+
+    assert _lesion_in_organ(FinetuneConfig(lesion_in_organ=names, lesion_min_contact=contact), labels) == expected
+
+
+def test_fine_tuning_refuses_a_lesion_rule_naming_no_label():
+    from finetune.run import FinetuneConfig, _lesion_in_organ
+
+    with pytest.raises(ValueError, match="--lesion_in_organ"):
+        _lesion_in_organ(FinetuneConfig(lesion_in_organ=("tumour", "liver")), ["background", "liver", "tumor"])
+    with pytest.raises(ValueError, match="--lesion_min_contact"):
+        _lesion_in_organ(FinetuneConfig(lesion_min_contact=1.5), ["background", "liver", "tumor"])

@@ -173,23 +173,3 @@ def test_predict_applies_the_config_rule_and_older_configs_skip_it():
                        ({"lesion": "tumor", "organ": "liver"}, "lesion, organ and min_contact")]:
         with pytest.raises(ValueError, match=match):
             NnyNetConfig(**kwargs, lesion_in_organ=bad)
-
-
-@pytest.mark.parametrize("names, contact, labels, expected", [
-    (("tumor", "liver"), 0.5, ["background", "liver", "tumor"], {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}),
-    (("tumor", "liver"), 0.0, ["background", "liver", "tumor"], None),  # 0 turns it off
-    (("tumor", "liver"), 0.5, ["background", "kidney"], None),  # the default skips a label map without them
-])
-def test_fine_tuning_stores_the_lesion_rule(names, contact, labels, expected):
-    from finetune.run import FinetuneConfig, _lesion_in_organ
-
-    assert _lesion_in_organ(FinetuneConfig(lesion_in_organ=names, lesion_min_contact=contact), labels) == expected
-
-
-def test_fine_tuning_refuses_a_lesion_rule_naming_no_label():
-    from finetune.run import FinetuneConfig, _lesion_in_organ
-
-    with pytest.raises(ValueError, match="--lesion_in_organ"):
-        _lesion_in_organ(FinetuneConfig(lesion_in_organ=("tumour", "liver")), ["background", "liver", "tumor"])
-    with pytest.raises(ValueError, match="--lesion_min_contact"):
-        _lesion_in_organ(FinetuneConfig(lesion_min_contact=1.5), ["background", "liver", "tumor"])
