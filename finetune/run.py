@@ -337,9 +337,8 @@ def _lesion_in_organ(cfg: FinetuneConfig, labels: list[str]) -> dict | None:
     if not 0.0 <= cfg.lesion_min_contact <= 1.0:
         raise ValueError(f"--lesion_min_contact: expected a share in [0, 1] (0 = off), got {cfg.lesion_min_contact}")
     lesion, organ = cfg.lesion_in_organ
-    default = next(f.default for f in dataclasses.fields(FinetuneConfig) if f.name == "lesion_in_organ")
     missing = [n for n in (lesion, organ) if n not in labels]
-    if missing and tuple(cfg.lesion_in_organ) != default:  # a typo must not silently turn the step off
+    if missing and tuple(cfg.lesion_in_organ) != FinetuneConfig.lesion_in_organ:  # a typo must not turn it off
         raise ValueError(f"--lesion_in_organ: {missing} are not labels of this dataset; expected two of {labels}")
     if missing or cfg.lesion_min_contact == 0:
         return None
