@@ -132,7 +132,7 @@ def predict_attention(model: nn.Module, image: np.ndarray | str | Path, clinical
         case_id = image_case_ids(image)
     clin = clinical_vector(model, clinical, case_id, name)
     x, state = preprocess_volume(volume.astype(np.float32, copy=False), np.asarray(affine, dtype=np.float64),
-                                 config.preprocess)
+                                 config.preprocess, name)
     x = torch.as_tensor(x.as_tensor() if hasattr(x, "as_tensor") else x, dtype=torch.float32)[None]
 
     def window_maps(patch: torch.Tensor) -> torch.Tensor:

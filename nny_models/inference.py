@@ -344,7 +344,7 @@ def predict(
         case_id = image_case_ids(image)
     clin = clinical_vector(model, clinical, case_id, name)
     with stage("preprocess"):
-        x, state = preprocess_volume(volume.astype(np.float32, copy=False), affine, cfg)
+        x, state = preprocess_volume(volume.astype(np.float32, copy=False), affine, cfg, name)
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # a MONAI MetaTensor -> plain tensor
         x = torch.as_tensor(x, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
     with torch.inference_mode():

@@ -84,6 +84,27 @@ def _check_affine(affine: Any, name: str) -> np.ndarray:
     return affine
 
 
+def check_resampled_size(shape: tuple[int, ...], affine: np.ndarray, spacing: Any, name: str) -> None:
+    """Refuse a volume whose resampling to ``spacing`` would not fit in memory, before allocating it: a header whose
+    voxel size is 10-100x too large (cm for mm, a slice thickness typed into pixdim) asks MONAI for tens of GiB and
+    used to end in an allocator error. The count is the field of view's volume over the target voxel's volume,
+    which holds for any orientation."""
+    from nny_models.io import MAX_VOLUME_BYTES
+
+    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    fov_mm = np.asarray(shape[:3], dtype=np.float64) * voxel_mm
+    voxels = float(np.prod(fov_mm) / np.prod(np.asarray(spacing, dtype=np.float64)))
+    if voxels * 4 > MAX_VOLUME_BYTES:
+        raise ValueError(
+            f"{name}: resampling shape {tuple(int(s) for s in shape[:3])} at voxel size "
+            f"{tuple(round(float(v), 3) for v in voxel_mm)} mm (a field of view of "
+            f"{' x '.join(f'{v:.0f}' for v in fov_mm)} mm) to the model's spacing {tuple(float(v) for v in spacing)} mm "
+            f"gives about {voxels:,.0f} voxels ({voxels * 4 / 1024**3:.1f} GiB as float32), above the limit of "
+            f"{MAX_VOLUME_BYTES / 1024**3:.1f} GiB; expected a CT field of view of at most a few hundred mm per axis. "
+            "Is the voxel size in the header right (pixdim / sform / qform in mm)?"
+        )
+
+
 def _check_label(label: np.ndarray, name: str, num_classes: int | None = None) -> np.ndarray:
     """Integer labels in 0..255 and, with ``num_classes``, inside the label map 0..num_classes-1."""
     label = _check_volume(label, name)
@@ -172,10 +193,13 @@ def _run(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, cfg: P
     return img, lab, state
 
 
-def preprocess_volume(image: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig) -> tuple[torch.Tensor, dict]:
-    """HU array (X,Y,Z) + its 4x4 affine -> (float32 tensor (1,X',Y',Z'), state for restore_to_original)."""
-    image = _check_volume(image, "input image")
-    affine = _check_affine(affine, "input affine")
+def preprocess_volume(image: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig,
+                      name: str = "input image") -> tuple[torch.Tensor, dict]:
+    """HU array (X,Y,Z) + its 4x4 affine -> (float32 tensor (1,X',Y',Z'), state for restore_to_original).
+    ``name`` is what error messages call the input (e.g. its file)."""
+    image = _check_volume(image, name)
+    affine = _check_affine(affine, f"{name} (affine)")
+    check_resampled_size(image.shape, affine, cfg.spacing, name)
     img, _, state = _run(image, None, affine, cfg)
     return img, state
 
@@ -194,6 +218,7 @@ def preprocess_case(
     image, affine = load_volume(image_path)
     image = _check_volume(image, str(image_path))
     affine = _check_affine(affine, str(image_path))
+    check_resampled_size(image.shape, affine, cfg.spacing, str(image_path))
     label = None
     if label_path is not None:
         label, label_affine = load_volume(label_path)

@@ -83,8 +83,20 @@ def test_plausible_headers_still_load(tmp_path):
 
 def test_array_input_with_absurd_affine_is_refused():
     volume = np.full((16, 16, 12), 40.0, np.float32)
-    with pytest.raises(ValueError, match=r"input affine: voxel spacing .* implausible"):
+    with pytest.raises(ValueError, match=r"input image \(affine\): voxel spacing .* implausible"):
         preprocess_volume(volume, np.diag([1e-4, 1.0, 1.0, 1.0]), PreprocessConfig())
+
+
+def test_volume_too_large_once_resampled_is_refused_before_allocation():
+    """50 mm voxels (cm taken for mm) at a 2.5 mm model spacing: MONAI's resampling asked for 44 GiB and the
+    allocator's RuntimeError reached the user as an internal error."""
+    volume = np.full((80, 80, 40), 40.0, np.float32)
+    cfg = PreprocessConfig(spacing=(2.5, 2.5, 3.0))
+    with pytest.raises(ValueError, match=r"scan\.nii: resampling shape \(80, 80, 40\) at voxel size \(50\.0, 50\.0, "
+                                         r"50\.0\) mm .* 4000 x 4000 x 2000 mm\) .* GiB as float32\), above the limit"):
+        preprocess_volume(volume, np.diag([50.0, 50.0, 50.0, 1.0]), cfg, "scan.nii")
+    x, _ = preprocess_volume(volume, np.diag([5.0, 5.0, 5.0, 1.0]), cfg, "scan.nii")  # 400 x 400 x 200 mm: fine
+    assert x.shape[1:] == (159, 159, 66)  # MONAI keeps the first and last voxel centres
 
 
 def test_huge_header_is_refused_before_allocation(tmp_path):

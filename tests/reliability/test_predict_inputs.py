@@ -251,3 +251,17 @@ def test_uint8_image_file_is_refused_before_the_model_loads(tmp_path, capsys, mo
     nib.save(nib.Nifti1Image(pixels, AFFINE), str(photo))
     result = run_main(capsys, "--model", "m", "--input", str(photo), "--output", str(tmp_path / "m.nii.gz"))
     assert_one_line_error(result, f"--input '{photo}': does not look like a CT in Hounsfield units", "--force")
+
+
+def test_voxel_size_in_cm_is_refused_not_an_internal_error(model_dir, tmp_path, capsys):
+    """A header with 50 mm voxels (cm for mm) passes the HU check; resampling it to the model's grid would need
+    tens of GiB. It used to end as "unexpected RuntimeError" (exit 1) from MONAI's allocator."""
+    values = np.full((80, 80, 40), -1000.0, np.float32)
+    values[10:-10, 10:-10, 5:-5] = 50.0
+    values[30:50, 30:50, 10:30] = 400.0
+    scan = tmp_path / "cm.nii.gz"
+    nib.save(nib.Nifti1Image(values, np.diag([50.0, 50.0, 50.0, 1.0])), str(scan))
+    result = run_main(capsys, "--model", str(model_dir), "--input", str(scan), "--output", str(tmp_path / "m.nii.gz"),
+                      "--allow-missing-clinical")
+    assert_one_line_error(result, str(scan), "voxel size (50.0, 50.0, 50.0) mm", "above the limit")
+    assert not (tmp_path / "m.nii.gz").exists()
