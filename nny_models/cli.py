@@ -264,10 +264,14 @@ def load_input(path: str):
 
     if not Path(path).exists():
         raise InputError(f"--input {path!r}: not found")
-    try:
-        volume, affine = load_volume(path)
-    except Exception as err:  # nibabel/gzip/pydicom raise many types for a corrupt or foreign file
-        raise InputError(f"--input {path!r}: cannot read the volume: {_one_line(err)}") from err
+    with warnings.catch_warnings(record=True) as caught:  # the reader's warnings (misnamed gzip, sform vs
+        warnings.simplefilter("always")                     # qform, DICOM order) as "warning:" lines
+        try:
+            volume, affine = load_volume(path)
+        except Exception as err:  # nibabel/gzip/pydicom raise many types for a corrupt or foreign file
+            raise InputError(f"--input {path!r}: cannot read the volume: {_one_line(err)}") from err
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     return volume, affine
 
 

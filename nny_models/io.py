@@ -106,9 +106,12 @@ def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
     import nibabel as nib
     from nibabel.openers import ImageOpener
 
-    img = nib.load(str(path))
-    with ImageOpener(str(path)) as f:  # the header as written: nib.load has already "fixed" pixdim
-        raw = type(img.header).from_fileobj(f, check=False)
+    if _misnamed_gzip(path):
+        img, raw = _load_misnamed_nifti(path, max_bytes)
+    else:
+        img = nib.load(str(path))
+        with ImageOpener(str(path)) as f:  # the header as written: nib.load has already "fixed" pixdim
+            raw = type(img.header).from_fileobj(f, check=False)
     check_size(path, raw.get_data_shape(), max_bytes)
     dtype = raw.get_data_dtype()
     if dtype.fields is not None or dtype.kind not in "biuf":  # nibabel would drop the imaginary part / fail
@@ -128,6 +131,36 @@ def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
     if sform and qform:
         _warn_if_forms_disagree(raw, path)
     return img
+
+
+def _misnamed_gzip(path: Path) -> bool:
+    """Whether the name and the content disagree on gzip: a plain NIfTI saved as .nii.gz, or a compressed one as
+    .nii. ITK-based tools (SimpleITK, 3D Slicer, nnU-Net's reader) open both by content; nibabel goes by the name."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzipped != path.name.lower().endswith(".gz")
+
+
+def _load_misnamed_nifti(path: Path, max_bytes: int):
+    """(image, raw header) of a NIfTI whose compression its name misstates, read by content, with a warning."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    gzipped = not path.name.lower().endswith(".gz")
+    opener = gzip.open if gzipped else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+        klass = nib.Nifti2Image if int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540 \
+            else nib.Nifti1Image
+        raw = klass.header_class.from_fileobj(io.BytesIO(head), check=False)
+        check_size(path, raw.get_data_shape(), max_bytes)  # before decompressing the voxels
+        data = head + f.read()
+    warnings.warn(f"{path}: the file is {'gzip-compressed' if gzipped else 'not compressed'} although its name "
+                  f"ends in {'.nii' if gzipped else '.nii.gz'}; read by its content (rename it to "
+                  f"{'.nii.gz' if gzipped else '.nii'})", stacklevel=4)
+    return klass.from_bytes(data), raw
 
 
 def _warn_if_forms_disagree(raw, path: Path) -> None:

@@ -11,7 +11,8 @@ file is named as such, and MONAI's GPU-decoder log line no longer precedes the o
 
 NIfTI voxel types: a complex NIfTI lost its imaginary part silently (exit 0); an RGB one failed with a numpy
 dtype error. Both are refused by name. A ValueError from a third-party reader (a corrupt NRRD header) now
-names the file.
+names the file. A NIfTI whose name misstates its compression (plain as .nii.gz, gzipped as .nii) was refused as
+incomplete; it is read by its content with a warning, as ITK-based tools read it.
 
 Case discovery: a manifest with a byte-order mark, ";" separators or padded ids, a case whose label is its
 own image, macOS "._" resource forks in imagesTr (in the MSD archives), and images without labels (left out
@@ -211,6 +212,35 @@ def test_complex_and_rgb_nifti_are_refused(tmp_path):
     path = tmp_path / "rgb.nii.gz"
     nib.save(nib.Nifti1Image(rgb, AFFINE), str(path))
     refused(path, "NIfTI datatype 128", "is not a grayscale intensity")
+
+
+def test_nifti_whose_name_misstates_its_compression_is_read_by_content(model_dir, tmp_path, capsys):
+    """A plain NIfTI named .nii.gz was refused as "not a gzip file; is the file complete?", and a gzipped one named
+    .nii failed as a bad header; ITK-based tools open both by content. They now load, with a warning naming the
+    file and the right suffix."""
+    import gzip
+
+    good = tmp_path / "good.nii"
+    nib.save(nib.Nifti1Image(ct(), AFFINE), str(good))
+    plain_as_gz, gz_as_plain = tmp_path / "plain.nii.gz", tmp_path / "packed.nii"
+    plain_as_gz.write_bytes(good.read_bytes())
+    gz_as_plain.write_bytes(gzip.compress(good.read_bytes()))
+    for path, words in ((plain_as_gz, "not compressed although its name ends in .nii.gz"),
+                        (gz_as_plain, "gzip-compressed although its name ends in .nii;")):
+        with pytest.warns(UserWarning, match=re.escape(f"{path}: the file is {words}")):
+            array, affine = load_volume(path)
+        np.testing.assert_array_equal(array, ct())
+        np.testing.assert_allclose(affine, AFFINE)
+    truncated = tmp_path / "truncated.nii"  # a truncated gzip still says what it is
+    truncated.write_bytes(gzip.compress(good.read_bytes())[:200])
+    refused(truncated, "could not read the volume", "is the file complete?")
+
+    out = tmp_path / "mask.nii.gz"
+    result = run_main(capsys, "--model", str(model_dir), "--input", str(plain_as_gz), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == f"warning: {plain_as_gz}: the file is not compressed although its name ends in " \
+                                    ".nii.gz; read by its content (rename it to .nii)"
+    assert nib.load(out).shape == ct().shape
 
 
 def test_corrupt_nrrd_header_names_the_file(tmp_path):
