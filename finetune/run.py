@@ -145,6 +145,8 @@ class FinetuneConfig:
     min_encoder_loaded: float = 0.9  # fail if a smaller fraction of encoder tensors loads from --pretrained
     phantom_cases: int = 24  # number of labeled phantoms generated when data_dir is None
     cache_dir: str | None = None  # preprocessed-case cache; None = OUTPUT_DIR/cache
+    skip_hu_check: bool = False  # train on images that do not look like a CT in HU (nny_models.hu_check); by
+    # default such a case stops the run, naming its file, as nnynet-predict refuses it
     num_workers: int = 2  # DataLoader workers per process
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
     grad_checkpointing: bool = False  # trade compute for memory in the encoder
@@ -213,7 +215,8 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
         vectors = {cid: {"clinical": matrix[i]} for i, cid in enumerate(ids)}
 
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
-    cache = build_cache(records, preprocess, cache_dir, num_workers=cfg.num_workers, num_classes=len(labels))
+    cache = build_cache(records, preprocess, cache_dir, num_workers=cfg.num_workers, num_classes=len(labels),
+                        check_hu=not cfg.skip_hu_check)
 
     world = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     patches = PatchDataset(

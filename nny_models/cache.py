@@ -116,14 +116,15 @@ def foreground_locations(label: np.ndarray, case_id: str) -> tuple[np.ndarray, d
 
 
 def _build_one(
-    record: CaseRecord, cfg_dict: dict[str, Any], cases_dir: str, fingerprint: str, num_classes: int | None = None
+    record: CaseRecord, cfg_dict: dict[str, Any], cases_dir: str, fingerprint: str, num_classes: int | None = None,
+    check_hu: bool = True,
 ) -> dict[str, Any]:
     """Preprocess one case and write its .npy files atomically; returns its index entry."""
     from nny_models.preprocessing import preprocess_case
 
     cfg = PreprocessConfig.from_dict(cfg_dict)
     try:
-        out = preprocess_case(record.image, record.label, cfg, num_classes=num_classes)
+        out = preprocess_case(record.image, record.label, cfg, num_classes=num_classes, check_hu=check_hu)
     except ValueError as e:  # name the case: the message names the file, a data set has many
         raise ValueError(f"case {record.case_id!r}: {e}") from e
     stem, cases = _file_stem(record.case_id), Path(cases_dir)
@@ -136,6 +137,7 @@ def _build_one(
         _atomic_save(cases / f"{stem}.label.npy", out["label"])
         _atomic_save(cases / f"{stem}.fg.npy", fg)
     entry["has_label"] = out["label"] is not None
+    entry["hu_checked"] = check_hu
     return entry
 
 
@@ -170,12 +172,14 @@ def build_cache(
     *,
     num_workers: int = 0,
     num_classes: int | None = None,
+    check_hu: bool = True,
 ) -> "PreprocessedCache":
     """Preprocess every case once into cache_dir (idempotent; stale cases rebuilt; safe for concurrent ranks).
 
     num_classes: size of the label map (len(label_names)). Every labeled case, built now or found in the
     cache, must have label values in 0..num_classes-1, else a ValueError names the case, the file and the
     values. None: no check (e.g. pretraining, which ignores labels).
+    check_hu: each case built now must look like a CT in HU (nny_models.hu_check), else a ValueError names it.
     """
     if num_classes is not None and int(num_classes) < 1:
         raise ValueError(f"build_cache: num_classes must be >= 1, got {num_classes}")
@@ -193,6 +197,7 @@ def build_cache(
         fresh = {
             cid: e for cid, e in old.items()
             if cid in fingerprints and e.get("fingerprint") == fingerprints[cid] and _entry_files_exist(cases_dir, e)
+            and (e.get("hu_checked") or not check_hu)  # cached without the HU check (an older run): build it again
         }
         if num_classes is not None:  # cases cached by an earlier run that did not check
             for entry in fresh.values():
@@ -201,7 +206,7 @@ def build_cache(
             return PreprocessedCache(cache_dir)
         todo = [r for r in records if r.case_id not in fresh]
         log.info("build_cache: preprocessing %d of %d case(s) into %s", len(todo), len(records), cache_dir)
-        args = [(r, cfg.to_dict(), str(cases_dir), fingerprints[r.case_id], num_classes) for r in todo]
+        args = [(r, cfg.to_dict(), str(cases_dir), fingerprints[r.case_id], num_classes, check_hu) for r in todo]
         if num_workers > 0 and len(todo) > 1:
             # fork (cheap: no re-import of MONAI) where available; like DataLoader workers, each worker
             # drops to one torch thread, which keeps OpenMP safe after fork

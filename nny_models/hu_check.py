@@ -109,11 +109,16 @@ def hu_problems(volume: np.ndarray) -> list[str]:
     return out
 
 
-def check_ct_volume(volume: np.ndarray, name: str = "input", *, force: bool = False) -> None:
+PREDICT_REMEDY = "If it is a CT in HU, rerun with --force (predict(..., force=True))."
+
+
+def check_ct_volume(volume: np.ndarray, name: str = "input", *, force: bool = False,
+                    remedy: str = PREDICT_REMEDY) -> None:
     """Raise ValueError unless ``volume`` is a 3D array of finite values that looks like a CT in HU.
 
     Shape, dtype and NaN problems always raise. The intensity test (module docstring) raises too, unless
-    ``force``: then it warns and returns, for a real CT the test misjudges.
+    ``force``: then it warns and returns, for a real CT the test misjudges. ``remedy`` ends the refusal: how
+    the caller's user overrides the test.
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -138,5 +143,5 @@ def check_ct_volume(volume: np.ndarray, name: str = "input", *, force: bool = Fa
         "An MR, an image in [0, 1] / [0, 255], or a CT missing its rescale slope/intercept?"
     )
     if not force:
-        raise ValueError(message + " If it is a CT in HU, rerun with --force (predict(..., force=True)).")
+        raise ValueError(f"{message} {remedy}")
     warnings.warn(message + " Running anyway (--force): check the mask.", stacklevel=2)

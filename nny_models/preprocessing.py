@@ -204,19 +204,30 @@ def preprocess_volume(image: np.ndarray, affine: np.ndarray, cfg: PreprocessConf
     return img, state
 
 
+TRAINING_HU_REMEDY = ("If it is a CT in HU, train with --skip_hu_check (build_cache(..., check_hu=False)); else "
+                      "convert it to HU (rescale slope / intercept) or leave it out of the data set.")
+
+
 def preprocess_case(
-    image_path: str | Path, label_path: str | Path | None, cfg: PreprocessConfig, *, num_classes: int | None = None
+    image_path: str | Path, label_path: str | Path | None, cfg: PreprocessConfig, *, num_classes: int | None = None,
+    check_hu: bool = True,
 ) -> dict[str, Any]:
     """Read and preprocess one case -> {image: float32 (1,X,Y,Z), label: uint8 (1,X,Y,Z) | None, meta: dict}.
 
     num_classes: size of the label map; a label value >= num_classes is a ValueError naming the label file
     (checked on the original grid, before resampling could hide a rare value). None: no check.
+    check_hu: refuse an image that does not look like a CT in HU (nny_models.hu_check), as predict does: one
+    case stored as HU + 1024 or an MR in a CT data set would train the network, and the planned normalization,
+    on values it will never see at inference.
     meta["label_values"] holds {value: voxel count} of the original label.
     """
+    from nny_models.hu_check import check_ct_volume
     from nny_models.io import load_volume
 
     image, affine = load_volume(image_path)
     image = _check_volume(image, str(image_path))
+    if check_hu:
+        check_ct_volume(image, str(image_path), remedy=TRAINING_HU_REMEDY)
     affine = _check_affine(affine, str(image_path))
     check_resampled_size(image.shape, affine, cfg.spacing, str(image_path))
     label = None

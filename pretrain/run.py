@@ -87,6 +87,8 @@ class PretrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, about 30 percent slower)
     compile: bool = False  # torch.compile the model
+    skip_hu_check: bool = False  # pretrain on images that do not look like a CT in HU (nny_models.hu_check); by
+    # default such a case stops the run, naming its file
     num_workers: int = 1  # DataLoader worker processes per rank
     seed: int = 0  # seeds weights, patch sampling, the pretext draws and dropout
     checkpoint_every: int = 50  # save a resumable checkpoint every N steps (0 = only at the end)
@@ -157,7 +159,7 @@ def prepare_cache(cfg: PretrainConfig, prep: PreprocessConfig, data_dir: Path, a
     records = [dataclasses.replace(r, label=None) for r in discover_cases(data_dir)]  # pretraining ignores labels
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
     with accelerator.main_process_first():
-        return build_cache(records, prep, cache_dir)
+        return build_cache(records, prep, cache_dir, check_hu=not cfg.skip_hu_check)
 
 
 def build_model(cfg: PretrainConfig, pretext: PretextConfig, prep: PreprocessConfig, plan=None):

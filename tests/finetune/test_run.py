@@ -92,6 +92,27 @@ def test_checkpoint_whose_encoder_does_not_load_is_refused(phantoms, pretrained,
     assert "encoder tensors" in proc.stderr and "0.0%" in proc.stderr
 
 
+def test_a_training_image_that_is_not_in_hu_stops_the_run_unless_skipped(phantoms, pretrained, tmp_path):
+    """One case saved as HU + 1024 without its intercept trained silently; now the run stops before training and
+    names the file, and --skip_hu_check trains anyway."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data)
+    image = sorted((data / "imagesTr").glob("*.nii.gz"))[1]
+    nii = nib.load(image)
+    nib.save(nib.Nifti1Image((np.asarray(nii.dataobj) + 1024).astype(np.uint16), nii.affine), str(image))
+    proc = _finetune(data, tmp_path / "ft", pretrained, "--max_steps", "1", check=False)
+    assert proc.returncode != 0
+    assert f"{image}: does not look like a CT in Hounsfield units" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "ft" / "model").exists()
+    _finetune(data, tmp_path / "ft", pretrained, "--max_steps", "1", "--skip_hu_check", "--overwrite")
+    assert (tmp_path / "ft" / "model" / "config.json").is_file()
+
+
 def test_resume_after_a_crash_continues_the_same_run(phantoms, pretrained, tmp_path):
     import shutil
 

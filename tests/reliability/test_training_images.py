@@ -1,0 +1,65 @@
+"""Training images that are not a CT in HU: build_cache refuses them, naming the case and the file, as
+nnynet-predict refuses them at inference.
+
+Before, one case stored as HU + 1024 without its rescale intercept (or an MR in a CT folder) trained silently, exit
+0, and moved the planned foreground normalization; predict would then refuse the same file. --skip_hu_check
+(check_hu=False) trains on them anyway, for a real CT the test misjudges.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nny_models.cache import build_cache
+from nny_models.config import PreprocessConfig
+from nny_models.io import CaseRecord
+
+AFFINE = np.diag([1.2, 1.2, 2.5, 1.0])
+CFG = PreprocessConfig(spacing=(2.4, 2.4, 5.0))
+
+
+def write_case(root, case_id: str, offset: float = 0.0, shape=(32, 32, 12)) -> CaseRecord:
+    """Air around soft tissue with a fat rim and a bone block; ``offset`` is added to every voxel."""
+    image = np.full(shape, -1000.0, np.float32)
+    image[4:28, 4:28, 1:11] = -100.0
+    image[6:26, 6:26, 1:11] = 40.0
+    image[14:18, 20:24, 2:10] = 700.0
+    label = np.zeros(shape, np.uint8)
+    label[8:20, 8:20, 3:9] = 1
+    nib.save(nib.Nifti1Image(image + offset, AFFINE), str(root / f"{case_id}.nii.gz"))
+    nib.save(nib.Nifti1Image(label, AFFINE), str(root / f"{case_id}_seg.nii.gz"))
+    return CaseRecord(case_id, str(root / f"{case_id}.nii.gz"), str(root / f"{case_id}_seg.nii.gz"))
+
+
+def test_a_case_without_its_rescale_intercept_is_refused_by_name(tmp_path):
+    records = [write_case(tmp_path, "ok"), write_case(tmp_path, "raw_007", offset=1024.0)]
+    with pytest.raises(ValueError) as err:
+        build_cache(records, CFG, tmp_path / "cache", num_classes=2)
+    message = str(err.value)
+    assert message.startswith("case 'raw_007': ") and "raw_007.nii.gz" in message, message
+    assert "does not look like a CT in Hounsfield units" in message and "--skip_hu_check" in message, message
+    assert "--force" not in message  # predict's remedy, not a training flag
+
+    cache = build_cache(records, CFG, tmp_path / "cache", num_classes=2, check_hu=False)  # the override
+    assert cache.case_ids == ["ok", "raw_007"]
+
+
+def test_cases_cached_without_the_check_are_checked_when_it_is_on(tmp_path):
+    records = [write_case(tmp_path, "raw", offset=1024.0)]
+    build_cache(records, CFG, tmp_path / "cache", check_hu=False)  # an earlier run (or --skip_hu_check) cached it
+    with pytest.raises(ValueError, match=r"case 'raw': .*does not look like a CT"):
+        build_cache(records, CFG, tmp_path / "cache")  # reused only if it was checked: built again and refused
+
+
+def test_checked_cases_are_reused_without_rebuilding(tmp_path):
+    records = [write_case(tmp_path, "a"), write_case(tmp_path, "b")]
+    build_cache(records, CFG, tmp_path / "cache")
+    index = tmp_path / "cache" / "index.json"
+    assert all(e["hu_checked"] for e in json.loads(index.read_text())["cases"].values())
+    before = index.stat().st_mtime_ns
+    build_cache(records, CFG, tmp_path / "cache")
+    assert index.stat().st_mtime_ns == before  # nothing rebuilt, index untouched
