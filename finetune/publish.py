@@ -22,7 +22,7 @@ import torch
 
 from finetune.evaluate import card_metrics, evaluate_case, summarize, write_reports
 from finetune.figures import radiological, save_attention_overlay, save_overlays
-from nny_models.attention import predict_attention, uses_attention
+from nny_models.attention import uses_attention
 from nny_models.hub import NnyNet
 from nny_models.inference import predict
 from nny_models.clinical import is_missing
@@ -46,7 +46,9 @@ def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: 
     per_case = []
     for i, record in enumerate(records):
         clinical = table.loc[record.case_id].to_dict() if table is not None else None
-        pred = predict(model, record.image, clinical=clinical)
+        drawn = i < overlays and uses_attention(model)  # its attention map comes from the same forward passes
+        pred = predict(model, record.image, clinical=clinical, return_attention=drawn)
+        pred, amap = pred if drawn else (pred, None)
         gt, affine = load_volume(record.label)
         gt = np.rint(gt).astype(np.int64)  # load_volume returns float32
         spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
@@ -55,10 +57,9 @@ def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: 
             image, image_affine = load_volume(record.image)
             shown = [radiological(a, image_affine) for a in (image, gt, pred)]
             save_overlays(*shown, out_dir / "figures" / f"{record.case_id}_overlay.png", label_names=labels)
-            if uses_attention(model):  # where the clinical query looks, on the CT (nny_models.attention)
-                amap = radiological(predict_attention(model, record.image, clinical), image_affine)
-                save_attention_overlay(shown[0], amap, out_dir / "figures" / f"{record.case_id}_attention.png",
-                                       labels=shown[1])
+            if amap is not None:  # where the clinical query looks, on the CT (nny_models.attention)
+                save_attention_overlay(shown[0], radiological(amap, image_affine),
+                                       out_dir / "figures" / f"{record.case_id}_attention.png", labels=shown[1])
     summary = summarize(per_case)
     write_reports(per_case, summary, out_dir)
     return per_case, summary

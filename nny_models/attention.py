@@ -74,6 +74,14 @@ def _clinical_tensor(model: nn.Module, clinical: Any) -> torch.Tensor | None:
     return clinical_vector(model, clinical)
 
 
+def upsampled_map(fusion: ClinicalFusion, size: tuple[int, ...], head: int | None = None) -> torch.Tensor:
+    """(B, 1, *size) map of the weights ``fusion`` captured in the forward just run (inside ``capturing``)."""
+    weights = fusion.last_attention
+    if weights is None:
+        raise RuntimeError("attention map: the fusion module did not run (is it on the model's forward path?)")
+    return F.interpolate(_reduce(weights, head), size=size, mode="trilinear", align_corners=False)
+
+
 def attention_maps(
     model: nn.Module, image: torch.Tensor, clinical: torch.Tensor | None, head: int | None = None
 ) -> torch.Tensor:
@@ -81,10 +89,7 @@ def attention_maps(
     fusion = attention_fusion(model)
     with capturing(fusion):
         model(image, clinical)
-        weights = fusion.last_attention
-    if weights is None:
-        raise RuntimeError("attention map: the fusion module did not run (is it on the model's forward path?)")
-    return F.interpolate(_reduce(weights, head), size=tuple(image.shape[2:]), mode="trilinear", align_corners=False)
+        return upsampled_map(fusion, tuple(image.shape[2:]), head)
 
 
 def attention_map(model: nn.Module, image: np.ndarray | torch.Tensor, clinical: Any = None, *,

@@ -351,6 +351,7 @@ def run(args: argparse.Namespace) -> None:
                 sw_batch_size=args.sw_batch_size, device=args.device,
                 return_probabilities=args.probabilities is not None, force=args.force,
                 precision=args.precision, tta=args.tta, source=args.input,
+                return_attention=args.attention is not None,  # from the same forward passes as the mask
             )
         except ValueError as err:
             raise InputError(str(err)) from err
@@ -358,7 +359,10 @@ def run(args: argparse.Namespace) -> None:
         if forced and "does not look like a CT" in str(w.message):
             continue  # predict's own check: already printed above, with the file name
         print(f"warning: {w.message}", file=sys.stderr)
-    mask, probs = out if isinstance(out, tuple) else (out, None)
+    out = list(out) if isinstance(out, tuple) else [out]
+    mask = out.pop(0)
+    probs = out.pop(0) if args.probabilities is not None else None
+    amap = out.pop(0) if args.attention is not None else None
 
     _save_nifti(mask.astype(np.uint8), affine, args.output)
     if probs is not None:  # NIfTI keeps the three spatial axes first: (X, Y, Z, C)
@@ -372,11 +376,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"  {label} {name:<12} {int(count):>10} voxels")
     if probs is not None:
         print(f"wrote {args.probabilities}  (softmax probabilities, X, Y, Z, C)")
-    if args.attention is not None:
-        from nny_models.attention import predict_attention
-
-        amap = predict_attention(model, volume, clinical, affine=affine, overlap=args.overlap,
-                                 sw_batch_size=args.sw_batch_size, device=args.device, force=args.force)
+    if amap is not None:
         _save_nifti(amap.astype(np.float32), affine, args.attention)
         print(f"wrote {args.attention}  (clinical-query attention, 1 = uniform, max {float(amap.max()):.2f})")
 

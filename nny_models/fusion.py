@@ -237,12 +237,11 @@ class ClinicalFusion(nn.Module):
 
         q, k, v = heads(q), heads(k), heads(v)
         if self.capture_attention and grid is not None:
-            # SDPA does not return its weights: compute them explicitly (same maths: softmax(q k^T / sqrt(d))).
+            # SDPA does not return its weights: compute them explicitly (same maths: softmax(q k^T / sqrt(d))),
+            # for the record only, so that a forward that captures them segments exactly like one that does not
             weights = (q @ k.transpose(-2, -1) / math.sqrt(c // h)).softmax(dim=-1)
             self.last_attention = weights.detach().reshape(b, h, tq, *grid)
-            out = weights @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Tq, C/h)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Tq, C/h)
         return out.transpose(1, 2).reshape(b, tq, c)
 
 

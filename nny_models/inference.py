@@ -186,22 +186,32 @@ def sliding_window_probs(
     amp: bool = False,
     cval: float = -1.0,
     timings: dict[str, float] | None = None,
-) -> torch.Tensor:
+    attention: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities (B, C, X, Y, Z) of a preprocessed volume x (B, 1, X, Y, Z), Gaussian-blended.
 
     Windows of ``patch_size`` run through ``model(patch, clinical=...)`` under bf16 autocast when
     ``amp``; the clinical row (1, F) is repeated for every window in a batch. ``timings`` (a dict) gets
     "network" (forward passes + softmax) and "windows" (the whole call: cropping, padding, blending too).
+    attention: also return the clinical query's attention map (B, 1, X, Y, Z), captured in the same forward
+    passes and blended like the probabilities (nny_models.attention; the model needs an attention fusion).
     """
     device = torch.device(device)
     stage = _StageTimer(timings, device)
+    if attention:
+        from nny_models.attention import attention_fusion, capturing, upsampled_map
 
-    def window_probs(patch: torch.Tensor) -> torch.Tensor:
+        fusion = attention_fusion(model)
+
+    def window_probs(patch: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         with stage("network"):
             c = None if clinical is None else clinical.to(patch.device).expand(patch.shape[0], -1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(patch, clinical=c)
-            return logits.float().softmax(dim=1)
+                if not attention:
+                    return model(patch, clinical=c).float().softmax(dim=1)
+                with capturing(fusion):
+                    logits = model(patch, clinical=c)
+            return logits.float().softmax(dim=1), upsampled_map(fusion, tuple(patch.shape[2:]))
 
     model.eval().to(device)
     with stage("windows"):
@@ -286,7 +296,8 @@ def predict(
     timings: dict[str, float] | None = None,
     tta: bool | None = None,
     source: str | None = None,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    return_attention: bool = False,
+) -> np.ndarray | tuple[np.ndarray, ...]:
     """Segment one CT; the uint8 label volume has the input's shape (and, for a file, its affine).
 
     image: a path (.nii/.nii.gz/.nrrd/DICOM dir, read with nny_models.io.load_volume) or an array in HU
@@ -310,6 +321,10 @@ def predict(
     tta: mirror test-time augmentation (nny_models.tta; 2^k passes per window): None = as config.json says
         (mirror along ``tta_mirror_axes``, the axes the model was trained mirrored on, when there are any),
         False = off, True = on (a ValueError when config.json lists no such axes).
+    return_attention: also return the clinical query's attention map over the bottleneck (X, Y, Z) float32 on
+        the original grid (1 = uniform; nny_models.attention), last: (mask, map) or (mask, probabilities, map).
+        It is captured in the same forward passes as the mask (the mask is the same as without it); under TTA
+        it comes from a second, un-mirrored pass, as predict_attention computes it. Needs an attention fusion.
     The model is put in eval mode and moved to ``device``. Raises ValueError for an input that is not
     a 3D CT in HU (see check_ct_volume) or a clinical row the schema cannot read.
     """
@@ -320,6 +335,11 @@ def predict(
     from nny_models.tta import with_tta
 
     network = with_tta(model, tta)  # before any work: tta=True on a model without safe axes fails here
+    if return_attention:
+        from nny_models.attention import attention_fusion
+
+        attention_fusion(model)  # a model without attention fusion fails before any work
+    fused_attention = return_attention and network is model  # else a second pass, un-mirrored
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     stage = _StageTimer(timings, device)
     if amp is not None:
@@ -348,11 +368,12 @@ def predict(
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # a MONAI MetaTensor -> plain tensor
         x = torch.as_tensor(x, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
     with torch.inference_mode():
-        probs = sliding_window_probs(
+        out = sliding_window_probs(
             network, x, config.patch_size, clin, overlap=overlap, sw_batch_size=sw_batch_size,
             device=device, amp=amp, cval=float(cfg.air_value),  # pad with "air", not mid-window grey
-            timings=timings,
-        )[0]
+            timings=timings, attention=fused_attention,
+        )
+        probs, amap = (out[0][0], out[1][0]) if fused_attention else (out[0], None)
         if not torch.isfinite(probs).all():  # argmax would call NaN voxels class 0: a silent empty mask
             raise RuntimeError(f"predict: the network's probabilities for {name} hold NaN / Inf "
                                f"(precision {'bf16' if amp else 'fp32'}); no mask was written. Try --precision fp32")
@@ -367,8 +388,18 @@ def predict(
         mask = np.asarray(restore_to_original(labels, state))[0].astype(np.uint8)
     if mask.shape != volume.shape:
         raise RuntimeError(f"predict: restored mask has shape {mask.shape}, input has {volume.shape}")
-    if not return_probabilities:
-        return mask
-    with stage("restore"):
-        probs = np.asarray(restore_to_original(probs, state), dtype=np.float32)
-    return mask, probs
+    outputs = [mask]
+    if return_probabilities:
+        with stage("restore"):
+            outputs.append(np.asarray(restore_to_original(probs, state), dtype=np.float32))
+    if return_attention:
+        if amap is not None:
+            with stage("restore"):
+                outputs.append(np.asarray(restore_to_original(amap.float().cpu().numpy(), state))[0].astype(np.float32))
+        else:
+            from nny_models.attention import predict_attention
+
+            outputs.append(predict_attention(model, volume, None if clin is None else clin.numpy(), affine=affine,
+                                             overlap=overlap, sw_batch_size=sw_batch_size, device=device,
+                                             force=True))  # the CT check already ran (and warned) above
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)

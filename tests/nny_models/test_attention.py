@@ -94,7 +94,9 @@ def test_predict_attention_lands_on_the_input_grid_and_cli_writes_it(tmp_path, c
     written = nib.load(tmp_path / "attn.nii.gz")
     assert written.shape == ct.shape and written.get_data_dtype() == np.float32
     np.testing.assert_allclose(written.affine, AFFINE)
-    expected = predict_attention(model, ct, None, affine=AFFINE)
+    from nny_models.inference import predict
+
+    expected = predict(model, ct, affine=AFFINE, return_attention=True)[1]  # the CLI's defaults, one pass
     np.testing.assert_allclose(np.asarray(written.dataobj), expected, rtol=1e-5)
 
     tiny_model("add").save_pretrained(tmp_path / "add")
@@ -103,6 +105,27 @@ def test_predict_attention_lands_on_the_input_grid_and_cli_writes_it(tmp_path, c
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--attention" in err and "fusion is 'add'" in err and not (tmp_path / "mask2.nii.gz").exists()
+
+
+def test_predict_returns_the_map_from_the_same_forward_passes_without_changing_the_mask():
+    """predict(return_attention=True) captures the map while it segments: the mask is the one predict gives
+    without it, and the map the one predict_attention computes in a second pass (same overlap, fp32)."""
+    from nny_models.inference import predict
+
+    model = tiny_model()
+    for p in attention_fusion(model).parameters():  # a non-trivial attention (the zero-initialised layers too)
+        torch.nn.init.normal_(p, std=0.3)
+    ct, row = synthetic_ct(), np.array([[0.5, 1.0, -1.0]], np.float32)
+    mask = predict(model, ct, affine=AFFINE, clinical=row, overlap=0.25, precision="fp32")
+    fused_mask, probs, amap = predict(model, ct, affine=AFFINE, clinical=row, overlap=0.25, precision="fp32",
+                                      return_probabilities=True, return_attention=True)
+    np.testing.assert_array_equal(fused_mask, mask)
+    assert probs.shape == (len(model.config.label_names), *ct.shape) and amap.shape == ct.shape
+    separate = predict_attention(model, ct, row, affine=AFFINE, overlap=0.25)
+    np.testing.assert_allclose(amap, separate, rtol=1e-4, atol=1e-5)
+    assert amap.std() > 0.01  # the map is not flat: a wrong capture would show up
+    with pytest.raises(ValueError, match="fusion is 'add'"):
+        predict(tiny_model("add"), ct, affine=AFFINE, return_attention=True)
 
 
 def test_attention_overlay_png(tmp_path):
