@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nny_models.training import parse_config
+from nny_models.training import parse_config, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,11 @@ class PipelineConfig:
 
 def run(cmd: list[str]) -> None:
     print("\n$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    code = subprocess.run(cmd, cwd=REPO).returncode
+    if code:  # the stage printed its own error; no pipeline traceback under it
+        print(f"finetune.pipeline: error: this stage exited with code {code} (its error is above): {' '.join(cmd)}",
+              file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 def finetune_precision(choice: str, flag: str = "--finetune_precision") -> str:
@@ -299,4 +303,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "finetune.pipeline")  # bad input: one line "finetune.pipeline: error: ...", exit code 2

@@ -28,7 +28,7 @@ from nny_models.inference import predict
 from nny_models.clinical import is_missing
 from nny_models.config import check_lesion_in_organ
 from nny_models.io import discover_cases, load_volume, read_clinical_csv
-from nny_models.training import parse_config
+from nny_models.training import parse_config, run_main
 
 
 def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: int = 3) -> tuple[list[dict], dict]:
@@ -166,4 +166,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "finetune.publish")  # bad input: one line "finetune.publish: error: ...", exit code 2

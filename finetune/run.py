@@ -58,6 +58,7 @@ from nny_models.training import (
     make_accelerator,
     parse_config,
     read_metrics,
+    run_main,
     run_plan,
     save_plan,
     tracker_config,
@@ -537,4 +538,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "finetune/run.py")  # bad input: one line "finetune/run.py: error: ...", exit code 2

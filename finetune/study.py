@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from finetune.pipeline import finetune_precision, finetune_processes, finetune_workers, stage_command, validation_folds
-from nny_models.training import parse_config
+from nny_models.training import parse_config, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 PERMUTED = "_permuted"  # arm suffix of the permuted-clinical control
@@ -350,4 +350,4 @@ def _as_nan(obj):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "finetune.study")  # bad input: one line "finetune.study: error: ...", exit code 2

@@ -42,6 +42,7 @@ from nny_models.training import (  # noqa: E402
     lock_output_dir,
     make_accelerator,
     parse_config,
+    run_main,
     run_plan,
     save_plan,
     tracker_config,
@@ -291,4 +292,4 @@ def train(cfg: PretrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "pretrain/run.py")  # bad input: one line "pretrain/run.py: error: ...", exit code 2

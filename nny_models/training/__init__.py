@@ -5,6 +5,7 @@
     checkpoints.py  CheckpointManager: atomic, validated, pickle-free resumable checkpoints
     files.py        lock_output_dir, writing_dir (atomic folder replacement for exports)
     plan.py         run_plan / save_plan: the --plan a run trains with (nny_models.planning)
+    errors.py       run_main: a stage script's user errors as one line "PROG: error: ..." and exit code 2
 
 Importing this package imports accelerate; ``import nny_models`` and ``nny_models.predict`` never import it.
 """
@@ -19,7 +20,8 @@ from nny_models.training.checkpoints import (
 )
 from nny_models.training.config import build_config, check_run_config, field_comments, parse_config, tracker_config
 from nny_models.training.plan import run_plan, save_plan
-from nny_models.training.files import lock_output_dir, replace_dir, write_text_atomic, writing_dir
+from nny_models.training.files import OutputDirInUse, lock_output_dir, replace_dir, write_text_atomic, writing_dir
+from nny_models.training.errors import run_main
 from nny_models.training.loop import (
     MetricsLog,
     adamw,
@@ -34,8 +36,8 @@ from nny_models.training.loop import (
 )
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "DivergedError", "MetricsLog", "adamw", "batches_from", "build_config", "check_output_dir", "check_run_config",
+    "CheckpointError", "CheckpointManager", "DivergedError", "MetricsLog", "OutputDirInUse", "adamw", "batches_from", "build_config", "check_output_dir", "check_run_config",
     "checkpoint_dirs", "field_comments", "learning_rates", "lock_output_dir", "make_accelerator", "parse_config",
-    "progress", "read_checkpoint", "read_metrics", "replace_dir", "run_plan", "save_plan", "step_seed", "tracker_config", "train_loop",
+    "progress", "read_checkpoint", "read_metrics", "replace_dir", "run_main", "run_plan", "save_plan", "step_seed", "tracker_config", "train_loop",
     "warmup_cosine", "write_text_atomic", "writing_dir",
 ]  # fmt: skip

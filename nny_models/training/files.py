@@ -32,6 +32,10 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class OutputDirInUse(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+
 @contextmanager
 def lock_output_dir(output_dir: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on OUTPUT_DIR/.lock for the duration of a run (rank 0 of a launch only).
@@ -52,7 +56,7 @@ def lock_output_dir(output_dir: str | Path) -> Iterator[None]:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise RuntimeError(
+        raise OutputDirInUse(
             f"{path} is in use by another run (pid {holder} holds {path / LOCK_NAME}); "
             "wait for it to finish or choose another --output_dir"
         ) from None
