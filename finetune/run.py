@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
     cache = build_cache(records, preprocess, cache_dir, num_workers=cfg.num_workers, num_classes=len(labels),
                         check_hu=not cfg.skip_hu_check)
+    check_foreground(cache, ids, data_dir, labels)
 
     world = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     patches = PatchDataset(
@@ -347,6 +349,23 @@ def _lesion_in_organ(cfg: FinetuneConfig, labels: list[str]) -> dict | None:
     if missing or cfg.lesion_min_contact == 0:
         return None
     return {"lesion": lesion, "organ": organ, "min_contact": float(cfg.lesion_min_contact)}
+
+
+def check_foreground(cache, ids: list[str], data_dir: Path, labels: list[str]) -> None:
+    """A label file holding only background is allowed (a case without the organ) but said, naming the cases: it is
+    more often a wrong or empty file. If every label is empty there is nothing to learn: a ValueError."""
+    empty = []
+    for cid in ids:
+        values = cache.meta(cid).get("label_values")  # counts on the original grid (older caches: resampled)
+        if not (any(int(v) > 0 for v in values) if values is not None else cache.classes(cid)):
+            empty.append(cid)
+    if len(empty) == len(ids):
+        raise ValueError(f"{data_dir}: none of the {len(ids)} label files holds a foreground voxel (all are 0); "
+                         f"expected labels with {labels[1:]} as values 1..{len(labels) - 1}")
+    if empty:
+        shown = ", ".join(map(repr, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        warnings.warn(f"{data_dir}: {len(empty)} of the {len(ids)} label files hold only background (0): {shown}; "
+                      "they train as cases without any labelled structure; check them if that is not so")
 
 
 def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, preprocess: PreprocessConfig, accelerator,

@@ -457,6 +457,11 @@ def read_clinical_csv(
                 raise ValueError(
                     f"{path}: row {row + 2} has case id {cid!r}, which is not one of the {len(known)} cases of the data set"
                 )
+        absent = [cid for cid in case_ids if cid not in set(df.index)]
+        if absent:  # allowed (fusion learns a "no clinical data" query), but never silently
+            shown = ", ".join(map(repr, absent[:5])) + (", ..." if len(absent) > 5 else "")
+            warnings.warn(f"{path}: no row for {len(absent)} of the {len(case_ids)} case(s) ({shown}); their "
+                          "clinical values are all missing and will be imputed", stacklevel=2)
         df = df.reindex(case_ids)  # cases without a row: all values missing
     df.attrs["column_types"] = types
     df.attrs["source"] = str(path)  # named in the errors of fit_clinical_schema

@@ -312,3 +312,16 @@ def test_cli_refuses_another_patients_row_and_a_huge_value(schema, table, tmp_pa
     err = capsys.readouterr().err
     assert "huge.csv" in err and "column 'afp_ng_ml': value '1e308'" in err and "schema" not in err
     assert not out.exists()
+
+
+def test_cases_without_a_clinical_row_are_imputed_with_a_warning_naming_them(tmp_path):
+    """A case missing from clinical.csv trained on an all-missing row without a word."""
+    csv = tmp_path / "clinical.csv"
+    csv.write_text("case_id,age\nliver_0,61\nliver_1,70\n")
+    with pytest.warns(UserWarning, match=r"clinical\.csv: no row for 1 of the 3 case\(s\) \('liver_2'\); their "
+                                         r"clinical values are all missing"):
+        df = read_clinical_csv(csv, case_ids=["liver_0", "liver_1", "liver_2"])
+    assert list(df.index) == ["liver_0", "liver_1", "liver_2"] and np.isnan(df.loc["liver_2", "age"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every case has its row: silent
+        read_clinical_csv(csv, case_ids=["liver_0", "liver_1"])

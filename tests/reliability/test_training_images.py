@@ -63,3 +63,19 @@ def test_checked_cases_are_reused_without_rebuilding(tmp_path):
     before = index.stat().st_mtime_ns
     build_cache(records, CFG, tmp_path / "cache")
     assert index.stat().st_mtime_ns == before  # nothing rebuilt, index untouched
+
+
+def test_labels_holding_only_background_are_named_and_all_empty_is_an_error(tmp_path):
+    """Empty label files (all 0) trained silently as cases without any structure."""
+    import nibabel as nib
+
+    from finetune.run import check_foreground
+
+    records = [write_case(tmp_path, "a"), write_case(tmp_path, "b"), write_case(tmp_path, "c")]
+    for r in records[1:]:
+        nib.save(nib.Nifti1Image(np.zeros((32, 32, 12), np.uint8), AFFINE), r.label)
+    cache = build_cache(records, CFG, tmp_path / "cache", num_classes=2)
+    with pytest.warns(UserWarning, match=r"data: 2 of the 3 label files hold only background \(0\): 'b', 'c'"):
+        check_foreground(cache, ["a", "b", "c"], "data", ["background", "liver"])
+    with pytest.raises(ValueError, match=r"data: none of the 2 label files holds a foreground voxel .*\['liver'\]"):
+        check_foreground(cache, ["b", "c"], "data", ["background", "liver"])
