@@ -15,36 +15,31 @@ import numpy as np
 import pytest
 
 from nny_models.cache import build_cache
-from nny_models.config import PreprocessConfig
 from nny_models.io import CaseRecord
+from tests.reliability.test_labels import AFFINE, CFG
+from tests.reliability.test_labels import write_case as write_labeled_case
 
-AFFINE = np.diag([1.2, 1.2, 2.5, 1.0])
-CFG = PreprocessConfig(spacing=(2.4, 2.4, 5.0))
 
 
-def write_case(root, case_id: str, offset: float = 0.0, shape=(32, 32, 12)) -> CaseRecord:
-    """Air around soft tissue with a fat rim and a bone block; ``offset`` is added to every voxel."""
-    image = np.full(shape, -1000.0, np.float32)
-    image[4:28, 4:28, 1:11] = -100.0
-    image[6:26, 6:26, 1:11] = 40.0
-    image[14:18, 20:24, 2:10] = 700.0
-    label = np.zeros(shape, np.uint8)
-    label[8:20, 8:20, 3:9] = 1
-    nib.save(nib.Nifti1Image(image + offset, AFFINE), str(root / f"{case_id}.nii.gz"))
-    nib.save(nib.Nifti1Image(label, AFFINE), str(root / f"{case_id}_seg.nii.gz"))
-    return CaseRecord(case_id, str(root / f"{case_id}.nii.gz"), str(root / f"{case_id}_seg.nii.gz"))
+def write_case(root, case_id: str, offset: float = 0.0) -> CaseRecord:
+    """test_labels' CT case (air around soft tissue) with ``offset`` added to every voxel."""
+    record = write_labeled_case(root, case_id)
+    if offset:
+        nii = nib.load(record.image)
+        nib.save(nib.Nifti1Image(np.asarray(nii.dataobj) + offset, nii.affine), record.image)
+    return record
 
 
 def test_a_case_without_its_rescale_intercept_is_refused_by_name(tmp_path):
     records = [write_case(tmp_path, "ok"), write_case(tmp_path, "raw_007", offset=1024.0)]
     with pytest.raises(ValueError) as err:
-        build_cache(records, CFG, tmp_path / "cache", num_classes=2)
+        build_cache(records, CFG, tmp_path / "cache", num_classes=3)
     message = str(err.value)
     assert message.startswith("case 'raw_007': ") and "raw_007.nii.gz" in message, message
     assert "does not look like a CT in Hounsfield units" in message and "--skip_hu_check" in message, message
     assert "--force" not in message  # predict's remedy, not a training flag
 
-    cache = build_cache(records, CFG, tmp_path / "cache", num_classes=2, check_hu=False)  # the override
+    cache = build_cache(records, CFG, tmp_path / "cache", num_classes=3, check_hu=False)  # the override
     assert cache.case_ids == ["ok", "raw_007"]
 
 
@@ -67,15 +62,13 @@ def test_checked_cases_are_reused_without_rebuilding(tmp_path):
 
 def test_labels_holding_only_background_are_named_and_all_empty_is_an_error(tmp_path):
     """Empty label files (all 0) trained silently as cases without any structure."""
-    import nibabel as nib
-
     from finetune.run import check_foreground
 
     records = [write_case(tmp_path, "a"), write_case(tmp_path, "b"), write_case(tmp_path, "c")]
     for r in records[1:]:
         nib.save(nib.Nifti1Image(np.zeros((32, 32, 12), np.uint8), AFFINE), r.label)
-    cache = build_cache(records, CFG, tmp_path / "cache", num_classes=2)
+    cache = build_cache(records, CFG, tmp_path / "cache", num_classes=3)
     with pytest.warns(UserWarning, match=r"data: 2 of the 3 label files hold only background \(0\): 'b', 'c'"):
-        check_foreground(cache, ["a", "b", "c"], "data", ["background", "liver"])
-    with pytest.raises(ValueError, match=r"data: none of the 2 label files holds a foreground voxel .*\['liver'\]"):
-        check_foreground(cache, ["b", "c"], "data", ["background", "liver"])
+        check_foreground(cache, ["a", "b", "c"], "data", ["background", "liver", "tumor"])
+    with pytest.raises(ValueError, match=r"data: none of the 2 label files holds a foreground .*\['liver', 'tumor'\]"):
+        check_foreground(cache, ["b", "c"], "data", ["background", "liver", "tumor"])
