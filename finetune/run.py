@@ -42,7 +42,7 @@ from finetune.loss import DiceFocalCELoss
 from nny_models.cache import build_cache
 from nny_models.config import DEFAULT_LABELS, NnyNetConfig, PreprocessConfig
 from nny_models.hub import NnyNet, load_config
-from nny_models.inference import sliding_window_probs
+from nny_models.inference import check_overlap, sliding_window_probs
 from nny_models.io import discover_cases, read_clinical_csv
 from nny_models.phantoms import embedded_dataset
 from nny_models.postprocess import postprocess_labels
@@ -159,6 +159,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_run_config(self)
+        check_overlap(self.val_overlap, "--val_overlap")  # now, not after the training
         if self.freeze_encoder_steps < 0:
             raise ValueError(f"--freeze_encoder_steps must be >= 0, got {self.freeze_encoder_steps}")
         if self.fusion_position is not None and self.fusion_position not in FUSION_POSITIONS:

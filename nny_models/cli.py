@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", help="also write the clinical query's attention map over the bottleneck, "
                    "upsampled to the input grid (float32, 1 = uniform; cross-attention models only)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 0.9]")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (see bench/RESULTS.md, profile_predict)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror test-time augmentation (2^k passes per window, k mirrored axes): --tta on, --no-tta "
@@ -71,8 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run even if the input does not look like a CT in HU (prints a warning; check the mask)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
-    if not 0.0 <= args.overlap < 1.0:
-        p.error(f"--overlap must be in [0, 1), got {args.overlap}")
+    from nny_models.inference import check_overlap
+
+    try:
+        check_overlap(args.overlap, "--overlap")
+    except ValueError as err:
+        p.error(str(err))
     if args.sw_batch_size < 1:
         p.error(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     if args.backend == "onnxruntime" and (args.precision == "bf16" or args.attention is not None):

@@ -251,12 +251,23 @@ def read_ct_input(image: np.ndarray | str | Path, spacing: Any = None, affine: n
     return volume, affine, "input array"
 
 
+MAX_OVERLAP = 0.9  # sliding-window overlap; the window count grows as 1 / (1 - overlap)^3
+
+
+def check_overlap(overlap: float, name: str) -> None:
+    """A ValueError naming ``name`` unless 0 <= overlap <= MAX_OVERLAP: at 0.99 a 64-voxel window steps by one voxel,
+    a million times the windows of 0, and predict would run for days instead of failing."""
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float, np.floating)) \
+            or not 0.0 <= float(overlap) <= MAX_OVERLAP:
+        raise ValueError(f"{name} must be in [0, {MAX_OVERLAP}], got {overlap!r} (0.5 is nnU-Net's; each step from 0.5 "
+                         "to 0.75 to 0.875 multiplies the windows by about 8)")
+
+
 def _check_predict_args(model: nn.Module, config: Any, overlap: float, sw_batch_size: int) -> None:
     """Bad arguments or a patch_size the network cannot take: a ValueError naming the argument / config field."""
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
         raise ValueError(f"predict: sw_batch_size must be an integer >= 1, got {sw_batch_size!r}")
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"predict: overlap must be in [0, 1), got {overlap!r}")
+    check_overlap(overlap, "predict: overlap")
     patch = tuple(config.patch_size)
     divisor = int(getattr(getattr(model, "net", model), "size_divisor", 1) or 1)
     if len(patch) != 3 or any(int(p) != p or p < 1 for p in patch) or any(int(p) % divisor for p in patch):

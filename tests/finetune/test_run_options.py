@@ -89,7 +89,8 @@ def test_preprocessing_defaults_come_from_the_export_or_preprocess_config():
     assert preprocess_config(FinetuneConfig(spacing=(2, 2, 2)), source).spacing == (2, 2, 2)
 
 
-@pytest.mark.parametrize("flag, value", [("grad_clip", -1.0), ("freeze_encoder_steps", -1), ("max_steps", 0)])
+@pytest.mark.parametrize("flag, value", [("grad_clip", -1.0), ("freeze_encoder_steps", -1), ("max_steps", 0),
+                                         ("val_overlap", 1.0), ("val_overlap", 0.99)])  # failed after the training
 def test_bad_run_values_are_refused(flag, value):
     from finetune.run import FinetuneConfig
 

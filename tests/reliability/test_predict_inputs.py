@@ -132,13 +132,24 @@ def test_sw_batch_size_must_be_positive(tmp_path, capsys, value):
     assert err == [f"nnynet-predict: error: --sw-batch-size must be >= 1, got {value} (see --help)"]
 
 
+@pytest.mark.parametrize("value", ["0.99", "1", "-0.1"])
+def test_overlap_that_would_run_for_days_or_fail_is_refused_before_any_work(capsys, value, no_work):
+    """0.99 was accepted: a 64-voxel window stepping by one voxel, about a million windows on a CT."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--model", "m", "--input", "ct.nii.gz", "--output", "m.nii.gz", "--overlap", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nnynet-predict: error: --overlap must be in [0, 0.9], got {float(value)}")
+
+
 def test_predict_checks_its_arguments(model_dir):
     from nny_models.inference import predict
 
     model = hub.NnyNet.from_pretrained(model_dir)
     volume = np.zeros((16, 16, 16), np.float32)
     for kwargs, match in [({"sw_batch_size": 0}, "sw_batch_size must be an integer >= 1, got 0"),
-                          ({"overlap": 1.0}, r"overlap must be in \[0, 1\)")]:
+                          ({"overlap": 1.0}, r"overlap must be in \[0, 0\.9\], got 1\.0"),
+                          ({"overlap": 0.99}, r"overlap must be in \[0, 0\.9\]")]:  # 0.99: a million windows
         with pytest.raises(ValueError, match=match):
             predict(model, volume, spacing=(1, 1, 1), **kwargs)
     model.config.patch_size = (60, 64, 64)
