@@ -160,6 +160,17 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_run_config(self)
         check_overlap(self.val_overlap, "--val_overlap")  # now, not after the training
+        shares = ("fg_prob", "clinical_dropout", "min_encoder_loaded", "lesion_min_contact")
+        for name in shares:  # probabilities and shares: outside [0, 1] they would act as 0 or 1 without a word
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("encoder_lr_scale", "dice_weight", "focal_weight", "ce_weight", "val_every"):
+            if getattr(self, name) < 0:  # a negative LR scale or loss weight trains towards the wrong answer
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.dice_weight + self.focal_weight + self.ce_weight == 0:
+            raise ValueError("--dice_weight, --focal_weight and --ce_weight are all 0: there is no loss to train on")
+        if self.folds < 2 or not 0 <= self.fold < self.folds:
+            raise ValueError(f"--folds must be >= 2 and --fold in 0..folds-1, got --folds {self.folds} --fold {self.fold}")
         if self.freeze_encoder_steps < 0:
             raise ValueError(f"--freeze_encoder_steps must be >= 0, got {self.freeze_encoder_steps}")
         if self.fusion_position is not None and self.fusion_position not in FUSION_POSITIONS:

@@ -190,6 +190,10 @@ def tracker_config(config: Any) -> dict[str, Any]:
     return out
 
 
+def _positive_ints(value: Any, n: int) -> bool:
+    return len(value) == n and all(int(x) == x and x >= 1 for x in value)
+
+
 def check_run_config(cfg: Any) -> None:
     """Refuse values of the shared run fields that would train wrongly instead of failing (both stages call it)."""
     rules = {
@@ -201,6 +205,12 @@ def check_run_config(cfg: Any) -> None:
         "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
         "checkpoint_every": (lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
         "num_workers": (lambda v: v >= 0, "must be >= 0"),
+        "weight_decay": (lambda v: v >= 0, "must be >= 0 (a negative decay grows the weights)"),
+        "log_every": (lambda v: v >= 1, "must be >= 1"),
+        "mixed_precision": (lambda v: v in ("no", "bf16", "fp16", "fp8"), "must be one of no, bf16, fp16, fp8"),
+        "patch_size": (lambda v: _positive_ints(v, 3), "must be 3 positive integers (voxels)"),
+        "spacing": (lambda v: len(v) == 3 and all(float(x) > 0 for x in v), "must be 3 positive numbers (mm)"),
+        "hu_window": (lambda v: len(v) == 2 and float(v[0]) < float(v[1]), "must be LOW HIGH with LOW < HIGH (HU)"),
     }
     for name, (ok, expected) in rules.items():
         value = getattr(cfg, name, None)

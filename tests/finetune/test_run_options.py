@@ -89,13 +89,36 @@ def test_preprocessing_defaults_come_from_the_export_or_preprocess_config():
     assert preprocess_config(FinetuneConfig(spacing=(2, 2, 2)), source).spacing == (2, 2, 2)
 
 
-@pytest.mark.parametrize("flag, value", [("grad_clip", -1.0), ("freeze_encoder_steps", -1), ("max_steps", 0),
-                                         ("val_overlap", 1.0), ("val_overlap", 0.99)])  # failed after the training
+@pytest.mark.parametrize("flag, value", [
+    ("grad_clip", -1.0), ("freeze_encoder_steps", -1), ("max_steps", 0),
+    ("val_overlap", 1.0), ("val_overlap", 0.99),  # failed after the training
+    # accepted until 2026-12-06, each training wrongly or failing late without naming the flag:
+    ("fg_prob", 1.5), ("clinical_dropout", -0.2), ("min_encoder_loaded", 2.0), ("lesion_min_contact", 1.5),
+    ("encoder_lr_scale", -1.0), ("weight_decay", -1.0), ("focal_weight", -1.0), ("val_every", -5),
+    ("fold", 7), ("folds", 1), ("mixed_precision", "fp4"), ("patch_size", (64, 64)), ("spacing", (0.0, 1.0, 1.0)),
+    ("hu_window", (300.0, -200.0)),
+])  # fmt: skip
 def test_bad_run_values_are_refused(flag, value):
     from finetune.run import FinetuneConfig
 
     with pytest.raises(ValueError, match=f"--{flag}"):
         FinetuneConfig(**{flag: value})
+
+
+def test_a_loss_of_all_zero_weights_is_refused():
+    from finetune.run import FinetuneConfig
+
+    with pytest.raises(ValueError, match="all 0: there is no loss"):
+        FinetuneConfig(dice_weight=0.0, focal_weight=0.0, ce_weight=0.0)
+    FinetuneConfig(dice_weight=0.0, focal_weight=1.0, ce_weight=0.0)  # one term is enough
+
+
+@pytest.mark.parametrize("flag, value", [("log_every", 0), ("patch_size", (8, 8)), ("weight_decay", -0.1)])
+def test_bad_pretraining_values_are_refused(flag, value):
+    from pretrain.run import PretrainConfig
+
+    with pytest.raises(ValueError, match=f"--{flag}"):
+        PretrainConfig(**{flag: value})
 
 
 def test_pipeline_stage_configs_are_valid_stage_configs_with_the_pipeline_values(tmp_path):
