@@ -265,6 +265,13 @@ def check_overlap(overlap: float, name: str) -> None:
 
 def _check_predict_args(model: nn.Module, config: Any, overlap: float, sw_batch_size: int) -> None:
     """Bad arguments or a patch_size the network cannot take: a ValueError naming the argument / config field."""
+    task = getattr(config, "task", "segmentation")
+    if task != "segmentation":  # its classes are the pretext's, not anatomy: a mask of them would look plausible
+        raise ValueError(
+            f"model config (config.json) task {task!r}: this is a pretraining export, whose output classes "
+            f"({', '.join(map(str, config.label_names))}) are the pretext task's, not anatomy; fine-tune it first "
+            "(finetune/run.py --pretrained THIS_FOLDER) and predict with the fine-tuned model"
+        )
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
         raise ValueError(f"predict: sw_batch_size must be an integer >= 1, got {sw_batch_size!r}")
     check_overlap(overlap, "predict: overlap")

@@ -276,3 +276,21 @@ def test_voxel_size_in_cm_is_refused_not_an_internal_error(model_dir, tmp_path, 
                       "--allow-missing-clinical")
     assert_one_line_error(result, str(scan), "voxel size (50.0, 50.0, 50.0) mm", "above the limit")
     assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_a_pretraining_export_is_refused_not_segmented(tmp_path, capsys):
+    """A Volume Fusion export predicted "fusion_1..4" masks with exit code 0: plausible-looking, meaningless."""
+    from nny_models.config import NnyNetConfig, PreprocessConfig
+    from nny_models.inference import predict
+
+    config = NnyNetConfig(model_kwargs={"size": "tiny"}, patch_size=(64, 64, 64), task="volume_fusion_pretext",
+                          label_names=["background", "fusion_1", "fusion_2", "fusion_3", "fusion_4"],
+                          preprocessing=PreprocessConfig(spacing=(3.0, 3.0, 4.0)).to_dict())
+    hub.NnyNet(config).save_pretrained(tmp_path / "pretrained")
+    ct = write_ct(tmp_path / "ct.nii.gz")
+    with pytest.raises(ValueError, match=r"task 'volume_fusion_pretext': this is a pretraining export"):
+        predict(hub.NnyNet.from_pretrained(tmp_path / "pretrained"), ct)
+    out = tmp_path / "mask.nii.gz"
+    result = run_main(capsys, "--model", str(tmp_path / "pretrained"), "--input", str(ct), "--output", str(out))
+    assert_one_line_error(result, "pretraining export", "fine-tune it first")
+    assert not out.exists()
