@@ -128,6 +128,11 @@ def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
             )
     source = "sform" if sform else "qform" if qform else "pixdim"
     check_spacing(img.affine, path, f"NIfTI header ({source})")
+    if not sform and not qform:  # Analyze-style: tools disagree on the axes, and the liver's side depends on them
+        codes = "".join(nib.aff2axcodes(img.affine))
+        warnings.warn(f"{path}: the NIfTI header has neither an sform nor a qform (both codes 0), so the patient's "
+                      f"orientation is not stated; nnynet reads the axes as nibabel does ({codes}), other tools may "
+                      "differ: check that the mask's liver lies on the patient's right", stacklevel=3)
     if sform and qform:
         _warn_if_forms_disagree(raw, path)
     return img

@@ -81,6 +81,22 @@ def test_plausible_headers_still_load(tmp_path):
     assert np.allclose(np.abs(np.diag(affine)[:3]), [0.8, 0.8, 2.5])
 
 
+def test_a_header_without_sform_and_qform_loads_with_an_orientation_warning(tmp_path):
+    """Analyze-style headers (both codes 0) loaded silently; tools disagree on their axes, and keep_side decides
+    the liver by the patient's right."""
+    import warnings
+
+    path = write_nifti(tmp_path / "analyze.nii", sform=0, qform=0)
+    with pytest.warns(UserWarning, match=r"analyze\.nii: the NIfTI header has neither an sform nor a qform .* "
+                                         r"reads the axes as nibabel does \(LAS\)"):
+        volume, affine = load_volume(path)
+    assert volume.shape == (16, 16, 12) and np.allclose(np.abs(np.diag(affine)[:3]), [0.8, 0.8, 2.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an sform, or a qform alone, states the orientation: silent
+        load_volume(write_nifti(tmp_path / "ok.nii"))
+        load_volume(write_nifti(tmp_path / "qform.nii", sform=0, qform=1))
+
+
 def test_array_input_with_absurd_affine_is_refused():
     volume = np.full((16, 16, 12), 40.0, np.float32)
     with pytest.raises(ValueError, match=r"input image \(affine\): voxel spacing .* implausible"):
