@@ -352,8 +352,6 @@ def _lesion_in_organ(cfg: FinetuneConfig, labels: list[str]) -> dict | None:
     """cfg.lesion_in_organ / lesion_min_contact as stored in config.json (None = no such step)."""
     if len(cfg.lesion_in_organ) != 2:
         raise ValueError(f"--lesion_in_organ: expected two label names (lesion, organ), got {list(cfg.lesion_in_organ)}")
-    if not 0.0 <= cfg.lesion_min_contact <= 1.0:
-        raise ValueError(f"--lesion_min_contact: expected a share in [0, 1] (0 = off), got {cfg.lesion_min_contact}")
     lesion, organ = cfg.lesion_in_organ
     missing = [n for n in (lesion, organ) if n not in labels]
     if missing and tuple(cfg.lesion_in_organ) != FinetuneConfig.lesion_in_organ:  # a typo must not turn it off

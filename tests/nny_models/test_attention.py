@@ -127,6 +127,14 @@ def test_predict_returns_the_map_from_the_same_forward_passes_without_changing_t
     with pytest.raises(ValueError, match="fusion is 'add'"):
         predict(tiny_model("add"), ct, affine=AFFINE, return_attention=True)
 
+    # under mirror TTA the map comes from a second, un-mirrored pass: predict_attention's, exactly
+    model.config.tta_mirror_axes = [2]
+    tta_mask, tta_map = predict(model, ct, affine=AFFINE, clinical=row, overlap=0.25, precision="fp32",
+                                return_attention=True)
+    np.testing.assert_array_equal(tta_mask, predict(model, ct, affine=AFFINE, clinical=row, overlap=0.25,
+                                                    precision="fp32"))
+    np.testing.assert_allclose(tta_map, separate, rtol=1e-5, atol=1e-6)
+
 
 def test_attention_overlay_png(tmp_path):
     from finetune.figures import save_attention_overlay
