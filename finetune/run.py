@@ -41,7 +41,7 @@ from finetune.evaluate import card_metrics, evaluate_case, summarize
 from finetune.loss import DiceFocalCELoss
 from nny_models.cache import build_cache
 from nny_models.config import DEFAULT_LABELS, NnyNetConfig, PreprocessConfig
-from nny_models.hub import NnyNet, load_config
+from nny_models.hub import NnyNet, check_patch_for, load_config
 from nny_models.inference import check_overlap, sliding_window_probs
 from nny_models.io import discover_cases, read_clinical_csv
 from nny_models.phantoms import embedded_dataset
@@ -69,7 +69,7 @@ from nny_models.training import (
     writing_dir,
 )
 from nny_models.planning import Plan
-from nny_models.zoo import resolve_model_kwargs
+from nny_models.zoo import build_model as build_network, resolve_model_kwargs
 
 FALLBACK_PATCH, FALLBACK_BATCH = (64, 64, 64), 2  # without a plan (--plan none) and without the flags
 SCRATCH_MODEL, SCRATCH_SIZE = "nnynet", "tiny"  # the architecture when neither --pretrained nor --model names one
@@ -378,6 +378,24 @@ def check_foreground(cache, ids: list[str], data_dir: Path, labels: list[str]) -
                       "they train as cases without any labelled structure; check them if that is not so")
 
 
+def check_patch(cfg: FinetuneConfig, source: NnyNetConfig | None, plan: Plan | None) -> None:
+    """The patch must suit the network: checked on a bare copy of it before the cache is built (minutes on a real
+    dataset), not at the first training step. The error names where the patch came from."""
+    name, kwargs = architecture(cfg, source)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("fusion", "clinical_features", "fusion_position")}
+    try:
+        check_patch_for(build_network(name, {**kwargs, "out_channels": 2}), name, cfg.patch_size, training=True)
+    except ValueError as err:
+        raise _patch_error(cfg, plan, err) from err
+
+
+def _patch_error(cfg: FinetuneConfig, plan: Plan | None, err: ValueError) -> ValueError:
+    """err, naming the flag (or the plan) the patch size came from, not only the config field."""
+    from_plan = plan is not None and tuple(cfg.patch_size) == tuple(plan.patch_size)
+    source = "the plan's patch size; pass --patch_size" if from_plan else "from --patch_size"
+    return ValueError(f"--patch_size {list(cfg.patch_size)} ({source}): {err}")
+
+
 def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, preprocess: PreprocessConfig, accelerator,
                 plan: Plan | None = None):
     """NnyNet for the task's labels and clinical schema; encoder and decoder transferred from the export."""
@@ -407,12 +425,10 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
         )
         # Training-only switches are constructor arguments (never in config.json); models without them ignore them.
         model = NnyNet(config, deep_supervision=cfg.deep_supervision, grad_checkpointing=cfg.grad_checkpointing)
-    except ValueError as err:  # name the flag (or the plan) the patch size came from, not only the config field
+    except ValueError as err:
         if "patch_size" not in str(err):
             raise
-        source = "the plan's patch size; pass --patch_size" if plan is not None and cfg.patch_size == tuple(
-            plan.patch_size) else "from --patch_size"
-        raise ValueError(f"--patch_size {list(cfg.patch_size)} ({source}): {err}") from err
+        raise _patch_error(cfg, plan, err) from err
     report = None
     if cfg.pretrained:
         report = model.transfer_from(cfg.pretrained, exclude_prefixes=tuple(model.net.head_prefixes))
@@ -475,6 +491,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
     data_dir = resolve_data_dir(cfg, accelerator)
     cfg, plan = apply_plan(cfg, data_dir, accelerator)
     preprocess = preprocess_config(cfg, source, plan)
+    check_patch(cfg, source, plan)
     data = get_data(cfg, preprocess, data_dir, accelerator)
     model, report = build_model(cfg, source, data, preprocess, accelerator, plan)
     save_plan(plan, output_dir, accelerator)

@@ -331,14 +331,23 @@ def _resolve_file(repo_or_dir: str | Path, filename: str, *, revision: str | Non
 
 def _check_patch_size(net: nn.Module, config: NnyNetConfig) -> None:
     """The sliding-window patch must suit the network, or predict fails (or pads) deep inside MONAI."""
-    patch, div = list(config.patch_size), int(getattr(net, "size_divisor", 1))
+    check_patch_for(net, config.model, config.patch_size)
+
+
+def check_patch_for(net: nn.Module, model: str, patch_size: Any, training: bool = False) -> None:
+    """ValueError unless ``net`` (zoo model ``model``) takes patches of ``patch_size``; ``training``: also for
+    training, where a Swin-NeXt bottleneck of one voxel leaves GroupNorm nothing to normalise."""
+    patch, div = list(patch_size), int(getattr(net, "size_divisor", 1))
     if any(p % div for p in patch):
-        raise ValueError(f"NnyNetConfig.patch_size {patch}: model '{config.model}' needs every side to be a "
+        raise ValueError(f"NnyNetConfig.patch_size {patch}: model '{model}' needs every side to be a "
                          f"multiple of {div}")
     img = getattr(net, "img_size", None)  # UNETR's learned position embeddings fix the input size
     if img is not None and tuple(patch) != tuple(img):
-        raise ValueError(f"NnyNetConfig.patch_size {patch}: model '{config.model}' only takes inputs of its "
+        raise ValueError(f"NnyNetConfig.patch_size {patch}: model '{model}' only takes inputs of its "
                          f"img_size {list(img)}")
+    if training and getattr(net, "needs_bottleneck_context", False) and all(p == div for p in patch):
+        raise ValueError(f"NnyNetConfig.patch_size {patch}: training model '{model}' needs a bottleneck of more "
+                         f"than one voxel, i.e. at least {2 * div} voxels along one axis")
 
 
 def _fmt(value: Any) -> str:

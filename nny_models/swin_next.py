@@ -308,6 +308,7 @@ class SwinNeXt(nn.Module):
     """Swin Transformer encoder + MedNeXt decoder; ``forward(image, clinical=None)``."""
 
     size_divisor = 32  # patch size 2 and four patch mergings
+    needs_bottleneck_context = True  # training on a 1-voxel bottleneck leaves its GroupNorm one value per channel
     encoder_prefixes = ("encoder.",)
     head_prefixes = ("head.", "ds_heads.")
 

@@ -166,22 +166,29 @@ def prepare_cache(cfg: PretrainConfig, prep: PreprocessConfig, data_dir: Path, a
 def build_model(cfg: PretrainConfig, pretext: PretextConfig, prep: PreprocessConfig, plan=None):
     """NnyNet whose config.json describes the pretext task (K + 1 fusion classes) with explicit arguments."""
     from nny_models.config import NnyNetConfig
-    from nny_models.hub import NnyNet
+    from nny_models.hub import NnyNet, check_patch_for
     from nny_models.zoo import resolve_model_kwargs
 
-    return NnyNet(
-        NnyNetConfig(
-            model=cfg.model,
-            model_kwargs=resolve_model_kwargs(cfg.model, cfg.size, out_channels=pretext.num_classes,
-                                              **({} if cfg.feature_size is None else {"feature_size": cfg.feature_size})),
-            label_names=["background"] + [f"fusion_{k}" for k in range(1, pretext.num_classes)],
-            preprocessing=prep.to_dict(),
-            patch_size=tuple(cfg.patch_size),
-            task="volume_fusion_pretext",
-            plan=plan.to_dict() if plan is not None else None,
-        ),
-        grad_checkpointing=cfg.grad_checkpointing,  # a training switch: not part of config.json
-    )
+    try:  # a patch the network cannot take fails here, before the cache is built, naming the flag
+        model = NnyNet(
+            NnyNetConfig(
+                model=cfg.model,
+                model_kwargs=resolve_model_kwargs(cfg.model, cfg.size, out_channels=pretext.num_classes, **(
+                    {} if cfg.feature_size is None else {"feature_size": cfg.feature_size})),
+                label_names=["background"] + [f"fusion_{k}" for k in range(1, pretext.num_classes)],
+                preprocessing=prep.to_dict(),
+                patch_size=tuple(cfg.patch_size),
+                task="volume_fusion_pretext",
+                plan=plan.to_dict() if plan is not None else None,
+            ),
+            grad_checkpointing=cfg.grad_checkpointing,  # a training switch: not part of config.json
+        )
+        check_patch_for(model.net, cfg.model, cfg.patch_size, training=True)
+    except ValueError as err:
+        if "patch_size" not in str(err):
+            raise
+        raise ValueError(f"--patch_size {list(cfg.patch_size)}: {err}") from err
+    return model
 
 
 def export(model, cfg: PretrainConfig, pretext: PretextConfig, step: int, accelerator) -> None:
@@ -224,9 +231,6 @@ def train(cfg: PretrainConfig) -> None:
     from nny_models.sampling import PatchDataset
 
     model = build_model(cfg, pretext, prep, plan)
-    divisor = getattr(model.net, "size_divisor", 1)
-    if any(p % divisor for p in cfg.patch_size):
-        raise ValueError(f"--patch_size {cfg.patch_size} must be divisible by {divisor} for model {cfg.model!r}")
     criterion = DiceCELoss(softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)
     optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)  # stepped by train_loop: not prepared

@@ -86,6 +86,11 @@ def test_a_patch_size_the_network_cannot_take_names_the_flag(tmp_path):
     from nny_models.phantoms import write_dataset
 
     data = write_dataset(tmp_path / "data", cases=3, seed=6, preset="test")
-    with pytest.raises(ValueError, match=r"--patch_size \[48, 48, 48\] \(from --patch_size\): .*multiple of 32"):
-        main(["--data_dir", str(data), "--output_dir", str(tmp_path / "ft"), "--patch_size", "48", "48", "48",
-              "--max_steps", "1", "--num_workers", "0", "--folds", "2", "--fusion", "none"])
+    # both refused before the cache is built (minutes on a real dataset), not at the first training step
+    for patch, why in (("48", "multiple of 32"), ("32", "bottleneck of more than one voxel")):
+        out = tmp_path / f"ft{patch}"
+        expected = rf"--patch_size \[{patch}, {patch}, {patch}\] \(from --patch_size\): .*{why}"
+        with pytest.raises(ValueError, match=expected):
+            main(["--data_dir", str(data), "--output_dir", str(out), "--patch_size", patch, patch, patch,
+                  "--max_steps", "1", "--num_workers", "0", "--folds", "2", "--fusion", "none"])
+        assert not (out / "cache").exists() or not any((out / "cache").iterdir())

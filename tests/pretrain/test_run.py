@@ -155,10 +155,23 @@ def test_feature_size_replaces_the_presets_and_is_written_into_config_json():
     from pretrain.data import PretextConfig
     from pretrain.run import PretrainConfig, build_model
 
-    wide = build_model(PretrainConfig(feature_size=24, patch_size=(32, 32, 32)), PretextConfig(), PreprocessConfig())
+    wide = build_model(PretrainConfig(feature_size=24, patch_size=(64, 64, 32)), PretextConfig(), PreprocessConfig())
     assert wide.config.model_kwargs["feature_size"] == 24 and wide.config.model_kwargs["window_size"] == 4  # tiny's
-    tiny = build_model(PretrainConfig(patch_size=(32, 32, 32)), PretextConfig(), PreprocessConfig())
+    tiny = build_model(PretrainConfig(patch_size=(64, 64, 32)), PretextConfig(), PreprocessConfig())
     assert tiny.config.model_kwargs["feature_size"] == 12
     assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in tiny.parameters())
     with pytest.raises(ValueError, match="feature_size"):
         PretrainConfig(feature_size=0)
+
+
+def test_a_patch_the_network_cannot_train_on_is_refused_when_the_model_is_built():
+    """Before the cache (minutes on a real dataset), naming the flag: sides that are not multiples of 32, and 32^3,
+    whose one-voxel bottleneck Swin-NeXt cannot train (it used to fail at the first step)."""
+    from nny_models.config import PreprocessConfig
+    from pretrain.data import PretextConfig
+    from pretrain.run import PretrainConfig, build_model
+
+    for patch, why in (((48, 48, 48), "multiple of 32"), ((32, 32, 32), "bottleneck of more than one voxel")):
+        with pytest.raises(ValueError, match=rf"--patch_size \[{patch[0]}, .*{why}"):
+            build_model(PretrainConfig(patch_size=patch), PretextConfig(), PreprocessConfig())
+    build_model(PretrainConfig(model="unet", patch_size=(32, 32, 32)), PretextConfig(), PreprocessConfig())  # fine
