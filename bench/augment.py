@@ -67,14 +67,16 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--samples must be >= 1, got {args.samples}")
     forced_samples = 6  # indices timed per transform forced to fire
     patches = phantom_patches(max(args.samples, forced_samples) + 2)
-    aug = seconds_per_sample(AugmentedPatches(patches, seed=0, clinical_dropout=0.0), args.samples)
+    z_mm = 3.33  # the pipeline plan's z step, so that the thick-slice simulation is in the pipeline
+    aug = seconds_per_sample(AugmentedPatches(patches, seed=0, clinical_dropout=0.0, z_spacing_mm=z_mm), args.samples)
 
     off = AugmentConfig(**{f.name: 0.0 for f in dataclasses.fields(AugmentConfig) if f.name.startswith("p_")})
     forced = {}
-    for name in ("rotation", "scaling", "noise", "blur", "brightness", "contrast", "low_res", "gamma_inverted", "gamma"):
+    for name in ("rotation", "scaling", "noise", "blur", "brightness", "contrast", "low_res", "thick_slices",
+                 "ct_noise", "gamma_inverted", "gamma"):
         cfg = dataclasses.replace(off, **{f"p_{name}": 1.0})
-        forced[name] = seconds_per_sample(AugmentedPatches(patches, seed=0, clinical_dropout=0.0, config=cfg),
-                                          forced_samples)
+        forced[name] = seconds_per_sample(AugmentedPatches(patches, seed=0, clinical_dropout=0.0, config=cfg,
+                                                           z_spacing_mm=z_mm), forced_samples)
 
     model = create_model("nnynet", "tiny", deep_supervision=True)
     model.train()

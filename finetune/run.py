@@ -245,8 +245,8 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
         extras=vectors or None,
         lesion_classes=_label_index(cfg.balance_lesions, labels, "balance_lesions"),
     )
-    dataset = (AugmentedPatches(patches, cfg.seed, cfg.clinical_dropout, cfg.flip_axes, config=cfg.augmentation)
-               if cfg.augment else patches)
+    dataset = (AugmentedPatches(patches, cfg.seed, cfg.clinical_dropout, cfg.flip_axes, config=cfg.augmentation,
+                                z_spacing_mm=preprocess.spacing[2]) if cfg.augment else patches)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,

@@ -16,6 +16,6 @@ def test_augment_bench_with_fewer_samples_than_the_forced_rows(one_thread):
     row = augment.main(["--samples", "2", "--steps", "1"])
     assert row["ours"] > 0 and row["peer"] > 0
     assert set(row["forced_s"]) == {"rotation", "scaling", "noise", "blur", "brightness", "contrast", "low_res",
-                                    "gamma_inverted", "gamma"}
+                                    "thick_slices", "ct_noise", "gamma_inverted", "gamma"}
     with pytest.raises(SystemExit):
         augment.main(["--samples", "0"])
