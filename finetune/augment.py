@@ -131,7 +131,23 @@ def build_transforms(cfg: AugmentConfig, flip_axes: Sequence[int] = (), z_spacin
     return [n for n, _ in steps], mt.Compose([t for _, t in steps])
 
 
-class RandThickSlicesd(mt.RandomizableTransform, mt.MapTransform):
+class _RandImageTransformd(mt.RandomizableTransform, mt.MapTransform):
+    """A random image-only transform: ``randomize`` draws its parameters, ``apply`` changes one image."""
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self.apply(torch.as_tensor(d[key]).as_subclass(torch.Tensor).float())
+        return d
+
+
+class RandThickSlicesd(_RandImageTransformd):
     """Simulates an acquisition with thick axial slices (RAS axis 2), then its resampling back to the patch grid.
 
     A thickness T is drawn from ``cfg.thick_slices_mm``; with the grid's z step s (mm), the patch is blurred along z
@@ -155,17 +171,11 @@ class RandThickSlicesd(mt.RandomizableTransform, mt.MapTransform):
         self.phase = float(self.R.random())
         self._do_transform = self._do_transform and self.thickness is not None
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            d[key] = thick_slices(torch.as_tensor(d[key]), self.thickness / self.z_mm, self.phase)
-        return d
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        return thick_slices(image, self.thickness / self.z_mm, self.phase)
 
 
-class RandCTNoised(mt.RandomizableTransform, mt.MapTransform):
+class RandCTNoised(_RandImageTransformd):
     """Adds correlated Gaussian noise: white noise smoothed by a Gaussian whose sigma is drawn from
     ``cfg.ct_noise_grain`` once in plane and once along z, then scaled to a std drawn from ``cfg.ct_noise_std``."""
 
@@ -180,16 +190,9 @@ class RandCTNoised(mt.RandomizableTransform, mt.MapTransform):
         self.std = float(self.R.uniform(*self.cfg.ct_noise_std))
         self.grain = (float(self.R.uniform(*self.cfg.ct_noise_grain)), float(self.R.uniform(*self.cfg.ct_noise_grain)))
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            img = torch.as_tensor(d[key]).as_subclass(torch.Tensor).float()
-            white = torch.from_numpy(self.R.standard_normal(img.shape).astype(np.float32))
-            d[key] = img + correlated(white, (self.grain[0], self.grain[0], self.grain[1])) * self.std
-        return d
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        white = torch.from_numpy(self.R.standard_normal(image.shape).astype(np.float32))
+        return image + correlated(white, (self.grain[0], self.grain[0], self.grain[1])) * self.std
 
 
 def correlated(white: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
