@@ -217,7 +217,7 @@ def thick_slices(image: torch.Tensor, step: float, phase: float) -> torch.Tensor
         one = torch.ones(1)
         x = separable_filtering(x[None], [one, one, gaussian_1d(torch.tensor(sigma))], mode="replicate")[0]
     n = x.shape[-1]
-    centres = torch.arange(phase * step, n - 1 + 1e-6, step)  # the acquired slices' positions, in voxels
+    centres = torch.arange(min(phase * step, n - 1), n - 1 + 1e-6, step)  # the acquired slices' positions (voxels)
     if len(centres) < 2:  # a patch thinner than two slices: one slice fills it
         return x[..., centres.round().long().clamp(0, n - 1)].expand_as(x).clone()
     slabs = _linear(x, centres)  # (C, X, Y, k)

@@ -122,6 +122,11 @@ def test_thick_slices_blur_and_sample_along_z_only():
     assert torch.allclose(thick_slices(ramp, 2.5, 0.0)[..., 8:32], ramp[..., 8:32], atol=1e-3)
     # the slices' first position moves them: another phase, another sampling of the sheet
     assert not torch.allclose(thick_slices(sheet, 4.0, 0.5), out)
+    # a patch thinner than one slice step is one slice, whatever the phase
+    thin = torch.rand(1, 4, 4, 2)
+    for phase in (0.0, 0.9):
+        got = thick_slices(thin, 4.0, phase)
+        assert got.shape == thin.shape and torch.isfinite(got).all() and torch.equal(got[..., 0], got[..., 1])
 
 
 def test_thick_slices_keep_the_label_and_skip_thicknesses_below_the_grid(phantom_patch):
