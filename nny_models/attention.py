@@ -129,7 +129,7 @@ def predict_attention(model: nn.Module, image: np.ndarray | str | Path, clinical
     attention_fusion(model)  # fail before any work for a model without attention
     config = _config(model)
     volume, affine, name = read_ct_input(image, spacing, affine, "predict_attention")
-    check_ct_volume(volume, name, force=force)
+    check_ct_volume(volume, name, force=force, affine=affine)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if case_id is None and isinstance(image, (str, Path)):
         from nny_models.clinical import image_case_ids

@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            check_ct_volume(np.asarray(volume), f"--input {args.input!r}", force=args.force)
+            check_ct_volume(np.asarray(volume), f"--input {args.input!r}", force=args.force, affine=affine)
         except ValueError as err:
             raise InputError(str(err)) from err
     forced = {str(w.message) for w in caught}  # the --force warning, printed once
@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> None:
         except ValueError as err:
             raise InputError(str(err)) from err
     for w in caught:
-        if forced and "does not look like a CT" in str(w.message):
+        if forced and any(text in str(w.message) for text in ("does not look like a CT", "inside the body are blank")):
             continue  # predict's own check: already printed above, with the file name
         print(f"warning: {w.message}", file=sys.stderr)
     out = list(out) if isinstance(out, tuple) else [out]

@@ -18,10 +18,17 @@ An MR shifted or scaled into [-1000, 3000] has a smooth histogram, so it fails t
 or the landmarks (the MR-like volumes of tests/reliability/test_image_inputs.py fail one to four of them),
 while phantoms (all contrast phases, partial fields of view, +40 HU noise, liver crops without air) pass
 every test with a margin of 2x or more. ``force=True`` turns a failed test into a warning (nnynet-predict --force).
+
+A second test looks for missing slices: an axial slice with no tissue, or one exact value throughout, between
+slices that hold tissue. The body does not vanish for one slice, so such a slice is a gap in the series filled
+with air or a fill value (a failed slice in a reconstruction or a conversion); the network would cut every organ
+there, and the mask would come out with stripes and exit code 0. Only the axial axis is tested: a sagittal plane
+between an arm and the trunk is legitimately all air.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -46,6 +53,8 @@ CT_MIN_BONE_FRACTION = 0.001  # of the tissue voxels
 CT_MIN_BELOW_FAT_FRACTION = 0.001  # of all voxels below -50 HU, for bone to count ...
 CT_GAP_HU = (-900.0, -150.0)  # ... and at most CT_MAX_GAP_FRACTION of all voxels here (only lung, with air)
 CT_MAX_GAP_FRACTION = 0.05
+CT_BLANK_SLICE_TISSUE = 0.002  # an axial slice with a smaller share of tissue voxels is blank ...
+CT_BODY_SLICE_TISSUE = 0.05  # ... and is a gap when the slices on both sides of its run hold at least this share
 CT_SAMPLE_VOXELS = 4_000_000  # a regular subsample of bigger volumes is enough for the histogram
 NON_HU_DTYPES = (np.uint8, np.int8, np.bool_)  # cannot hold -1000..3000
 
@@ -109,16 +118,51 @@ def hu_problems(volume: np.ndarray) -> list[str]:
     return out
 
 
+def axial_axis(affine: np.ndarray | None) -> int:
+    """The array axis closest to the patient's superior-inferior direction (2 when there is no affine)."""
+    if affine is None:
+        return 2
+    directions = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(directions, axis=0)
+    return int(np.argmax(np.abs(directions[2]) / np.where(norms > 0, norms, 1.0)))
+
+
+def blank_slice_runs(volume: np.ndarray, axis: int = 2) -> list[tuple[int, int]]:
+    """Runs [start, stop) of blank slices along ``axis`` (no tissue, or a single value) inside the body: the
+    slices just before and after the run are not blank and hold at least CT_BODY_SLICE_TISSUE tissue."""
+    planes = np.moveaxis(np.asarray(volume), axis, 0)
+    step = max(1, int(np.ceil(np.sqrt(planes[0].size / 65_536))))  # ~256^2 voxels per slice are enough
+    planes = planes[:, ::step, ::step]
+    tissue = (planes > CT_TISSUE_HU).mean(axis=(1, 2))
+    flat = planes.reshape(len(planes), -1)
+    constant = flat.min(axis=1) == flat.max(axis=1)
+    blank = (tissue < CT_BLANK_SLICE_TISSUE) | constant
+    runs, start = [], 0
+    for is_blank, group in itertools.groupby(blank):
+        stop = start + len(list(group))
+        inside = start > 0 and stop < len(blank) and min(tissue[start - 1], tissue[stop]) >= CT_BODY_SLICE_TISSUE
+        if is_blank and inside:
+            runs.append((start, stop))
+        start = stop
+    return runs
+
+
+def _describe_runs(runs: list[tuple[int, int]]) -> str:
+    parts = [str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in runs[:5]]
+    return ", ".join(parts) + (f" and {len(runs) - 5} more runs" if len(runs) > 5 else "")
+
+
 PREDICT_REMEDY = "If it is a CT in HU, rerun with --force (predict(..., force=True))."
 
 
 def check_ct_volume(volume: np.ndarray, name: str = "input", *, force: bool = False,
-                    remedy: str = PREDICT_REMEDY) -> None:
-    """Raise ValueError unless ``volume`` is a 3D array of finite values that looks like a CT in HU.
+                    remedy: str = PREDICT_REMEDY, affine: np.ndarray | None = None) -> None:
+    """Raise ValueError unless ``volume`` is a 3D array of finite values that looks like a CT in HU, without
+    blank slices inside the body.
 
-    Shape, dtype and NaN problems always raise. The intensity test (module docstring) raises too, unless
-    ``force``: then it warns and returns, for a real CT the test misjudges. ``remedy`` ends the refusal: how
-    the caller's user overrides the test.
+    Shape, dtype and NaN problems always raise. The intensity and missing-slice tests (module docstring) raise
+    too, unless ``force``: then they warn and return, for a real CT a test misjudges. ``remedy`` ends the
+    refusal: how the caller's user overrides the test. ``affine`` tells which array axis is axial (default 2).
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -136,6 +180,19 @@ def check_ct_volume(volume: np.ndarray, name: str = "input", *, force: bool = Fa
         raise ValueError(f"{name}: the volume contains NaN or infinite values")
     problems = hu_problems(volume)
     if not problems:
+        axis = axial_axis(affine)
+        runs = blank_slice_runs(volume, axis)
+        if runs:
+            message = (
+                f"{name}: {sum(b - a for a, b in runs)} axial slice(s) inside the body are blank (no tissue above "
+                f"{CT_TISSUE_HU:g} HU, or one value throughout) between slices with tissue: array axis {axis}, "
+                f"index {_describe_runs(runs)}. Slices missing from the series, filled with air or a fill value? "
+                "Every organ would be cut there; re-export the series complete."
+            )
+            if not force:  # the caller's override, without its "if it is a CT in HU" condition
+                override = remedy.removeprefix("If it is a CT in HU, ").split("; ")[0].rstrip(".")
+                raise ValueError(f"{message} To use it as it is, {override}.")
+            warnings.warn(message + " Running anyway (--force): check the mask.", stacklevel=2)
         return
     lo, hi = float(volume.min()), float(volume.max())
     message = (

@@ -284,6 +284,18 @@ def _check_predict_args(model: nn.Module, config: Any, overlap: float, sw_batch_
         )
 
 
+def _warn_if_no_liver(labels: np.ndarray, config: NnyNetConfig, name: str, shape: tuple[int, ...],
+                      affine: np.ndarray) -> None:
+    """An empty liver is the one result a liver model cannot mean for a CT sent to it: the scan misses the
+    liver, or its header's voxel size is wrong (a 10x error shrinks the body to a few centimetres on the
+    model's grid, and the network finds nothing). The empty mask is written; this says to look."""
+    if "liver" not in config.label_names or (labels == config.label_names.index("liver")).any():
+        return
+    extent = " x ".join(f"{n * s:.0f}" for n, s in zip(shape, np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
+    warnings.warn(f"predict: {name}: no liver found. The scan spans {extent} mm by its header's voxel size; if it "
+                  "covers the liver, check that voxel size (a body is 250-450 mm wide) and the mask before using it")
+
+
 def _warn_if_liver_on_left(labels: np.ndarray, config: NnyNetConfig, name: str) -> None:
     """A liver mask on the patient's left is almost never a liver (situs inversus is ~1 in 10,000): it is the
     spleen called liver, or an image whose affine mirrors it. The mask is kept as it is; this says to look."""
@@ -373,7 +385,7 @@ def predict(
         volume, affine, name = read_ct_input(image, spacing, affine, "predict")
         name = source or name
     with stage("check"):
-        check_ct_volume(volume, name, force=force)
+        check_ct_volume(volume, name, force=force, affine=affine)
 
     cfg = config.preprocess
     if case_id is None and isinstance(image, (str, Path)):
@@ -401,6 +413,7 @@ def predict(
     with stage("postprocess"):  # on the model grid, where the network decided
         labels[0] = postprocess_labels(labels[0], config)
     _warn_if_liver_on_left(labels[0], config, name)
+    _warn_if_no_liver(labels[0], config, name, volume.shape, affine)
 
     with stage("restore"):
         mask = np.asarray(restore_to_original(labels, state))[0].astype(np.uint8)

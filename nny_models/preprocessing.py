@@ -227,7 +227,7 @@ def preprocess_case(
     image, affine = load_volume(image_path)
     image = _check_volume(image, str(image_path))
     if check_hu:
-        check_ct_volume(image, str(image_path), remedy=TRAINING_HU_REMEDY)
+        check_ct_volume(image, str(image_path), remedy=TRAINING_HU_REMEDY, affine=affine)
     affine = _check_affine(affine, str(image_path))
     check_resampled_size(image.shape, affine, cfg.spacing, str(image_path))
     label = None

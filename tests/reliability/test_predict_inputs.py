@@ -294,3 +294,33 @@ def test_a_pretraining_export_is_refused_not_segmented(tmp_path, capsys):
     result = run_main(capsys, "--model", str(tmp_path / "pretrained"), "--input", str(ct), "--output", str(out))
     assert_one_line_error(result, "pretraining export", "fine-tune it first")
     assert not out.exists()
+
+
+def test_blank_slices_are_refused_with_the_file_and_the_slices(model_dir, tmp_path, capsys):
+    values = np.full((40, 36, 12), -1000.0, np.float32)
+    values[4:-4, 4:-4, :] = 50.0  # the body runs through every slice ...
+    values[12:24, 10:20, :] = 250.0
+    values[:, :, 6] = -1000.0  # ... but slice 6 was lost and filled with air
+    scan = tmp_path / "gap.nii.gz"
+    nib.save(nib.Nifti1Image(values, AFFINE), str(scan))
+    out = tmp_path / "m.nii.gz"
+    result = run_main(capsys, "--model", str(model_dir), "--input", str(scan), "--output", str(out),
+                      "--allow-missing-clinical")
+    assert_one_line_error(result, str(scan), "1 axial slice(s) inside the body are blank", "index 6.", "--force")
+    assert not out.exists()
+
+
+def test_an_empty_liver_is_written_with_a_warning_naming_the_scan_extent(model_dir, tmp_path, monkeypatch):
+    """A header whose voxel size is 10x too small shrinks the body to centimetres on the model's grid; the
+    network then finds no liver, and the empty mask used to come with no word."""
+    from nny_models import inference
+
+    monkeypatch.setattr(inference, "postprocess_labels", lambda labels, config: np.zeros_like(labels))
+    model = hub.NnyNet.from_pretrained(model_dir)
+    values = np.full((40, 36, 12), -1000.0, np.float32)
+    values[4:-4, 4:-4, 2:-2] = 50.0
+    values[12:24, 10:20, 4:8] = 250.0
+    with pytest.warns(UserWarning, match=r"ct\.nii\.gz: no liver found\. The scan spans 6 x 5 x 5 mm"):
+        mask = inference.predict(model, values, affine=np.diag([0.15, 0.15, 0.4, 1.0]), source="ct.nii.gz",
+                                 device="cpu", force=True)
+    assert mask.shape == values.shape and not mask.any()
