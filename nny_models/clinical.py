@@ -75,6 +75,10 @@ BOOLEAN_HELP = "true/false, yes/no, t/f, y/n or 1/0"
 # the training range and 1, so that a column that barely varied in a small training set (std 0.3) does not refuse
 # ordinary values, while heavy-tailed labs (AFP of 1e5 ng/ml beside a mean of 500) still pass.
 MAX_ABS_Z = 1e5
+# A value this many training scales (as above) beyond the training range, or negative in a column whose training
+# values were all >= 0, is still used but warned about: the usual unit slips (age in months, albumin in g/L for
+# g/dL) land there, and the network would read them as an extreme patient.
+WARN_BEYOND_RANGE = 2.0
 TYPES_HELP = "column_types={{{col!r}: 'categorical'}}, or a sidecar {{{col!r}: 'categorical'}} in <table>.types.json"
 
 Where = Callable[[int], str]  # row index -> "clinical.csv: row 5 (case 'c3')" for error messages
@@ -496,6 +500,7 @@ class ClinicalReport:
 
     missing_columns: list[str] = field(default_factory=list)  # known columns absent from the input (imputed)
     unknown_categories: list[tuple[str, str]] = field(default_factory=list)  # (column, value) never seen in training
+    unusual_values: list[tuple[str, float]] = field(default_factory=list)  # (column, value) far outside training
     imputed_values: int = 0  # number of missing cells that were imputed
 
 
@@ -590,6 +595,7 @@ class ClinicalSchema:
         numeric, categorical = self.arrays(records, where)
         report.imputed_values = int(np.isnan(numeric).sum() + sum(v is None for v in categorical.ravel()))
         self._check_magnitude(numeric, records, where)
+        self._warn_unusual(numeric, where, report)
 
         x_num = (self._impute_numeric(numeric) - np.asarray(self.scaler_mean)) / np.asarray(self.scaler_scale)
         blocks = [x_num]
@@ -655,6 +661,23 @@ class ClinicalSchema:
                 f"(std, |mean| or range) from the training mean {mean[j]:g} (training values {seen}); more than {MAX_ABS_Z:g} is refused "
                 "as a unit or typing error"
             )
+
+    def _warn_unusual(self, numeric: np.ndarray, where: Where, report: ClinicalReport) -> None:
+        """Warn about observed values far outside the training range (see WARN_BEYOND_RANGE), naming them."""
+        for j, col in enumerate(self.numeric_columns):
+            lo, hi = self.clip_min[j], self.clip_max[j]
+            if lo is None or hi is None:  # a constant training column: no range to compare with
+                continue
+            scale = max(float(self.scaler_scale[j]), abs(float(self.scaler_mean[j])), hi - lo, 1.0)
+            for i in np.flatnonzero(np.isfinite(numeric[:, j])):
+                value = float(numeric[i, j])
+                negative = value < 0 <= lo
+                if negative or not lo - WARN_BEYOND_RANGE * scale <= value <= hi + WARN_BEYOND_RANGE * scale:
+                    report.unusual_values.append((col, value))
+                    why = ("negative, but every training value was >= 0" if negative
+                           else "far outside the training values")
+                    warnings.warn(f"{where(int(i))}, column {col!r}: value {value:g} is {why} ({lo:g} to {hi:g}); "
+                                  "it is used as given: check its unit and typing")
 
     def _check_columns(self, records: list[dict[str, Any]], report: ClinicalReport) -> None:
         known = set(self.columns) | set(self.dropped_columns) | {self.id_column}

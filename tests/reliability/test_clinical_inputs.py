@@ -325,3 +325,23 @@ def test_cases_without_a_clinical_row_are_imputed_with_a_warning_naming_them(tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every case has its row: silent
         read_clinical_csv(csv, case_ids=["liver_0", "liver_1"])
+
+
+def test_unit_slips_are_used_but_warned_about_naming_column_and_value(schema, tmp_path):
+    """Age -5 or 500 used to reach the network without a word (only values 1e5 training scales off are refused).
+    Training ages are 55-73 and AFP 8.5-1200 ng/ml (TABLE)."""
+    row = {"case_id": "x", "age": 60, "afp_ng_ml": 40, "ascites": "none", "encephalopathy": "none",
+           "cirrhosis": "no", "hbv": "f"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary row, and one a little outside the training range, are quiet
+        schema.transform(row)
+        schema.transform({**row, "age": 85, "afp_ng_ml": 3000})
+    path = write(tmp_path / "x.json", json.dumps({**row, "age": -5}))
+    with pytest.warns(UserWarning, match=r"x\.json: row 1 \(case 'x'\), column 'age': value -5 is negative, but "
+                                         r"every training value was >= 0 \(55 to 73\); it is used as given"):
+        vector, report = schema.transform(path, return_report=True)
+    assert report.unusual_values == [("age", -5.0)] and np.isfinite(vector).all()
+    months = {**row, "age": 61 * 12}
+    with pytest.warns(UserWarning, match=r"column 'age': value 732 is far outside the training values \(55 to 73\)"):
+        _, report = schema.transform(months, return_report=True)
+    assert report.unusual_values == [("age", 732.0)]
