@@ -8,7 +8,9 @@ to the input grid); peer = the usual MONAI recipe (Orientation, Spacing, ScaleIn
 CropForeground -> windows -> inverse transforms on the probabilities -> argmax).
 
 Precision: fp32 and bf16 rows for both (the peer gets bf16 autocast too), and the peer also with MONAI's own
-``use_flash_attention=True`` (SDPA at inference), so that our fused window attention is not the only SDPA user.
+``use_flash_attention=True`` (SDPA at inference), so that our fused window attention is not the only SDPA user,
+and with channels-last (NDHWC) weights, the layout ours runs in on a CPU (nny_models.inference.channels_last_on_cpu),
+so that neither trick is ours alone.
 An ONNX Runtime row runs our nnynet-export graph. The predict row uses predict's precision="auto" (bf16 on
 CUDA and AMX / AVX512-BF16 CPUs) and the MONAI recipe at the same precision.
 
@@ -118,10 +120,13 @@ def main() -> None:
     peer = SwinUNETR(in_channels=1, out_channels=5, feature_size=fs)
     peer_flash = SwinUNETR(in_channels=1, out_channels=5, feature_size=fs, use_flash_attention=True)
     peer_flash.load_state_dict(peer.state_dict())
-    for m in (ours, peer, peer_flash):
+    peer_cl = SwinUNETR(in_channels=1, out_channels=5, feature_size=fs)
+    peer_cl.load_state_dict(peer.state_dict())
+    for m in (ours, peer, peer_flash, peer_cl):
         m.eval().to(device)
+    peer_cl.to(memory_format=torch.channels_last_3d)
     with torch.inference_mode():  # one window each: one-time initialisation stays out of the timings
-        for m in (ours, peer, peer_flash):
+        for m in (ours, peer, peer_flash, peer_cl):
             m(torch.zeros(1, 1, *roi, device=device))
     x, _ = preprocess_volume(vol, affine, cfg)
     x = torch.as_tensor(x.as_tensor() if hasattr(x, "as_tensor") else x, dtype=torch.float32)[None].to(device)
@@ -158,6 +163,7 @@ def main() -> None:
         t_ours = time_it(lambda: ours_probs(ours, amp), device, warmup=warmup, repeats=repeats)
         t_peer = time_it(lambda: peer_probs(peer, amp), device, warmup=warmup, repeats=repeats)
         t_flash = time_it(lambda: peer_probs(peer_flash, amp), device, warmup=warmup, repeats=repeats)
+        t_cl = time_it(lambda: peer_probs(peer_cl, amp), device, warmup=warmup, repeats=repeats)
         seconds[precision] = t_ours
         emit("inference", f"sliding_window_seconds_per_volume_{precision}", t_ours, t_peer, peer_label, "lower",
              "<= 0.5 (ratio)", **common, precision=precision, note=note,
@@ -165,6 +171,9 @@ def main() -> None:
         emit("inference", f"sliding_window_seconds_per_volume_{precision}_vs_flash", t_ours, t_flash,
              f"monai SwinUNETR(feature_size={fs}, use_flash_attention=True) + sliding_window_inference", "lower",
              None, **common, precision=precision, note=note + "; the peer with MONAI's own SDPA option")  # fmt: skip
+        emit("inference", f"sliding_window_seconds_per_volume_{precision}_vs_channels_last", t_ours, t_cl,
+             f"monai SwinUNETR(feature_size={fs}), channels-last weights, + sliding_window_inference", "lower",
+             None, **common, precision=precision, note=note + "; the peer in the layout ours runs in on a CPU")  # fmt: skip
 
     if not args.no_onnx:
         import tempfile

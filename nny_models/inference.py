@@ -174,6 +174,24 @@ class _StageTimer:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def channels_last_on_cpu(model: nn.Module, device: torch.device):
+    """Run ``model`` with channels-last (NDHWC) weights on a CPU, and give back its own layout afterwards.
+
+    oneDNN then runs the 3D convs without a layout reorder around each one: a 4-window batch of the pipeline's
+    model took 0.25 instead of 0.32 s in bf16 and 0.41 instead of 0.59 s in fp32 (Intel Xeon with AMX). Training
+    steps are slower in this layout (0.47 vs 0.37 s), so the layout is restored for a model that goes on training
+    (fine-tuning validates through predict). Elsewhere (CUDA) nothing changes."""
+    if device.type != "cpu":
+        yield
+        return
+    model.to(memory_format=torch.channels_last_3d)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def sliding_window_probs(
     model: nn.Module,
     x: torch.Tensor,
@@ -214,7 +232,7 @@ def sliding_window_probs(
             return logits.float().softmax(dim=1), upsampled_map(fusion, tuple(patch.shape[2:]))
 
     model.eval().to(device)
-    with stage("windows"):
+    with stage("windows"), channels_last_on_cpu(model, device):
         return sliding_window_inference(
             x.to(device),
             roi_size=tuple(patch_size),
