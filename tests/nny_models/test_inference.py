@@ -219,3 +219,33 @@ def test_clinical_row_sources_agree_and_missing_columns_are_imputed(tmp_path):
     with pytest.raises(ValueError, match="one data row"):
         (tmp_path / "two.csv").write_text("age,afp,sex\n58,,F\n60,3,M\n")
         predict(model, vol, spacing=(0.9, 0.9, 3.0), clinical=tmp_path / "two.csv", device="cpu")
+
+
+def row_major(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides of a plain (contiguous_format) tensor of t's shape."""
+    return tuple(int(np.prod(t.shape[k + 1:])) for k in range(t.dim()))
+
+
+def test_channels_last_windows_match_and_the_model_gets_its_layout_back():
+    """predict runs the network with channels-last weights on a CPU (faster oneDNN convs) and restores the
+    model's layout, even when a window fails: fine-tuning validates through predict and then trains on."""
+    from nny_models.hub import NnyNet
+    from nny_models.inference import channels_last_on_cpu, sliding_window_probs
+
+    torch.manual_seed(0)
+    model = NnyNet(NnyNetConfig(model_kwargs={"size": "tiny"}, patch_size=(64, 64, 32))).eval()
+    x = torch.randn(1, 1, 80, 72, 40)
+    with torch.inference_mode():
+        plain = model(x[..., :64, :64, :32])
+        with channels_last_on_cpu(model, torch.device("cpu")):
+            weights = [w for w in model.parameters() if w.dim() == 5]
+            assert all(w.stride() == w.contiguous(memory_format=torch.channels_last_3d).stride() for w in weights)
+            assert any(w.stride() != row_major(w) for w in weights)
+            fast = model(x[..., :64, :64, :32])
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+        assert all(w.stride() == row_major(w) for w in model.parameters())
+        with pytest.raises(RuntimeError, match="boom"), channels_last_on_cpu(model, torch.device("cpu")):
+            raise RuntimeError("boom")
+        assert all(w.stride() == row_major(w) for w in model.parameters())
+        probs = sliding_window_probs(model, x, (64, 64, 32), overlap=0.25)
+    assert probs.shape == (1, 5, 80, 72, 40) and all(w.stride() == row_major(w) for w in model.parameters())
