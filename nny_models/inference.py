@@ -176,12 +176,12 @@ class _StageTimer:
 
 @contextlib.contextmanager
 def channels_last_on_cpu(model: nn.Module, device: torch.device):
-    """Run ``model`` with channels-last (NDHWC) weights on a CPU, and give back its own layout afterwards.
+    """Run ``model`` with channels-last (NDHWC) weights on a CPU, then put it back in PyTorch's default layout.
 
-    oneDNN then runs the 3D convs without a layout reorder around each one: a 4-window batch of the pipeline's
-    model took 0.25 instead of 0.32 s in bf16 and 0.41 instead of 0.59 s in fp32 (Intel Xeon with AMX). Training
-    steps are slower in this layout (0.47 vs 0.37 s), so the layout is restored for a model that goes on training
-    (fine-tuning validates through predict). Elsewhere (CUDA) nothing changes."""
+    oneDNN then runs the 3D convs without a layout reorder around each one (bench/inference.py, Intel Xeon with
+    AMX: sliding windows 24.0 -> 17.1 s in fp32, 17.1 -> 15.5 s in bf16). Training steps were slower in this layout
+    in a one-off timing, so the default layout comes back for a model that goes on training (fine-tuning
+    validates through predict). Elsewhere (CUDA) nothing changes."""
     if device.type != "cpu":
         yield
         return
