@@ -13,6 +13,7 @@ from .fields import Canvas, Grid, SmoothField, capsule, correlated_noise
 from .organs import LIVER, PORTAL_VEIN, draw_organs, liver_box, liver_sdf_fn, sample_organs
 from .presets import get_preset, sample_acquisition
 from .randomization import Randomization, get_randomization, phase_hu, uniform
+from .surroundings import draw_surroundings, extra_width, sample_surroundings, surroundings_rng
 from .tumors import draw_tumors, measure_tumors, place_tumors, sample_count, sample_diameters
 from .vessels import LiverDepth, grow_tree
 
@@ -58,7 +59,10 @@ def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, c
             z_top = -float(rng.uniform(15, 60))
         else:
             extent = z_top + float(rng.uniform(80, 140))
-    spacing, shape = sample_acquisition(rng, pre, 2 * body.a, thickness, extent)
+    # Table, mattress and arms come from their own generator: every other draw is the same with or without them.
+    sur_rng = surroundings_rng(seed)
+    sur = sample_surroundings(sur_rng, rand.table_prob, rand.arms_prob, hist["obesity"])
+    spacing, shape = sample_acquisition(rng, pre, 2 * body.a + extra_width(sur), thickness, extent)
     shift = rng.uniform(-15, 15, 2)  # patient not exactly centred on the table
     origin = (-(shape[0] - 1) / 2 * spacing[0] + shift[0], -(shape[1] - 1) / 2 * spacing[1] + shift[1] - 10,
               z_top - (shape[2] - 1) * spacing[2])
@@ -73,6 +77,7 @@ def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, c
     count = sample_count(rng, hist["tumor_count_target"], rand)
     tumors = place_tumors(rng, depth, sample_diameters(rng, count, rand), org.liver_hu, rand, phase)
     draw_tumors(canvas, tumors, liver, rng)
+    draw_surroundings(canvas, body, sur, sur_rng)
 
     # Slice profile along z (Gaussian, FWHM = slice thickness, at least one voxel), reconstruction blur in
     # plane, then correlated CT noise (grain = in-plane correlation of the reconstruction kernel).
@@ -90,7 +95,9 @@ def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, c
     row = clinical_row(rng, case_id, hist, count, diameters, liver_ml)
     appearance = dict(randomization=rand.name, phase=phase, slice_thickness_mm=round(thickness, 2),
                       noise_hu=round(noise_std, 1), noise_grain_vox=round(grain, 2), blur_mm=round(blur, 2), fov=fov,
-                      liver_like_neighbours=liver_like, tumor_kinds=[t.kind for t in tumors],
+                      liver_like_neighbours=liver_like, table=sur.table,
+                      mattress_mm=round(sur.mattress_mm, 1) if sur.table else 0.0, arms=sur.arms,
+                      tumor_kinds=[t.kind for t in tumors],
                       tumor_diameters_mm=[round(2 * t.radius, 1) for t in tumors])
     return PhantomCase(case_id, img, label if labeled else None, tuple(float(s) for s in spacing), grid.affine,
                        with_missing(rng, row), row, appearance)

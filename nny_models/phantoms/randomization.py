@@ -5,8 +5,8 @@ Two named configurations ship:
 - ``"train"`` (the default of generate_phantom / write_dataset): the whole world the models are trained on.
 - ``"ood"``: a shifted held-out world whose parameters lie at the edges of, or outside, the training ranges
   (thicker slices, more noise, coarser grain and blur, mostly hyper- / iso-dense and small lesions, mostly
-  arterial or delayed phase, larger bodies, smaller livers, more cut-off fields of view). Use it only for
-  evaluation, never for training.
+  arterial or delayed phase, larger bodies, smaller livers, more cut-off fields of view, a table in every case
+  and arms down in half of them). Use it only for evaluation, never for training.
 
 A caller restricts the world with ``dataclasses.replace(RANDOMIZATIONS["train"], tumor_kinds=("hypo",), ...)``.
 
@@ -63,6 +63,8 @@ class Randomization:
     liver_shift_mm: float = 15.0  # liver displaced by up to this in x and y (it stays under the diaphragm)
     liver_shape_jitter: float = 0.15  # each liver lobe's radii scaled by 1 +- this (shape variation)
     liver_like_neighbours_prob: float = 0.5  # spleen, stomach wall and heart wall drawn with liver-like HU
+    table_prob: float = 0.9  # patient table (carbon-fibre couch, usually a foam mattress) under the back
+    arms_prob: float = 0.25  # arms down beside the trunk (humerus / forearm bones in the field of view)
 
     def __post_init__(self):
         for name, choices, allowed in (("phases", self.phases, PHASES), ("tumor_kinds", self.tumor_kinds, TUMOR_KINDS)):
@@ -94,7 +96,7 @@ RANDOMIZATIONS = {
         tumor_diameter_mm=(3.0, 40.0), rim_prob=0.5, capsule_prob=0.5,
         slice_thickness_mm=(5.0, 7.5), noise_hu=(22.0, 35.0), noise_grain_vox=(1.2, 1.8), blur_mm=(0.8, 1.6),
         partial_fov_prob=0.5, body_scale=(1.1, 1.25), liver_scale=(0.75, 0.9), liver_shift_mm=25.0,
-        liver_shape_jitter=0.25, liver_like_neighbours_prob=0.9,
+        liver_shape_jitter=0.25, liver_like_neighbours_prob=0.9, table_prob=1.0, arms_prob=0.5,
     ),
 }
 
