@@ -72,12 +72,14 @@ def evaluate_and_publish(
     repo_id: str | None = None,
     keep_largest: Sequence[str] | None = None,
     lesion_min_contact: float | None = None,
+    single_component: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Held-out evaluation, then save_pretrained to OUT/model with the metrics, reload it and check it.
 
     keep_largest: None keeps the post-processing the model was trained with; a list replaces it (in the
     evaluation and in the published config alike). lesion_min_contact likewise: None keeps the model's
-    lesion_in_organ, 0 removes it, a share in (0, 1] sets it (tumor in liver unless the model names others)."""
+    lesion_in_organ, 0 removes it, a share in (0, 1] sets it (tumor in liver unless the model names others).
+    single_component: None keeps the model's, a list replaces it."""
     model_dir, test_dir, out = Path(model_dir), Path(test_dir), Path(out)
     model = NnyNet.from_pretrained(model_dir)
     if keep_largest is not None:
@@ -85,6 +87,11 @@ def evaluate_and_publish(
         if unknown:
             raise ValueError(f"keep_largest: {unknown} not among the model's labels {model.config.label_names}")
         model.config.keep_largest = list(keep_largest)
+    if single_component is not None:
+        unknown = sorted(set(single_component) - set(model.config.label_names))
+        if unknown:
+            raise ValueError(f"single_component: {unknown} not among the model's labels {model.config.label_names}")
+        model.config.single_component = list(single_component)
     if lesion_min_contact is not None:
         model.config.lesion_in_organ = _lesion_rule(model.config, float(lesion_min_contact))
     eval_dir = out / "eval"
@@ -98,6 +105,7 @@ def evaluate_and_publish(
         "split": f"held-out synthetic phantoms ({len(per_case)} cases), original voxel grid"
         + (f", largest connected {' + '.join(model.config.keep_largest)} component{side} kept"
            if model.config.keep_largest else "")
+        + "".join(f", largest {name} component kept" for name in model.config.single_component)
         + (", {lesion} components touching the {organ} on under {min_contact:.0%} of their surface dropped".format(
             **model.config.lesion_in_organ) if model.config.lesion_in_organ else ""),
         **card_metrics(summary),
@@ -154,13 +162,15 @@ class PublishConfig:
     # None = as the model was trained, a bare flag = no post-processing
     lesion_min_contact: float | None = None  # drop tumor components touching the liver on less than this share of
     # their surface (config.json lesion_in_organ); None = as the model was trained, 0 = keep every component
+    single_component: tuple[str, ...] | None = None  # labels each kept as its largest component (e.g. aorta);
+    # None = as the model was trained, a bare flag = none
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(PublishConfig, argv, description=__doc__.splitlines()[0])
     result = evaluate_and_publish(
         Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id, keep_largest=cfg.keep_largest,
-        lesion_min_contact=cfg.lesion_min_contact,
+        lesion_min_contact=cfg.lesion_min_contact, single_component=cfg.single_component,
     )
     print(result["report_md"].read_text())
 

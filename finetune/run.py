@@ -140,6 +140,8 @@ class FinetuneConfig:
     # component validation and predict keep; a bare flag turns it off (the default skips names the label map lacks)
     keep_side: str = "auto"  # right | left | none: keep the largest such component on that side of the patient
     # (nny_models.postprocess; a spleen called liver can be the larger one); "auto" = right when the organ is the liver
+    single_component: tuple[str, ...] = ("aorta",)  # labels that are each one connected structure: validation and
+    # predict keep each one's largest component (a bare flag turns it off; the default skips names the label map lacks)
     lesion_in_organ: tuple[str, str] = ("tumor", "liver")  # a lesion label and the organ it lies in: validation
     # and predict drop each lesion component whose surface touches the organ on less than lesion_min_contact of its
     # voxels (nny_models.postprocess.drop_lesions_outside); skipped when the label map lacks either name
@@ -329,14 +331,15 @@ def architecture(cfg: FinetuneConfig, source: NnyNetConfig | None) -> tuple[str,
     return source.model, exported
 
 
-def _keep_largest(cfg: FinetuneConfig, labels: list[str]) -> list[str]:
-    """cfg.keep_largest as stored in config.json: the default adapts to the label map, a name the user gave
-    that is not a label is an error (a typo must not silently turn post-processing off)."""
-    default = next(f.default for f in dataclasses.fields(FinetuneConfig) if f.name == "keep_largest")
-    unknown = [n for n in cfg.keep_largest if n not in labels]
-    if unknown and tuple(cfg.keep_largest) != default:
-        raise ValueError(f"--keep_largest: {unknown} are not labels of this dataset; expected some of {labels}")
-    return [n for n in cfg.keep_largest if n in labels]
+def _label_list(cfg: FinetuneConfig, name: str, labels: list[str]) -> list[str]:
+    """cfg.<name> (keep_largest, single_component) as stored in config.json: the default adapts to the label
+    map, a name the user gave that is not a label is an error (a typo must not silently turn post-processing off)."""
+    default = next(f.default for f in dataclasses.fields(FinetuneConfig) if f.name == name)
+    given = tuple(getattr(cfg, name))
+    unknown = [n for n in given if n not in labels]
+    if unknown and given != default:
+        raise ValueError(f"--{name}: {unknown} are not labels of this dataset; expected some of {labels}")
+    return [n for n in given if n in labels]
 
 
 def _keep_side(cfg: FinetuneConfig, keep_largest: list[str]) -> str | None:
@@ -407,7 +410,7 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
         kwargs["fusion_position"] = cfg.fusion_position or "after_bottleneck"
     elif cfg.fusion_position:
         raise ValueError(f"--fusion_position applies to nnynet and swinunetr only; {name!r} has one fusion position")
-    keep_largest = _keep_largest(cfg, data["labels"])
+    keep_largest = _label_list(cfg, "keep_largest", data["labels"])
     try:
         config = NnyNetConfig(
             model=name,
@@ -418,6 +421,7 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
             clinical_schema=schema.to_dict() if schema else None,
             keep_largest=keep_largest,
             keep_side=_keep_side(cfg, keep_largest),
+            single_component=_label_list(cfg, "single_component", data["labels"]),
             lesion_in_organ=_lesion_in_organ(cfg, data["labels"]),
             plan=plan.to_dict() if plan is not None else None,
             # mirror TTA (nny_models.tta) only along the axes training really mirrored
@@ -499,6 +503,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
         f"{len(data['train_ids'])} training / {len(data['val_ids'])} validation cases, labels {data['labels']}, "
         f"post-processing: largest component of {model.config.keep_largest or 'nothing'}"
         + (f" on the patient's {model.config.keep_side}" if model.config.keep_side else "")
+        + "".join(f", largest {name} component" for name in model.config.single_component)
         + (", {lesion} components touching the {organ} on under {min_contact:.0%} of their surface dropped".format(
             **model.config.lesion_in_organ) if model.config.lesion_in_organ else "") + ", "
         + f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

@@ -133,6 +133,9 @@ class NnyNetConfig:
     keep_side: str | None = None  # "right" / "left": keep_largest keeps the largest component on that side of the
     # patient (the liver's is the right) unless it is under a quarter of the largest; None = the largest (models
     # saved before 2026-12-02, whose files lack the field, predict exactly as before)
+    single_component: list[str] = field(default_factory=list)  # labels that are each one connected structure (e.g.
+    # the aorta, a tube through every slice): predict keeps each one's largest component on its own, after
+    # keep_largest; [] = none (models saved before 2026-12-07, whose files lack the field, predict exactly as before)
     lesion_in_organ: dict[str, Any] | None = None  # {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}:
     # after keep_largest, predict sets to background each lesion component whose surface touches the organ on less
     # than min_contact of its voxels (nny_models.postprocess.drop_lesions_outside); None = no such step (models
@@ -189,6 +192,11 @@ class NnyNetConfig:
         unknown = sorted(set(self.keep_largest) - set(names))
         if unknown:
             raise ValueError(f"NnyNetConfig.keep_largest: names {unknown} are not labels {names}")
+        if not isinstance(self.single_component, list):
+            raise ValueError(f"NnyNetConfig.single_component: expected a list of label names, got {self.single_component!r}")
+        unknown = sorted(set(self.single_component) - set(names))
+        if unknown:
+            raise ValueError(f"NnyNetConfig.single_component: names {unknown} are not labels {names}")
         if self.keep_side not in (None, "right", "left"):
             raise ValueError(f"NnyNetConfig.keep_side: expected 'right', 'left' or null, got {self.keep_side!r}")
         self.lesion_in_organ = check_lesion_in_organ(self.lesion_in_organ, names)

@@ -117,11 +117,14 @@ def drop_lesions_outside(
 
 def postprocess_labels(labels: np.ndarray, config: Any) -> np.ndarray:
     """The post-processing a model's config.json asks for, on a (X, Y, Z) label volume of the model's grid: the
-    largest component of ``keep_largest`` (on ``keep_side``), then ``lesion_in_organ``. What predict and
+    largest component of ``keep_largest`` (on ``keep_side``), the largest of each ``single_component`` label, then
+    ``lesion_in_organ``. What predict and
     fine-tuning's validation apply; a config without either returns the labels unchanged."""
     if config.keep_largest:
         labels = keep_largest_component(labels, label_indices(config.label_names, config.keep_largest),
                                         config.keep_side, config.preprocess.orientation)
+    for index in label_indices(config.label_names, getattr(config, "single_component", None) or []):
+        labels = keep_largest_component(labels, index)  # each on its own: the aorta is not joined to the liver
     rule = getattr(config, "lesion_in_organ", None)
     if rule:
         names = list(config.label_names)

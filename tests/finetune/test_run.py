@@ -141,6 +141,7 @@ def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, p
     out, _ = finetuned
     trained = NnyNet.from_pretrained(out / "model").config
     assert trained.keep_largest == ["liver", "tumor"]  # fine-tuning's defaults
+    assert trained.single_component == ["aorta"]
     assert trained.lesion_in_organ == {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}
     with pytest.raises(ValueError, match="spleen"):
         evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", keep_largest=["spleen"])

@@ -173,3 +173,32 @@ def test_predict_applies_the_config_rule_and_older_configs_skip_it():
                        ({"lesion": "tumor", "organ": "liver"}, "lesion, organ and min_contact")]:
         with pytest.raises(ValueError, match=match):
             NnyNetConfig(**kwargs, lesion_in_organ=bad)
+
+
+def test_single_component_keeps_the_largest_of_each_label_on_its_own():
+    """The aorta is one tube: a predicted 'aorta' in an arm's bone or on the table goes, the liver is untouched,
+    and an aorta touching the liver is not merged with it (each label is its own component)."""
+    from finetune.run import FinetuneConfig, _label_list
+    from nny_models.config import NnyNetConfig
+    from nny_models.postprocess import postprocess_labels
+
+    pred = np.zeros((20, 16, 16), np.uint8)
+    pred[2:10, 2:12, 2:14] = 1  # the liver
+    pred[10:12, 6:8, :] = 4  # the aorta: a tube through every slice, touching the liver
+    pred[17:19, 1:3, 4:7] = 4  # 'aorta' far away (an arm's bone)
+    pred[14:16, 12:14, 12:14] = 1  # a liver island (keep_largest's business)
+    kwargs = {"model_kwargs": {"size": "tiny", "out_channels": 5}, "keep_largest": ["liver", "tumor"]}
+    old = NnyNetConfig(**kwargs)  # a config.json written before the field existed: unchanged behaviour
+    assert old.single_component == [] and (postprocess_labels(pred, old)[17:19, 1:3, 4:7] == 4).all()
+    new = NnyNetConfig(**kwargs, single_component=["aorta"])
+    assert NnyNetConfig.from_dict(new.to_dict()).single_component == ["aorta"]  # round trip through config.json
+    out = postprocess_labels(pred, new)
+    assert (out[17:19, 1:3, 4:7] == 0).all() and (out[10:12, 6:8, :] == 4).all()
+    assert np.array_equal(out[pred != 4], postprocess_labels(pred, old)[pred != 4])  # other labels as before
+    with pytest.raises(ValueError, match="single_component"):
+        NnyNetConfig(**kwargs, single_component=["aorte"])
+    # fine-tuning stores it: the default adapts to the label map, a name the user typed must exist
+    assert _label_list(FinetuneConfig(), "single_component", ["background", "liver", "aorta"]) == ["aorta"]
+    assert _label_list(FinetuneConfig(), "single_component", ["background", "kidney"]) == []
+    with pytest.raises(ValueError, match="--single_component"):
+        _label_list(FinetuneConfig(single_component=("aorte",)), "single_component", ["background", "aorta"])
