@@ -502,21 +502,21 @@ def run_peer(args: argparse.Namespace, work: Path, train_dir: Path, held_out: di
 def score_ours(model_dir: Path, held_out: dict[str, Path], work: Path,
                postprocess: bool = True) -> tuple[dict[str, dict], bool, dict[str, Any]]:
     """Our model on each held-out set through finetune.publish.evaluate_dataset (the published model's own path);
-    postprocess=False drops config.keep_largest and lesion_in_organ, like the peer, which runs no post-processing
+    postprocess=False drops config.keep_largest, single_component and lesion_in_organ, like the peer, which runs no post-processing
     here."""
     from finetune.publish import evaluate_dataset
     from nny_models.hub import NnyNet
 
     model = NnyNet.from_pretrained(model_dir)
     if not postprocess:
-        model.config.keep_largest, model.config.lesion_in_organ = [], None
+        model.config.keep_largest, model.config.single_component, model.config.lesion_in_organ = [], [], None
     tta = bool(getattr(model.config, "tta_mirror_axes", None))
     summaries = {}
     start = time.perf_counter()
     for name, test_dir in held_out.items():
         _, summaries[name] = evaluate_dataset(model, test_dir, work / "ours_eval" / name, overlays=0)
     info = {"label_names": list(model.config.label_names), "keep_largest": list(model.config.keep_largest or []),
-            "lesion_in_organ": model.config.lesion_in_organ,
+            "lesion_in_organ": model.config.lesion_in_organ, "single_component": list(model.config.single_component),
             "spacing_ras": list(model.config.plan["spacing"]) if getattr(model.config, "plan", None) else None,
             "predict_s": time.perf_counter() - start}
     return summaries, tta, info
@@ -597,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
                      "fold": f"{budget['fold']} of {budget['folds']}", "tta": ours_tta,
                      "postprocessing": (f"largest connected component of {ours_info['keep_largest']}"
                                         if ours_info["keep_largest"] else "none")
+                     + "".join(f"; largest {name} component" for name in ours_info["single_component"])
                      + (f"; lesion_in_organ {ours_info['lesion_in_organ']}" if ours_info["lesion_in_organ"] else ""),
                      "fusion": budget["fusion"], "loader_workers": budget["num_workers"],
                      "spacing_ras": ours_info["spacing_ras"],
