@@ -502,8 +502,8 @@ def run_peer(args: argparse.Namespace, work: Path, train_dir: Path, held_out: di
 def score_ours(model_dir: Path, held_out: dict[str, Path], work: Path,
                postprocess: bool = True) -> tuple[dict[str, dict], bool, dict[str, Any]]:
     """Our model on each held-out set through finetune.publish.evaluate_dataset (the published model's own path);
-    postprocess=False drops config.keep_largest, single_component and lesion_in_organ, like the peer, which runs no post-processing
-    here."""
+    postprocess=False drops config.keep_largest, single_component and lesion_in_organ, like the peer, which runs no
+    post-processing here."""
     from finetune.publish import evaluate_dataset
     from nny_models.hub import NnyNet
 

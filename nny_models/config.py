@@ -193,7 +193,8 @@ class NnyNetConfig:
         if unknown:
             raise ValueError(f"NnyNetConfig.keep_largest: names {unknown} are not labels {names}")
         if not isinstance(self.single_component, list):
-            raise ValueError(f"NnyNetConfig.single_component: expected a list of label names, got {self.single_component!r}")
+            raise ValueError("NnyNetConfig.single_component: expected a list of label names, got "
+                             f"{self.single_component!r}")
         unknown = sorted(set(self.single_component) - set(names))
         if unknown:
             raise ValueError(f"NnyNetConfig.single_component: names {unknown} are not labels {names}")

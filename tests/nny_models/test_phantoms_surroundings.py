@@ -72,7 +72,8 @@ def test_randomization_sets_how_often_and_is_validated():
     assert sum(f["table"] for f in flags) >= 8 and all("arms" in f and "mattress_mm" in f for f in flags)
     arms = generate_phantom(5, preset="test", randomization=dataclasses.replace(NONE, arms_prob=1.0))
     assert arms.appearance["arms"] and not arms.appearance["table"]
-    assert RANDOMIZATIONS["ood"].table_prob == 1.0 and RANDOMIZATIONS["ood"].arms_prob > RANDOMIZATIONS["train"].arms_prob
+    train, ood = RANDOMIZATIONS["train"], RANDOMIZATIONS["ood"]
+    assert ood.table_prob == 1.0 and ood.arms_prob > train.arms_prob
     with pytest.raises(ValueError, match="arms_prob"):
         Randomization(arms_prob=1.5)
     a, b = generate_phantom(9, preset="test"), generate_phantom(9, preset="test")
