@@ -123,7 +123,8 @@ def postprocess_labels(labels: np.ndarray, config: Any) -> np.ndarray:
     if config.keep_largest:
         labels = keep_largest_component(labels, label_indices(config.label_names, config.keep_largest),
                                         config.keep_side, config.preprocess.orientation)
-    for index in label_indices(config.label_names, getattr(config, "single_component", None) or []):
+    single = getattr(config, "single_component", None)  # absent in configs older than the field
+    for index in label_indices(config.label_names, single) if single else []:
         labels = keep_largest_component(labels, index)  # each on its own: the aorta is not joined to the liver
     rule = getattr(config, "lesion_in_organ", None)
     if rule:

@@ -34,13 +34,16 @@ def test_bad_flip_axis_is_refused():
 
 
 def test_keep_largest_default_adapts_but_a_typo_is_an_error():
-    from finetune.run import FinetuneConfig, _keep_largest
+    from finetune.run import FinetuneConfig, _label_list
 
-    assert _keep_largest(FinetuneConfig(), ["background", "liver", "tumor"]) == ["liver", "tumor"]
-    assert _keep_largest(FinetuneConfig(), ["background", "liver", "spleen"]) == ["liver"]  # no tumor class
-    assert _keep_largest(FinetuneConfig(keep_largest=()), ["background", "liver"]) == []
+    def keep(cfg, labels):
+        return _label_list(cfg, "keep_largest", labels)
+
+    assert keep(FinetuneConfig(), ["background", "liver", "tumor"]) == ["liver", "tumor"]
+    assert keep(FinetuneConfig(), ["background", "liver", "spleen"]) == ["liver"]  # no tumor class
+    assert keep(FinetuneConfig(keep_largest=()), ["background", "liver"]) == []
     with pytest.raises(ValueError, match="livr"):
-        _keep_largest(FinetuneConfig(keep_largest=("livr",)), ["background", "liver"])
+        keep(FinetuneConfig(keep_largest=("livr",)), ["background", "liver"])
 
 
 # ---- no surprises on the command line
