@@ -82,16 +82,12 @@ def evaluate_and_publish(
     single_component: None keeps the model's, a list replaces it."""
     model_dir, test_dir, out = Path(model_dir), Path(test_dir), Path(out)
     model = NnyNet.from_pretrained(model_dir)
-    if keep_largest is not None:
-        unknown = sorted(set(keep_largest) - set(model.config.label_names))
-        if unknown:
-            raise ValueError(f"keep_largest: {unknown} not among the model's labels {model.config.label_names}")
-        model.config.keep_largest = list(keep_largest)
-    if single_component is not None:
-        unknown = sorted(set(single_component) - set(model.config.label_names))
-        if unknown:
-            raise ValueError(f"single_component: {unknown} not among the model's labels {model.config.label_names}")
-        model.config.single_component = list(single_component)
+    for name, names in (("keep_largest", keep_largest), ("single_component", single_component)):
+        if names is not None:
+            unknown = sorted(set(names) - set(model.config.label_names))
+            if unknown:
+                raise ValueError(f"{name}: {unknown} not among the model's labels {model.config.label_names}")
+            setattr(model.config, name, list(names))
     if lesion_min_contact is not None:
         model.config.lesion_in_organ = _lesion_rule(model.config, float(lesion_min_contact))
     eval_dir = out / "eval"

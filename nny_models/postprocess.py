@@ -118,8 +118,8 @@ def drop_lesions_outside(
 def postprocess_labels(labels: np.ndarray, config: Any) -> np.ndarray:
     """The post-processing a model's config.json asks for, on a (X, Y, Z) label volume of the model's grid: the
     largest component of ``keep_largest`` (on ``keep_side``), the largest of each ``single_component`` label, then
-    ``lesion_in_organ``. What predict and
-    fine-tuning's validation apply; a config without either returns the labels unchanged."""
+    ``lesion_in_organ``. What predict and fine-tuning's validation apply; a config without any of them returns the
+    labels unchanged."""
     if config.keep_largest:
         labels = keep_largest_component(labels, label_indices(config.label_names, config.keep_largest),
                                         config.keep_side, config.preprocess.orientation)

@@ -145,6 +145,8 @@ def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, p
     assert trained.lesion_in_organ == {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}
     with pytest.raises(ValueError, match="spleen"):
         evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", keep_largest=["spleen"])
+    with pytest.raises(ValueError, match="single_component: \\['aorte'\\]"):
+        evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", single_component=["aorte"])
     with pytest.raises(ValueError, match="--lesion_min_contact 1.5"):
         evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", lesion_min_contact=1.5)
     result = evaluate_and_publish(out / "model", phantoms, tmp_path / "pub", keep_largest=["liver"],
