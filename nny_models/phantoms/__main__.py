@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unlabeled", action="store_true", help="write images only (pretraining data)")
     ap.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="acquisition preset")
     ap.add_argument("--randomization", default="train", choices=sorted(RANDOMIZATIONS),
-                    help="appearance ranges: train (the training world) or ood (a shifted held-out set)")
+                    help="appearance ranges: train (the training world), ood (a shifted held-out set) or "
+                         "unenhanced (non-contrast scans, half of them of fatty livers)")
     ap.add_argument("--workers", type=int, default=1, help="processes used to generate cases")
     ap.add_argument("--preview", action="store_true", help="also write preview.png of the first case")
     args = ap.parse_args(argv)

@@ -12,7 +12,7 @@ from .clinical import COLUMN_TYPES, COLUMNS
 from .generate import PhantomCase, generate_phantom
 from .randomization import Randomization, get_randomization
 
-GENERATOR_VERSION = 4  # bump when the generated world changes: the embedded cache folder name carries it
+GENERATOR_VERSION = 5  # bump when the generated world changes: the embedded cache folder name carries it
 # (3: the x axis is no longer mirrored, see fields.Grid.affine; 4: patient table, mattress and arms, surroundings.py)
 LABELS = {"0": "background", "1": "liver", "2": "tumor", "3": "portal_vein", "4": "aorta"}
 
@@ -53,8 +53,9 @@ def write_dataset(out_dir, cases: int, seed: int, *, unlabeled: bool = False, pr
     """Generate ``cases`` phantoms into ``out_dir`` (imagesTr/, labelsTr/ unless unlabeled, dataset.json,
     clinical.csv keyed by case_id, appearance.csv with each case's randomized parameters).
 
-    randomization: "train" (default) or "ood" (a shifted held-out set: appearance at the edges of or outside
-    the training ranges, nny_models.phantoms.randomization) or a Randomization. Returns the output directory."""
+    randomization: "train" (default), "ood" (a shifted held-out set: appearance at the edges of or outside
+    the training ranges, nny_models.phantoms.randomization), "unenhanced" (non-contrast scans, half of them of
+    fatty livers) or a Randomization. Returns the output directory."""
     import pandas as pd
 
     if cases < 1:

@@ -12,7 +12,7 @@ from .clinical import clinical_row, sample_history, with_missing
 from .fields import Canvas, Grid, SmoothField, capsule, correlated_noise
 from .organs import LIVER, PORTAL_VEIN, draw_organs, liver_box, liver_sdf_fn, sample_organs
 from .presets import get_preset, sample_acquisition
-from .randomization import Randomization, get_randomization, phase_hu, uniform
+from .randomization import Randomization, get_randomization, phase_hu, steatosis_drop, uniform
 from .surroundings import draw_surroundings, extra_width, sample_surroundings, surroundings_rng
 from .tumors import draw_tumors, measure_tumors, place_tumors, sample_count, sample_diameters
 from .vessels import LiverDepth, grow_tree
@@ -43,10 +43,11 @@ def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, c
     phase = str(rng.choice(rand.phases, p=rand.phase_probs))
     body = sample_body(rng, hist["obesity"], uniform(rng, rand.body_scale))
     liver_like = bool(rng.random() < rand.liver_like_neighbours_prob)
+    fat = steatosis_drop(seed, rand)
     org = sample_organs(rng, body, bool(hist["cirrhosis"]), hist["ascites"], phase_hu(rng, phase),
                         liver_scale=uniform(rng, rand.liver_scale),
                         liver_shift=rng.uniform(-rand.liver_shift_mm, rand.liver_shift_mm, 2),
-                        shape_jitter=rand.liver_shape_jitter, liver_like=liver_like)
+                        shape_jitter=rand.liver_shape_jitter, liver_like=liver_like, steatosis_hu=fat)
 
     # Field of view: from above the liver dome (lung bases) down; sometimes the liver is cut off at the top
     # (z_top below the dome, z = 0) or at the bottom (coverage ends inside the liver, which reaches ~ -190 mm).
@@ -95,7 +96,7 @@ def generate_phantom(seed: int, *, preset: str = "demo", labeled: bool = True, c
     row = clinical_row(rng, case_id, hist, count, diameters, liver_ml)
     appearance = dict(randomization=rand.name, phase=phase, slice_thickness_mm=round(thickness, 2),
                       noise_hu=round(noise_std, 1), noise_grain_vox=round(grain, 2), blur_mm=round(blur, 2), fov=fov,
-                      liver_like_neighbours=liver_like, table=sur.table,
+                      liver_like_neighbours=liver_like, steatosis_hu=round(fat, 1), table=sur.table,
                       mattress_mm=round(sur.mattress_mm, 1) if sur.table else 0.0, arms=sur.arms,
                       tumor_kinds=[t.kind for t in tumors],
                       tumor_diameters_mm=[round(2 * t.radius, 1) for t in tumors])

@@ -36,8 +36,9 @@ class Organs:
 
 def sample_organs(rng: np.random.Generator, body: Body, cirrhosis: bool, ascites: str, phase_hu: dict,
                   liver_scale: float = 1.0, liver_shift=(0.0, 0.0, 0.0), shape_jitter: float = 0.0,
-                  liver_like: bool = False) -> Organs:
+                  liver_like: bool = False, steatosis_hu: float = 0.0) -> Organs:
     """Organ geometry and HU. ``phase_hu``: tissue HU of the contrast phase (randomization.phase_hu);
+    steatosis_hu: HU the liver loses to fat (randomization.steatosis_drop);
     liver_scale / liver_shift (x, y in mm; z is ignored) / shape_jitter (relative radius change per lobe)
     vary the liver;
     liver_like: spleen, stomach wall and myocardium get HU close to the liver's."""
@@ -78,6 +79,7 @@ def sample_organs(rng: np.random.Generator, body: Body, cirrhosis: bool, ascites
     confluence = np.array((u(-5, 10), ao[1] + r_ao + u(18, 26), zk + u(10, 25)), np.float32)
     hu = {k: v for k, v in phase_hu.items() if k != "heart"}
     liver_hu = hu["liver"] - (u(0, 10) if cirrhosis else 0.0)  # fibrotic parenchyma enhances less
+    liver_hu -= steatosis_hu  # fat lowers the parenchyma's attenuation in every phase
     hu.update(liver=liver_hu, wall=u(55, 80), fluid=u(0, 20))
     wall_mm = 4.0
     if liver_like:

@@ -12,7 +12,9 @@ A caller restricts the world with ``dataclasses.replace(RANDOMIZATIONS["train"],
 
 Contrast phases set the HU of liver, vessels and kidneys (``PHASE_HU``): in the arterial phase the aorta is
 bright and the portal vein only starts to fill, the portal-venous phase has the liver at its brightest, and
-in the delayed phase vessels and parenchyma converge.
+in the delayed phase vessels and parenchyma converge; an unenhanced (non-contrast) scan has blood at 35-50 HU
+and the liver only a little above the spleen. A fatty liver (steatosis) loses 10-40 HU in every phase, so it may
+lie below the spleen and, unenhanced, below its own vessels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PHASES = ("arterial", "portal_venous", "delayed")
+PHASES = ("arterial", "portal_venous", "delayed", "unenhanced")
 TUMOR_KINDS = ("hypo", "iso", "hyper")  # viable tumor darker than, like, or brighter than the liver
 
 # HU ranges (low, high) per phase. hv: hepatic veins; cortex / medulla: kidney. Values from multiphase CT
@@ -34,6 +36,9 @@ PHASE_HU = {
                           spleen=(105, 125), cortex=(150, 185), medulla=(100, 125), pancreas=(80, 105), heart=(130, 180)),
     "delayed": dict(liver=(80, 105), pv=(110, 140), hv=(105, 135), aorta=(110, 150), ivc=(105, 135),
                     spleen=(90, 110), cortex=(120, 160), medulla=(120, 160), pancreas=(70, 95), heart=(105, 140)),
+    # No contrast medium: blood 35-50 HU, the liver 8-15 HU above the spleen, the kidney's cortex and medulla alike.
+    "unenhanced": dict(liver=(50, 70), pv=(35, 50), hv=(35, 50), aorta=(35, 50), ivc=(35, 50),
+                       spleen=(40, 55), cortex=(28, 40), medulla=(25, 38), pancreas=(35, 50), heart=(35, 50)),
 }
 
 
@@ -43,7 +48,7 @@ class Randomization:
 
     name: str = "train"  # shown in dataset.json
     phases: tuple[str, ...] = PHASES  # contrast phases drawn from ...
-    phase_probs: tuple[float, ...] = (0.25, 0.5, 0.25)  # ... with these probabilities
+    phase_probs: tuple[float, ...] = (0.25, 0.5, 0.15, 0.1)  # ... with these probabilities
     tumor_kinds: tuple[str, ...] = TUMOR_KINDS  # lesion density relative to the liver, drawn per lesion ...
     tumor_kind_probs: tuple[float, ...] = (0.6, 0.2, 0.2)  # ... with these probabilities
     tumor_contrast_hu: tuple[float, float] = (20.0, 70.0)  # |viable tumor - liver| HU of hypo / hyper lesions
@@ -65,6 +70,8 @@ class Randomization:
     liver_like_neighbours_prob: float = 0.5  # spleen, stomach wall and heart wall drawn with liver-like HU
     table_prob: float = 0.9  # patient table (carbon-fibre couch, usually a foam mattress) under the back
     arms_prob: float = 0.25  # arms down beside the trunk (humerus / forearm bones in the field of view)
+    steatosis_prob: float = 0.15  # fatty liver (drawn from its own generator: steatosis_drop) ...
+    steatosis_hu: tuple[float, float] = (10.0, 40.0)  # ... losing this many HU of its phase's attenuation
 
     def __post_init__(self):
         for name, choices, allowed in (("phases", self.phases, PHASES), ("tumor_kinds", self.tumor_kinds, TUMOR_KINDS)):
@@ -97,6 +104,14 @@ RANDOMIZATIONS = {
         slice_thickness_mm=(5.0, 7.5), noise_hu=(22.0, 35.0), noise_grain_vox=(1.2, 1.8), blur_mm=(0.8, 1.6),
         partial_fov_prob=0.5, body_scale=(1.1, 1.25), liver_scale=(0.75, 0.9), liver_shift_mm=25.0,
         liver_shape_jitter=0.25, liver_like_neighbours_prob=0.9, table_prob=1.0, arms_prob=0.5,
+        steatosis_prob=0.0,  # as in generator v4, so that its scores stay comparable; fatty livers: "unenhanced"
+    ),
+    # Non-contrast scans, half of them of fatty livers: the training world's edge (it has 10 % unenhanced
+    # scans and 15 % fatty livers). Without contrast medium an enhancing rim cannot show, lesions differ less
+    # from the parenchyma, and hyperdense ones are rare (blood, calcium), so none are drawn.
+    "unenhanced": Randomization(
+        name="unenhanced", phases=("unenhanced",), phase_probs=(1.0,), tumor_kind_probs=(0.7, 0.3, 0.0),
+        steatosis_prob=0.5,
     ),
 }
 
@@ -109,6 +124,13 @@ def get_randomization(r: "str | Randomization | None") -> Randomization:
     if r not in RANDOMIZATIONS:
         raise ValueError(f"unknown phantom randomization {r!r}; expected one of {sorted(RANDOMIZATIONS)}")
     return RANDOMIZATIONS[r]
+
+
+def steatosis_drop(seed: int, rand: Randomization) -> float:
+    """HU the case's liver loses to fat (0.0 for a normal liver). From its own generator, so that every other
+    draw of the case is the same whether or not its liver is fatty."""
+    rng = np.random.default_rng([int(seed), 0xFA7])
+    return uniform(rng, rand.steatosis_hu) if rng.random() < rand.steatosis_prob else 0.0
 
 
 def uniform(rng: np.random.Generator, rng_range: tuple[float, float]) -> float:

@@ -72,9 +72,14 @@ def place_tumors(rng: np.random.Generator, depth: LiverDepth, diameters: list[fl
             lobes.append((v / np.linalg.norm(v) * rr * rng.uniform(0.35, 0.6), rr * rng.uniform(0.45, 0.7)))
         kind = str(rng.choice(rand.tumor_kinds, p=rand.tumor_kind_probs))
         contrast = uniform(rng, rand.tumor_contrast_hu)
-        hu = {"hypo": max(liver_hu - contrast, 10.0), "iso": liver_hu + float(rng.uniform(-8, 8)),
+        if phase == "unenhanced":
+            contrast *= 0.6  # without contrast medium a lesion differs less from the parenchyma
+        # Hypodense lesions bottom out at fluid (10 HU), or 10 HU under a fatty liver that is itself near it.
+        hu = {"hypo": max(liver_hu - contrast, min(10.0, liver_hu - 10.0)), "iso": liver_hu + float(rng.uniform(-8, 8)),
               "hyper": liver_hu + contrast}[kind]
         rim = float(rng.uniform(30, 60)) if rng.random() < rand.rim_prob else 0.0
+        if phase == "unenhanced":
+            rim = 0.0  # an enhancing rim needs contrast medium (drawn all the same: later draws stay in step)
         capsule = rng.random() < rand.capsule_prob
         if kind == "iso" and not rim and not capsule:
             capsule = True  # an iso-dense lesion without rim or capsule would be an invisible label

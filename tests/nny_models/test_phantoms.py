@@ -33,7 +33,7 @@ def test_all_labels_present_and_shapes(cases):
         assert 2.0 <= c.spacing[0] <= 3.0 and 2.5 <= c.spacing[2] <= 6.0
         assert c.spacing[2] == pytest.approx(max(2.5, c.appearance["slice_thickness_mm"]), abs=0.01)
         np.testing.assert_allclose(np.abs(np.diag(c.affine)[:3]), c.spacing)
-    assert len({c.appearance["phase"] for c in cases}) == 3
+    assert len({c.appearance["phase"] for c in cases}) >= 3
 
 
 def test_anatomy_is_on_the_patients_sides_in_ras(cases, tmp_path):
@@ -72,6 +72,8 @@ def test_hu_median_per_label_matches_the_phase(cases, label, key, margin, erode)
         if erode and ndimage.binary_erosion(m).sum() > 20:
             m = ndimage.binary_erosion(m)
         lo, hi = PHASE_HU[c.appearance["phase"]][key]
+        if key == "liver":  # a fatty liver sits lower by the HU it lost
+            lo, hi = lo - c.appearance["steatosis_hu"], hi - c.appearance["steatosis_hu"]
         med = float(np.median(c.image[m]))
         assert lo - margin - (10 if key == "liver" else 0) <= med <= hi + margin, (c.case_id, label, med)
 
@@ -87,6 +89,39 @@ def test_tumor_density_relative_to_liver():
         liver = ndimage.binary_erosion(c.label == 1, iterations=2)
         diff = float(np.median(c.image[tumor]) - np.median(c.image[liver]))
         assert sign * diff > 12, (kind, diff)
+
+
+def test_a_fatty_liver_changes_only_the_liver_and_what_is_drawn_relative_to_it():
+    normal, fatty = (generate_phantom(4, preset="test", randomization=dataclasses.replace(
+        RANDOMIZATIONS["train"], steatosis_prob=p, steatosis_hu=(30.0, 30.0))) for p in (0.0, 1.0))
+    assert normal.appearance["steatosis_hu"] == 0.0 and fatty.appearance["steatosis_hu"] == 30.0
+    assert np.array_equal(normal.label, fatty.label)  # the same anatomy, lesions and field of view
+    liver = ndimage.binary_erosion(normal.label == 1, iterations=2)
+    aorta = ndimage.binary_erosion(normal.label == 4)
+    assert float(np.median(normal.image[liver]) - np.median(fatty.image[liver])) == pytest.approx(30.0, abs=4.0)
+    assert np.median(normal.image[aorta]) == np.median(fatty.image[aorta])
+
+
+def test_unenhanced_scans_have_blood_at_35_to_50_hu_and_lesions_without_a_rim():
+    rims = {}
+    for phase in ("portal_venous", "unenhanced"):
+        rand = dataclasses.replace(RANDOMIZATIONS["unenhanced"], phases=(phase,), phase_probs=(1.0,),
+                                   steatosis_prob=0.0, no_tumor_prob=0.0, tumor_diameter_mm=(30.0, 45.0),
+                                   tumor_kinds=("hypo",), tumor_kind_probs=(1.0,), rim_prob=1.0,
+                                   capsule_prob=0.0, necrosis_prob=0.0, noise_hu=(8.0, 8.0))
+        c = generate_phantom(3, randomization=rand)
+        assert c.appearance["phase"] == phase
+        tumor = c.label == 2
+        core, shell = ndimage.binary_erosion(tumor, iterations=3), tumor & ~ndimage.binary_erosion(tumor)
+        rims[phase] = float(np.mean(c.image[shell]) - np.mean(c.image[core]))
+        if phase == "unenhanced":
+            assert 25 <= float(np.median(c.image[ndimage.binary_erosion(c.label == 4)])) <= 60
+    assert rims["portal_venous"] > 10 and rims["unenhanced"] < 5, rims  # an enhancing rim needs contrast medium
+    world = [generate_phantom(case_seed(5000, i), preset="test", randomization="unenhanced").appearance
+             for i in range(8)]
+    assert {a["phase"] for a in world} == {"unenhanced"} and any(a["steatosis_hu"] > 0 for a in world)
+    assert not any("hyper" in a["tumor_kinds"] for a in world)
+    assert RANDOMIZATIONS["ood"].steatosis_prob == 0.0  # the shifted world stays as scored before generator v5
 
 
 def test_air_fat_bone_present(cases):
