@@ -155,6 +155,7 @@ def _phantoms():
     kinds = [{}]
     if "randomization" in inspect.signature(generate_phantom).parameters:
         kinds.append({"randomization": "ood"})  # arterial / delayed phases, more noise, cut-off FOVs
+        kinds.append({"randomization": "unenhanced"})  # non-contrast scans, fatty livers down to 10 HU
     return [generate_phantom(seed, **kw) for kw in kinds for seed in range(3)]
 
 
