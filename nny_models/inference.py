@@ -302,12 +302,25 @@ def _check_predict_args(model: nn.Module, config: Any, overlap: float, sw_batch_
         )
 
 
+MIN_LIVER_ML = 50.0  # a whole adult liver holds 1000-2500 mL: less is the liver's edge at a scan's end, or a miss
+
+
 def _warn_if_no_liver(labels: np.ndarray, config: NnyNetConfig, name: str, shape: tuple[int, ...],
                       affine: np.ndarray) -> None:
     """An empty liver is the one result a liver model cannot mean for a CT sent to it: the scan misses the
     liver, or its header's voxel size is wrong (a 10x error shrinks the body to a few centimetres on the
-    model's grid, and the network finds nothing). The empty mask is written; this says to look."""
-    if "liver" not in config.label_names or (labels == config.label_names.index("liver")).any():
+    model's grid, and the network finds nothing). A liver of a few mL is most often a liver the network did not
+    recognise (on the phantoms: fatty livers 10-40 HU darker than the training livers, README). The mask is
+    written either way; this says to look."""
+    if "liver" not in config.label_names:
+        return
+    liver_voxels = int((labels == config.label_names.index("liver")).sum())
+    if liver_voxels:  # labels are on the model grid, whose voxel size is the config's
+        ml = liver_voxels * float(np.prod(config.preprocess.spacing)) / 1000.0
+        if ml < MIN_LIVER_ML:
+            warnings.warn(f"predict: {name}: only {ml:.0f} mL of liver found (a whole adult liver holds 1000-2500 "
+                          "mL). Unless the scan catches just the edge of the liver, the network has probably missed "
+                          "it (for instance a fatty or unusually dark liver); check the mask before using it")
         return
     extent = " x ".join(f"{n * s:.0f}" for n, s in zip(shape, np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
     warnings.warn(f"predict: {name}: no liver found. The scan spans {extent} mm by its header's voxel size; if it "

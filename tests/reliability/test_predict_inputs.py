@@ -324,3 +324,34 @@ def test_an_empty_liver_is_written_with_a_warning_naming_the_scan_extent(model_d
         mask = inference.predict(model, values, affine=np.diag([0.15, 0.15, 0.4, 1.0]), source="ct.nii.gz",
                                  device="cpu", force=True)
     assert mask.shape == values.shape and not mask.any()
+
+
+def test_a_liver_of_a_few_ml_is_written_with_a_warning_and_a_plausible_one_without(model_dir, monkeypatch):
+    """On the phantoms a fatty liver the network did not recognise came out as a few mL of liver, exit code 0."""
+    import warnings
+
+    from nny_models import inference
+
+    model = hub.NnyNet.from_pretrained(model_dir)
+    values = np.full((40, 36, 24), -1000.0, np.float32)
+    values[4:-4, 4:-4, 2:-2] = 50.0
+    values[12:24, 10:20, 4:8] = 250.0
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])  # a 160 x 144 x 96 mm box
+
+    def liver_of(n_voxels):
+        def fake(labels, config):
+            out = np.zeros_like(labels)
+            out.reshape(-1)[-n_voxels:] = config.label_names.index("liver")  # the high x: the patient's right
+            return out
+        return fake
+
+    spacing = np.prod(model.config.preprocess.spacing)
+    monkeypatch.setattr(inference, "postprocess_labels", liver_of(max(1, int(10_000 / spacing))))  # ~10 mL
+    with pytest.warns(UserWarning, match=r"ct\.nii\.gz: only 1\d mL of liver found"):
+        mask = inference.predict(model, values, affine=affine, source="ct.nii.gz", device="cpu", force=True)
+    assert (mask == 1).any()
+    monkeypatch.setattr(inference, "postprocess_labels", liver_of(int(400_000 / spacing)))  # ~400 mL
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inference.predict(model, values, affine=affine, source="ct.nii.gz", device="cpu", force=True)
+    assert not [w for w in caught if "liver" in str(w.message)], [str(w.message) for w in caught]
