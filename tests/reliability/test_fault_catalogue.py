@@ -180,12 +180,18 @@ def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out, err)
 
 
+def input_warnings(stderr: str) -> str:
+    """stderr without predict's warning about the size of the liver it found: the untrained model_dir finds a few
+    mL of 'liver' in these toy scans, which says nothing about the input handling tested here."""
+    return "\n".join(line for line in stderr.splitlines() if "mL of liver found" not in line)
+
+
 def test_predict_on_dicom_is_one_line_and_refuses_a_missing_slice(model_dir, tmp_path, capsys, caplog):
     good = write_series(tmp_path / "good", ct())
     out = tmp_path / "good_mask.nii.gz"
     with caplog.at_level(logging.WARNING):
         result = run_main(capsys, "--model", str(model_dir), "--input", str(good), "--output", str(out))
-    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.returncode == 0 and input_warnings(result.stderr) == "", result.stderr
     assert not [r for r in caplog.records if "nvImageCodec" in r.getMessage()]  # printed before every error line
     assert nib.load(out).shape == (40, 36, 12)
 
@@ -238,8 +244,9 @@ def test_nifti_whose_name_misstates_its_compression_is_read_by_content(model_dir
     out = tmp_path / "mask.nii.gz"
     result = run_main(capsys, "--model", str(model_dir), "--input", str(plain_as_gz), "--output", str(out))
     assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == f"warning: {plain_as_gz}: the file is not compressed although its name ends in " \
-                                    ".nii.gz; read by its content (rename it to .nii)"
+    assert input_warnings(result.stderr).strip() == (
+        f"warning: {plain_as_gz}: the file is not compressed although its name ends in .nii.gz; read by its content "
+        "(rename it to .nii)")
     assert nib.load(out).shape == ct().shape
 
 
