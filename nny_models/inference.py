@@ -305,7 +305,7 @@ def _check_predict_args(model: nn.Module, config: Any, overlap: float, sw_batch_
 MIN_LIVER_ML = 50.0  # a whole adult liver holds 1000-2500 mL: less is the liver's edge at a scan's end, or a miss
 
 
-def _warn_if_no_liver(labels: np.ndarray, config: NnyNetConfig, name: str, shape: tuple[int, ...],
+def _warn_if_liver_missing(labels: np.ndarray, config: NnyNetConfig, name: str, shape: tuple[int, ...],
                       affine: np.ndarray) -> None:
     """An empty liver is the one result a liver model cannot mean for a CT sent to it: the scan misses the
     liver, or its header's voxel size is wrong (a 10x error shrinks the body to a few centimetres on the
@@ -444,7 +444,7 @@ def predict(
     with stage("postprocess"):  # on the model grid, where the network decided
         labels[0] = postprocess_labels(labels[0], config)
     _warn_if_liver_on_left(labels[0], config, name)
-    _warn_if_no_liver(labels[0], config, name, volume.shape, affine)
+    _warn_if_liver_missing(labels[0], config, name, volume.shape, affine)
 
     with stage("restore"):
         mask = np.asarray(restore_to_original(labels, state))[0].astype(np.uint8)

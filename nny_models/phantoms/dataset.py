@@ -13,7 +13,8 @@ from .generate import PhantomCase, generate_phantom
 from .randomization import Randomization, get_randomization
 
 GENERATOR_VERSION = 5  # bump when the generated world changes: the embedded cache folder name carries it
-# (3: the x axis is no longer mirrored, see fields.Grid.affine; 4: patient table, mattress and arms, surroundings.py)
+# (3: the x axis is no longer mirrored, see fields.Grid.affine; 4: patient table, mattress and arms, surroundings.py;
+# 5: unenhanced scans and fatty livers, randomization.py)
 LABELS = {"0": "background", "1": "liver", "2": "tumor", "3": "portal_vein", "4": "aorta"}
 
 
