@@ -145,7 +145,8 @@ def check_paths(args: argparse.Namespace) -> None:
     if source.is_dir() and not _is_dicom_dir(source):
         raise InputError(f"--input {args.input!r}: a folder without DICOM files (.dcm or files with the DICM "
                          "preamble); expected a DICOM series folder or a .nii, .nii.gz or .nrrd file")
-    stem = _strip_suffix(source.resolve().name) or "input"
+    # the name as given (a symlink's own, as the clinical row's case id is matched), ".." resolved lexically
+    stem = _strip_suffix(Path(os.path.abspath(source)).name) or "input"
     outputs = {"--output": _output_file("--output", args.output, stem, "_mask.nii.gz")}
     if args.probabilities is not None:
         outputs["--probabilities"] = _output_file("--probabilities", args.probabilities, stem, "_probabilities.nii.gz")
@@ -170,6 +171,9 @@ def check_paths(args: argparse.Namespace) -> None:
         if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
             raise InputError(f"{flag} {str(out)!r} is inside the --input folder {str(source)!r}; write it elsewhere")
         _check_writable(flag, out)
+        if out.exists() and Path(getattr(args, flag.lstrip("-"))).is_dir():  # a name we derived, not one given
+            print(f"warning: {flag} {str(out)!r} exists and will be replaced (the name comes from --input's; "
+                  "give a file name to keep both)", file=sys.stderr)
     flags = list(outputs)
     for i, first in enumerate(flags):  # no output may replace another
         for other in flags[i + 1 :]:

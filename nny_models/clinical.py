@@ -127,6 +127,8 @@ def parse_number(value: Any) -> float:
         value = text
     try:
         x = float(value)
+    except OverflowError:  # a JSON integer beyond float's range, e.g. 10**400
+        raise ValueError(f"expected a finite number, got an integer of {len(str(abs(int(value))))} digits") from None
     except (TypeError, ValueError):
         raise ValueError(f"expected a number, got {value!r}") from None
     if not math.isfinite(x):

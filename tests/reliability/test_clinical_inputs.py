@@ -189,6 +189,10 @@ def test_huge_value_names_column_and_value_at_predict_time(schema, tmp_path):
         with pytest.raises(ValueError, match=rf"column 'afp_ng_ml': expected a (finite )?number, got '{bad}'"):
             schema.transform({"afp_ng_ml": bad})
     np.testing.assert_array_less(-1e3, schema.transform({**row, "afp_ng_ml": 5e4}))  # large but plausible: fine
+    # a JSON integer beyond float's range (float() raises OverflowError, not ValueError): still the column named
+    path = write(tmp_path / "big.json", json.dumps({**row, "age": 10**400}))
+    with pytest.raises(ValueError, match=r"big.json.*column 'age': expected a finite number, got an integer of 401 digits"):
+        schema.transform(path)
 
 
 def test_huge_value_names_column_and_case_at_fit_time(tmp_path):

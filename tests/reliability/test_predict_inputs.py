@@ -355,3 +355,36 @@ def test_a_liver_of_a_few_ml_is_written_with_a_warning_and_a_plausible_one_witho
         warnings.simplefilter("always")
         inference.predict(model, values, affine=affine, source="ct.nii.gz", device="cpu", force=True)
     assert not [w for w in caught if "liver" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_a_symlinked_input_names_its_mask_after_the_link(model_dir, tmp_path, capsys):
+    """The clinical row is matched to the name given (the link's); the mask must carry that name too."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "out").mkdir()
+    target = write_ct(tmp_path / "store" / "9f3a1c.nii.gz")
+    link = tmp_path / "cases" / "patient_17.nii.gz"
+    link.symlink_to(target)
+    result = run_main(capsys, "--model", str(model_dir), "--input", str(link), "--output", str(tmp_path / "out"),
+                      "--overlap", "0.25")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["patient_17_mask.nii.gz"]
+
+
+def test_a_folder_output_warns_before_replacing_a_mask_of_the_same_name(model_dir, tmp_path, capsys):
+    """Two patients' ct.nii.gz into one folder: the second replaces the first's mask, so say so."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for patient in ("patA", "patB"):
+        (tmp_path / patient).mkdir()
+        write_ct(tmp_path / patient / "ct.nii.gz")
+    first = run_main(capsys, "--model", str(model_dir), "--input", str(tmp_path / "patA" / "ct.nii.gz"),
+                     "--output", str(out), "--overlap", "0.25")
+    assert first.returncode == 0 and "will be replaced" not in first.stderr
+    second = run_main(capsys, "--model", str(model_dir), "--input", str(tmp_path / "patB" / "ct.nii.gz"),
+                      "--output", str(out), "--overlap", "0.25")
+    assert second.returncode == 0
+    assert f"warning: --output '{out / 'ct_mask.nii.gz'}' exists and will be replaced" in second.stderr
+    named = run_main(capsys, "--model", str(model_dir), "--input", str(tmp_path / "patB" / "ct.nii.gz"),
+                     "--output", str(out / "ct_mask.nii.gz"), "--overlap", "0.25")
+    assert named.returncode == 0 and "will be replaced" not in named.stderr  # a name given is the user's choice
