@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,31 @@ def _is_dicom_file(path: Path) -> bool:
 
 def _is_dicom_dir(path: Path) -> bool:
     return path.is_dir() and any(_is_dicom_file(f) for f in path.iterdir() if f.is_file())
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is, in words (for an error message)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a broken symbolic link" if path.is_symlink() else "unreadable"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "not a regular file"
+
+
+def _check_regular(path: Path) -> None:
+    """ValueError naming ``path`` unless it is a regular file or a folder (a DICOM series), following symlinks.
+    Opening a named pipe waits for a writer, forever; a device or socket is no image either. A missing path
+    passes: the callers say "not found" themselves."""
+    if path.is_file() or path.is_dir() or not (path.exists() or path.is_symlink()):
+        return
+    raise ValueError(f"{path}: is {_file_kind(path)}; expected a regular file (a .nii, .nii.gz or .nrrd image) or "
+                     "a DICOM series folder")
 
 
 def _need_pydicom(path: Path) -> None:
@@ -141,6 +167,7 @@ def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
 def _misnamed_gzip(path: Path) -> bool:
     """Whether the name and the content disagree on gzip: a plain NIfTI saved as .nii.gz, or a compressed one as
     .nii. ITK-based tools (SimpleITK, 3D Slicer, nnU-Net's reader) open both by content; nibabel goes by the name."""
+    _check_regular(path)  # open() on a named pipe would wait for a writer forever
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     return gzipped != path.name.lower().endswith(".gz")
@@ -207,6 +234,7 @@ def load_volume(path: str | Path, *, max_bytes: int = MAX_VOLUME_BYTES) -> tuple
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    _check_regular(path)
     name = path.name.lower()
     try:
         if name.endswith(NIFTI_SUFFIXES):
@@ -237,14 +265,23 @@ def load_volume(path: str | Path, *, max_bytes: int = MAX_VOLUME_BYTES) -> tuple
     return np.ascontiguousarray(_as_3d(array, path), dtype=np.float32), affine
 
 
+# MONAI warnings that say nothing about the input: its optional GPU decoder is missing (on every DICOM read), and a
+# file that _renumber unnumbered on purpose (a DICOMDIR index) is skipped. Any other warning of the reader (such as
+# its identity-affine fallback when it lost ImageOrientationPatient / ImagePositionPatient) reaches the caller.
+_MONAI_DICOM_NOISE = ("nvImageCodec", "NvImgCodec", "does not have InstanceNumber tag, skip it")
+# The DICOM tags of the geometry, as keys of MONAI's metadata dict (pydicom's to_json_dict keys)
+_GEOMETRY_TAGS = {"00200037": "ImageOrientationPatient", "00200032": "ImagePositionPatient", "00280030": "PixelSpacing"}
+
+
 def _load_with_monai(path: Path, max_bytes: int = MAX_VOLUME_BYTES) -> tuple[np.ndarray, np.ndarray]:
-    """NRRD (pynrrd) and DICOM series (MONAI PydicomReader), both with RAS affines."""
+    """NRRD (pynrrd) and DICOM series (MONAI PydicomReader), both with RAS affines. A DICOM series' affine is
+    checked against the geometry _dicom_stack read from the headers (_check_dicom_affine)."""
     if not path.is_dir():
         return _load_nrrd(path, max_bytes)
     from monai.data import PydicomReader
     from monai.transforms import LoadImage
 
-    shape, _, order = _dicom_stack(path)
+    shape, _, order, header_affine = _dicom_stack(path)
     check_size(path, shape, max_bytes)
 
     class StackOrderReader(PydicomReader):
@@ -254,17 +291,67 @@ def _load_with_monai(path: Path, max_bytes: int = MAX_VOLUME_BYTES) -> tuple[np.
                 _renumber(img, self.filenames[0], order)
             return img
 
+        def _get_meta_dict(self, img):
+            return _restore_geometry_tags(super()._get_meta_dict(img), img)
+
     # MONAI warns (and logs, on stderr) about its optional GPU decoder on every DICOM read
     codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
     level = codec_log.level
     codec_log.setLevel(logging.ERROR)
+    caught: list = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             img = LoadImage(reader=StackOrderReader(), image_only=True)(str(path))
     finally:
         codec_log.setLevel(level)
-    return np.asarray(img, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+        for w in caught:
+            if not any(noise in str(w.message) for noise in _MONAI_DICOM_NOISE):
+                warnings.warn(f"{path}: {w.message}", w.category, stacklevel=3)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_dicom_affine(path, affine, header_affine)
+    return np.asarray(img, dtype=np.float32), affine
+
+
+def _restore_geometry_tags(metadata: dict, ds) -> dict:
+    """MONAI's PydicomReader takes its metadata from ``ds.to_json_dict(suppress_invalid_tags=True)``, which drops a
+    decimal string longer than DICOM's 16 characters (a float repr such as '0.9999999999999998', as scripts
+    writing DICOM from computed floats produce), and then falls back to an identity affine. pydicom reads such
+    values (and _dicom_stack checked them): put the geometry tags it dropped back, as numbers. A value that is not
+    numbers stays out, so the reader's affine falls back and _check_dicom_affine refuses it, naming the tag."""
+    for key, keyword in _GEOMETRY_TAGS.items():
+        if key not in metadata and ds.get(keyword) is not None:
+            try:
+                values = [float(v) for v in np.atleast_1d(np.asarray(ds[keyword].value, dtype=np.float64))]
+            except (TypeError, ValueError):
+                continue
+            metadata[key] = {"vr": "DS", "Value": values}
+    return metadata
+
+
+def _check_dicom_affine(path: Path, affine: np.ndarray, expected: np.ndarray) -> None:
+    """ValueError naming ``path`` and the tag unless the reader's RAS ``affine`` places the voxels where the
+    DICOM headers do (``expected``, from _dicom_stack): the same in-plane directions (ImageOrientationPatient)
+    and spacings (PixelSpacing), slice step and origin (ImagePositionPatient)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"{path}: the DICOM reader returned a {affine.shape} affine; expected a 4x4 matrix")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spacing, want_spacing = (np.linalg.norm(a[:3, :2], axis=0) for a in (affine, expected))
+        checks = (  # tag, what, reader's, headers', tolerance (unit vectors, mm)
+            ("ImageOrientationPatient", "in-plane axis directions (RAS)", affine[:3, :2] / spacing,
+             expected[:3, :2] / want_spacing, 1e-4),
+            ("PixelSpacing", "in-plane voxel spacing (mm)", spacing, want_spacing, 1e-4),
+            ("ImagePositionPatient", "slice step (mm, RAS)", affine[:3, 2], expected[:3, 2], 1e-3),
+            ("ImagePositionPatient", "origin (mm, RAS)", affine[:3, 3], expected[:3, 3], 1e-3),
+        )
+    for tag, what, got, want, atol in checks:
+        if not np.allclose(got, want, rtol=0.0, atol=atol):  # a NaN never passes
+            raise ValueError(
+                f"{path}: the image affine from MONAI's DICOM reader disagrees with the series' {tag}: {what} "
+                f"{np.round(got, 4).T.tolist()} instead of {np.round(want, 4).T.tolist()}; expected the affine to "
+                "match the headers (a header value the reader could not parse?)"
+            )
 
 
 def _renumber(datasets: list, filenames: Sequence[str], order: dict[str, int]) -> None:
@@ -318,6 +405,7 @@ def _load_nrrd(path: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
 def read_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Shape (X,Y,Z) and voxel spacing in mm from the header only, without decoding voxel data."""
     path = Path(path).expanduser()
+    _check_regular(path)
     name = path.name.lower()
     try:
         if name.endswith(NIFTI_SUFFIXES):
@@ -326,7 +414,7 @@ def read_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
             return tuple(int(s) for s in shape[:3]), check_spacing(img.affine, path, "NIfTI header")
         if path.is_dir():
             _need_pydicom(path)
-            shape, spacing, _ = _dicom_stack(path)
+            shape, spacing, _, _ = _dicom_stack(path)
             check_spacing(np.diag([*spacing, 1.0]), path, "DICOM PixelSpacing / slice positions")
             return shape, spacing
     except (ValueError, ImportError):
@@ -348,15 +436,21 @@ DICOM_TILT_TOLERANCE_DEG = 0.5  # the stack runs further off the slice normal th
 NON_CT_MODALITIES = ("MR", "PT", "NM", "US")  # volumetric DICOM modalities whose voxels are not HU
 
 
-def _dicom_stack(path: Path) -> tuple[tuple[int, ...], tuple[float, ...], dict[str, int]]:
-    """Shape (X, Y, Z), spacing and stack order (file name -> slice index) of a DICOM series folder, from the
-    headers; ValueError naming the folder, the tag and what was expected unless the slices form one evenly
-    spaced, untilted stack. The slices stack in InstanceNumber order where it runs along the slice positions
-    (either way), else, with a warning, in the order of their positions along the slice normal."""
+def _dicom_stack(path: Path) -> tuple[tuple[int, ...], tuple[float, ...], dict[str, int], np.ndarray]:
+    """Shape (X, Y, Z), spacing, stack order (file name -> slice index) and 4x4 RAS affine (in the voxel order of
+    MONAI's PydicomReader) of a DICOM series folder, from the headers; ValueError naming the folder, the tag and
+    what was expected unless the slices form one evenly spaced, untilted stack. The slices stack in
+    InstanceNumber order where it runs along the slice positions (either way), else, with a warning, in the order
+    of their positions along the slice normal."""
     import pydicom
     from pydicom.misc import is_dicom
 
-    files = [f for f in sorted(path.iterdir()) if f.is_file() and is_dicom(str(f))]  # what PydicomReader reads
+    entries = sorted(path.iterdir())
+    odd = [f for f in entries if not (f.is_file() or f.is_dir())]
+    if odd:  # PydicomReader opens every file of the folder: a named pipe would block it forever
+        raise ValueError(f"{path}: {odd[0].name} is {_file_kind(odd[0])}; expected a DICOM series folder holding "
+                         "only regular files (remove it)")
+    files = [f for f in entries if f.is_file() and is_dicom(str(f))]  # what PydicomReader reads
     slices = []
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -419,7 +513,13 @@ def _dicom_stack(path: Path) -> tuple[tuple[int, ...], tuple[float, ...], dict[s
     # MONAI's PydicomReader swaps i/j so that X runs along columns, like the other readers
     slice_spacing = abs(float(depth[-1])) / (len(slices) - 1)  # the reader's
     shape = (int(slices[0][1].Columns), int(slices[0][1].Rows), len(slices))
-    return shape, (col_spacing, row_spacing, slice_spacing), {name: k for k, (name, _) in enumerate(slices)}
+    # where the reader puts voxel (X, Y, Z): X along the row direction, one slice step from the first slice to the
+    # last, the first slice's position as origin; then LPS -> RAS
+    affine = np.eye(4)
+    affine[:3, :4] = np.column_stack([row * col_spacing, col * row_spacing, span / (len(slices) - 1), positions[0]])
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    order = {name: k for k, (name, _) in enumerate(slices)}
+    return shape, (col_spacing, row_spacing, slice_spacing), order, affine
 
 
 def _stack_order(path: Path, slices: list, normal: np.ndarray) -> list:
