@@ -12,6 +12,11 @@ config.json formats (``NnyNetConfig.format_version``):
        and sometimes training switches (deep_supervision, use_checkpoint). Read through
        ``nny_models.zoo.upgrade_v0_model_kwargs``, against a frozen copy of the 0.1 presets, so that
        later preset edits never change what an old checkpoint means.
+
+A saved config.json (``NnyNetConfig.from_saved``: what from_pretrained, load_config and the ONNX backend read)
+must state every field that decides what the model predicts (``REQUIRED_FIELDS``); only fields newer than its
+format, whose absence means the behaviour of the code that wrote it, may be absent. Code that builds a config
+(``NnyNetConfig(...)``, ``from_dict``) may still leave fields at their defaults.
 """
 
 from __future__ import annotations
@@ -231,9 +236,96 @@ class NnyNetConfig:
             raise ValueError(f"NnyNetConfig: unknown field(s) {sorted(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> "NnyNetConfig":
+        """From a saved config.json's object (or an ONNX export's nnynet_config): like from_dict, but a field that
+        decides the prediction (``REQUIRED_FIELDS``) must be there: no default stands in for what the model was
+        trained with. ValueError "field 'preprocessing.spacing' is missing; expected ..." (callers add the path)."""
+        version = d.get("format_version", 0) if isinstance(d, dict) else None
+        if isinstance(version, int) and version in REQUIRED_FIELDS and "ensemble" not in d:  # else from_dict says why
+            check_saved_fields(d)
+        return cls.from_dict(d)
+
+    def inference_dict(self) -> dict[str, Any]:
+        """to_dict() without the descriptive fields (``DESCRIPTIVE_FIELDS``): everything predict depends on."""
+        return {k: v for k, v in self.to_dict().items() if k not in DESCRIPTIVE_FIELDS}
+
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.preprocessing)
+
+
+# What a saved config.json must hold, by format_version (absent = 0). Each of these fields has been written by
+# every nnynet since config.json existed, so a file without one was edited or truncated, and a default in its place
+# (1.5 x 1.5 x 2 mm, 96-voxel windows, the default label names, ...) would predict a different mask. Fields added
+# later are not here: their absence means what the older code did, and the dataclass default says exactly that
+# (keep_largest, keep_side, single_component, lesion_in_organ, tta_mirror_axes, plan, preprocessing.normalization;
+# tests/nny_models/test_hub.py::test_card_states_post_processing holds keep_largest to that). metrics is descriptive.
+_REQUIRED = ("model", "model_kwargs", "label_names", "preprocessing", "patch_size", "clinical_schema", "task")
+REQUIRED_FIELDS: dict[int, tuple[str, ...]] = {0: _REQUIRED, 1: _REQUIRED}
+REQUIRED_PREPROCESSING = ("spacing", "hu_window", "out_range", "orientation", "crop_foreground", "body_threshold_hu")
+# format 1 stores the explicit network arguments; these four every zoo network takes (nny_models.zoo.BASE_KWARGS)
+REQUIRED_MODEL_KWARGS_V1 = ("in_channels", "out_channels", "fusion", "clinical_features")
+DESCRIPTIVE_FIELDS = ("metrics", "plan")  # change no prediction: the card's metrics, the plan kept for provenance
+_EXPECTED = {
+    "model": "the zoo network name, e.g. \"nnynet\"",
+    "model_kwargs": "the network's arguments, an object",
+    "label_names": "the class name of each output channel, in order",
+    "preprocessing": "the preprocessing the model was trained with, an object",
+    "patch_size": "the sliding-window size in voxels the model was trained with, [x, y, z]",
+    "clinical_schema": "the fitted clinical preprocessing, or null for a model without clinical inputs",
+    "task": "\"segmentation\" or \"volume_fusion_pretext\"",
+    "preprocessing.spacing": "the voxel spacing in mm the model was trained at, [x, y, z]",
+    "preprocessing.hu_window": "the HU clip range [low, high] the model was trained with",
+    "preprocessing.out_range": "the intensity range [low, high] the HU window is mapped onto",
+    "preprocessing.orientation": "the axcodes volumes are reoriented to, e.g. \"RAS\"",
+    "preprocessing.crop_foreground": "true or false (crop to the body before training)",
+    "preprocessing.body_threshold_hu": "the HU above which a voxel counts as body",
+}
+
+
+def check_saved_fields(d: dict[str, Any]) -> None:
+    """ValueError naming the first field of ``REQUIRED_FIELDS`` (by ``d``'s format_version) that ``d`` lacks,
+    and what it should hold; also a preset "size" in format-1 model_kwargs (its meaning would follow the presets
+    of the reading code, not what was trained). Values are checked later, by the dataclasses."""
+    version = d.get("format_version", 0)
+    missing = [name for name in REQUIRED_FIELDS[version] if name not in d]
+    pre = d.get("preprocessing")
+    if isinstance(pre, dict):
+        missing += [f"preprocessing.{name}" for name in REQUIRED_PREPROCESSING if name not in pre]
+    kwargs = d.get("model_kwargs")
+    if version == 1 and isinstance(kwargs, dict):
+        if "size" in kwargs:
+            raise ValueError(f"field 'model_kwargs.size': a format-1 config.json holds the explicit network "
+                             f"arguments, not a preset name (got size {kwargs['size']!r}); write the arguments "
+                             "the model was trained with (nny_models.zoo.resolve_model_kwargs)")
+        missing += [f"model_kwargs.{name}" for name in REQUIRED_MODEL_KWARGS_V1 if name not in kwargs]
+    if missing:
+        name = missing[0]
+        expected = _EXPECTED.get(name) or f"the network argument {name.split('.', 1)[1]!r}"
+        more = f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ValueError(f"field '{name}' is missing; expected {expected}{more}. A saved config.json must state "
+                         "it: no default is assumed for what the model was trained with")
+
+
+ABSENT = "<absent>"  # first_difference's value for a key one side lacks
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted field name, value in a, value in b) of the first place two JSON-like values differ, or None.
+    Objects are walked key by key (a's order, then b's extra keys; a missing key's value is ``ABSENT``); other
+    values are compared whole."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            name = f"{where}.{key}" if where else str(key)
+            if key not in a or key not in b:
+                return name, a.get(key, ABSENT), b.get(key, ABSENT)
+            found = first_difference(a[key], b[key], name)
+            if found is not None:
+                return found
+        return None
+    same = a == b and isinstance(a, bool) == isinstance(b, bool)  # true is not 1 here
+    return None if same else (where or "<value>", a, b)
 
 
 def check_mirror_axes(axes: Any, name: str) -> list[int]:

@@ -15,7 +15,11 @@ encoder decides its window count, padding and shifted-window masks in Python fro
 graph is only valid at the size it was traced with (checked: a graph with dynamic spatial axes fails in ONNX
 Runtime at any other size). predict's sliding windows always have the patch size, so nothing is lost there.
 Preprocessing and post-processing stay in Python and come from config.json (``predict``), identical for both
-backends; the .onnx also carries config.json in its metadata ("nnynet_config").
+backends; the .onnx also carries config.json in its metadata ("nnynet_config") and a fingerprint of the weights it
+was exported from ("nnynet_weights_sha256", ``weights_fingerprint``). A model.onnx runs only with the config.json
+(every field but the descriptive metrics / plan) and the model.safetensors it was exported from: a stale export
+beside a newer config.json or newer weights is refused, naming both files (an export older than the fingerprint
+is checked on its config only). The file is written aside, checked, then renamed into place.
 
 onnx and onnxruntime are an optional extra (``pip install nnynet[onnx]``); nothing else imports this module.
 """
@@ -23,7 +27,10 @@ onnx and onnxruntime are an optional extra (``pip install nnynet[onnx]``); nothi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -34,11 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from nny_models.config import NnyNetConfig
+from nny_models.config import ABSENT, NnyNetConfig, first_difference
 
+logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
 ONNX_FILENAME = "model.onnx"  # looked for in the model folder by nnynet-predict --backend onnxruntime
 VERIFY_ATOL = 1e-3  # export_onnx refuses a graph whose logits differ from torch's by more than this
+CONFIG_KEY, WEIGHTS_KEY = "nnynet_config", "nnynet_weights_sha256"  # ONNX metadata written by export_onnx
 
 
 def _require_onnx():
@@ -98,25 +107,65 @@ def export_onnx(
         dynamic["clinical"] = {0: "batch"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python-int shapes: why spatial is fixed
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter (no onnxscript)
-        warnings.filterwarnings("ignore", message="Constant folding")  # strided slices stay as Slice ops
-        torch.onnx.export(
-            _ExportWrapper(net, features), args, str(path), dynamo=False, opset_version=opset,
-            input_names=input_names, output_names=["logits"], dynamic_axes=dynamic,
-        )  # fmt: skip
-    proto = onnx.load(str(path))
-    meta = {"nnynet_config": json.dumps(config.to_dict()), "patch_size": json.dumps(list(patch)),
-            "clinical_features": str(features)}  # fmt: skip
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    if verify:
-        check_onnx_matches_torch(path, model, atol=atol)
+    state = model.inference_state_dict() if hasattr(model, "inference_state_dict") else \
+        {"net." + k: v for k, v in net.state_dict().items()}
+    # Written aside, checked, then renamed over ``path``: neither a crash nor a failed check leaves a half-written
+    # or unverified file under the final name (a previous export there stays as it was until the swap).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.onnx")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python-int shapes: why spatial is fixed
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter (no onnxscript)
+            warnings.filterwarnings("ignore", message="Constant folding")  # strided slices stay as Slice ops
+            torch.onnx.export(
+                _ExportWrapper(net, features), args, str(tmp), dynamo=False, opset_version=opset,
+                input_names=input_names, output_names=["logits"], dynamic_axes=dynamic,
+            )  # fmt: skip
+        proto = onnx.load(str(tmp))
+        meta = {CONFIG_KEY: json.dumps(config.to_dict()), WEIGHTS_KEY: weights_fingerprint(state),
+                "patch_size": json.dumps(list(patch)), "clinical_features": str(features)}  # fmt: skip
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        if verify:
+            try:
+                check_onnx_matches_torch(tmp, model, atol=atol)
+            except RuntimeError as err:
+                raise RuntimeError(f"{path}: {str(err).removeprefix(f'{tmp}: ')}; nothing was written") from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over an NnyNet inference state dict (keys "net.*"): names, dtypes, shapes and bytes, in key order.
+
+    The same for the model in memory and for its model.safetensors (``_file_fingerprint``), whatever the
+    safetensors version that wrote the file; export_onnx stores it in the metadata, load_onnx_network checks it."""
+    digest = hashlib.sha256(b"nnynet weights v1\0")
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode() + b"\0")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _file_fingerprint(weights: Path, config: NnyNetConfig) -> str:
+    """weights_fingerprint of model.safetensors as from_pretrained loads it (deep-supervision heads dropped)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from nny_models import zoo
+
+    try:
+        state = safetensors.torch.load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    drop = tuple("net." + p for p in zoo.deep_supervision_prefixes(config.model))
+    return weights_fingerprint({k: v for k, v in state.items() if not (drop and k.startswith(drop))})
 
 
 def check_onnx_matches_torch(path: str | Path, model: nn.Module, *, atol: float = VERIFY_ATOL, seed: int = 0) -> float:
@@ -150,7 +199,12 @@ class OnnxRuntimeNetwork(nn.Module):
     supports_bf16 = False
 
     def __init__(self, path: str | Path, config: NnyNetConfig, *, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:  # fmt: skip
+                 threads: int | None = None, config_source: str = "the config given") -> None:  # fmt: skip
+        """``config_source`` names where ``config`` came from in errors (load_onnx_network: the config.json path).
+
+        The file's nnynet_config metadata must equal ``config`` in every field but the descriptive ones
+        (``NnyNetConfig.inference_dict``), else ValueError naming the first differing field: the graph was exported
+        from another model than the one whose pre- and post-processing predict would wrap around it."""
         super().__init__()
         _, ort = _require_onnx()
         self.path, self.config = str(path), config
@@ -174,10 +228,30 @@ class OnnxRuntimeNetwork(nn.Module):
                 f"{self.path}: exported for windows of {list(self.patch_size)} voxels but config.json has patch_size "
                 f"{list(config.patch_size)}; export the model again (nnynet-export)"
             )
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._check_config(config, config_source)
         self.clinical_features = int(inputs["clinical"].shape[1]) if "clinical" in inputs else 0
         # what predict's clinical handling looks for on a torch network (net.fusion.clinical_features)
         self.fusion = SimpleNamespace(clinical_features=self.clinical_features) if self.clinical_features else None
         self.size_divisor = 1  # the graph takes exactly patch_size, which predict always feeds
+
+    def _check_config(self, config: NnyNetConfig, source: str) -> None:
+        again = "export the model again (nnynet-export --model DIR)"
+        if CONFIG_KEY not in self.metadata:
+            raise ValueError(f"{self.path}: no {CONFIG_KEY} in the ONNX metadata (not an nnynet-export file), so "
+                             f"nothing shows it was exported from {source}; {again}")
+        try:
+            embedded = NnyNetConfig.from_saved(json.loads(self.metadata[CONFIG_KEY]))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"{self.path}: invalid {CONFIG_KEY} in the ONNX metadata: {err}") from err
+        found = first_difference(embedded.inference_dict(), config.inference_dict())
+        if found is not None:
+            name, theirs, ours = found
+            raise ValueError(
+                f"{self.path}: exported from another model than {source}: field {name!r} is {_short(theirs)} in "
+                f"the export's {CONFIG_KEY} metadata but {_short(ours)} in {source}; refusing to run a stale export "
+                f"with this config; {again}"
+            )
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(image.shape[1:]) != (1, *self.patch_size):
@@ -196,7 +270,10 @@ class OnnxRuntimeNetwork(nn.Module):
 def load_onnx_network(model_dir: str | Path | None, onnx_path: str | Path | None = None, **kwargs: Any) -> OnnxRuntimeNetwork:
     """OnnxRuntimeNetwork from a model folder (config.json + model.onnx) or an explicit .onnx path.
 
-    With only ``onnx_path``, config.json is taken from the .onnx metadata written by export_onnx.
+    With only ``onnx_path``, config.json is taken from the .onnx metadata written by export_onnx. With a folder,
+    the export must have been made from its config.json (``OnnxRuntimeNetwork``) and, where the folder has
+    model.safetensors and the export records a weights fingerprint, from those weights: else a ValueError naming
+    both files (a stale model.onnx beside a newer model, or --onnx naming another model's file).
     """
     onnx, _ = _require_onnx()
     folder = Path(model_dir) if model_dir is not None else None
@@ -209,18 +286,46 @@ def load_onnx_network(model_dir: str | Path | None, onnx_path: str | Path | None
     if folder is not None and (folder / "config.json").is_file():
         config_path = folder / "config.json"
         try:
-            config = NnyNetConfig.from_dict(json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            config = NnyNetConfig.from_saved(json.loads(config_path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as err:
             raise ValueError(f"{config_path}: not a valid nnynet config.json: {err}") from err
-    else:
-        try:
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        except Exception as err:
-            raise ValueError(f"{path}: not a readable ONNX file: {' '.join(str(err).split())[:300]}") from err
-        if "nnynet_config" not in meta:
-            raise ValueError(f"{path}: no nnynet_config in the ONNX metadata and no config.json beside it")
-        config = NnyNetConfig.from_dict(json.loads(meta["nnynet_config"]))
-    return OnnxRuntimeNetwork(path, config, **kwargs)
+        net = OnnxRuntimeNetwork(path, config, config_source=str(config_path), **kwargs)
+        weights = folder / "model.safetensors"
+        if weights.is_file():
+            _check_weights(net, weights, config)
+        return net
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable ONNX file: {' '.join(str(err).split())[:300]}") from err
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{path}: no {CONFIG_KEY} in the ONNX metadata and no config.json beside it")
+    try:
+        config = NnyNetConfig.from_saved(json.loads(meta[CONFIG_KEY]))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: invalid {CONFIG_KEY} in the ONNX metadata: {err}") from err
+    return OnnxRuntimeNetwork(path, config, config_source=f"its {CONFIG_KEY} metadata", **kwargs)
+
+
+def _check_weights(net: OnnxRuntimeNetwork, weights: Path, config: NnyNetConfig) -> None:
+    """ValueError unless ``net`` was exported from ``weights`` (an export without a fingerprint: a warning)."""
+    recorded = net.metadata.get(WEIGHTS_KEY)
+    if recorded is None:
+        logger.warning("%s has no weights fingerprint (%s; exported by an older nnynet): only its config was checked "
+                       "against config.json, not its weights against %s; export the model again to check both",
+                       net.path, WEIGHTS_KEY, weights)
+        return
+    actual = _file_fingerprint(weights, config)
+    if actual != recorded:
+        raise ValueError(f"{net.path}: exported from other weights than {weights} (weights fingerprint "
+                         f"{recorded[:12]}... vs {actual[:12]}...); refusing to run a stale export with these weights; "
+                         f"export the model again (nnynet-export --model {weights.parent})")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A config value for a one-line message: JSON, cut at ``limit`` characters."""
+    text = value if value is ABSENT else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+ONNX_NAME = "model.onnx"  # nny_models.export.ONNX_FILENAME (not imported: export needs the optional onnx packages)
 # model_cards/ at the top of the repository is the template's one source. A wheel ships it as the package data
 # nny_models/model_cards/ (pyproject maps the folder there); a checkout or an editable install reads it in place.
 _CARD_FILE = "nnynet.md.j2"
@@ -105,7 +106,7 @@ class NnyNet(
         **push_to_hub_kwargs: Any,
     ) -> str | None:
         """Write model.safetensors (``inference_state_dict()``), config.json (= ``self.config.to_dict()``)
-        and README.md.
+        and README.md. A model.onnx already in ``save_directory`` is deleted (it holds the replaced weights).
 
         ``model_card_kwargs`` go to the card template: ``training`` (dict of training settings),
         ``trained_on`` (data description; default: synthetic phantoms), ``notes`` (free text).
@@ -120,6 +121,7 @@ class NnyNet(
                              f"e.g. {bad[:3]}; nothing was written (did the training diverge?)")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_onnx(save_directory)
         # The mixin never overwrites an existing README.md: write ours first so a re-save refreshes it.
         self.generate_model_card(**(model_card_kwargs or {})).save(save_directory / "README.md")
         return super().save_pretrained(
@@ -242,7 +244,7 @@ def _read_config(repo_or_dir: str | Path, **hub_kwargs: Any) -> tuple[NnyNetConf
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     try:
-        return NnyNetConfig.from_dict(data), path
+        return NnyNetConfig.from_saved(data), path  # every field that decides a prediction must be there
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: invalid config: {e}") from e
 
@@ -296,6 +298,18 @@ def _axis_names(axes: list[int], orientation: str) -> list[str]:
     """Mirror axes for the card, e.g. ["0 (x, R-L)", "2 (z, S-I)"] for RAS."""
     opposite = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
     return [f"{a} ({'xyz'[a]}, {orientation[a]}-{opposite[orientation[a]]})" for a in axes]
+
+
+def _remove_stale_onnx(save_directory: Path) -> None:
+    """Delete save_directory/model.onnx before new weights and config.json are written there: it is the graph of
+    the weights being replaced, and ``--backend onnxruntime`` would run it with the new config.json. Removed first,
+    so an interrupted save leaves no stale export either; export again (nnynet-export) for an ONNX model.
+    (nnynet-export writes its file aside and swaps it in, so no half-written export is touched here.)"""
+    stale = save_directory / ONNX_NAME
+    if stale.is_file() or stale.is_symlink():
+        stale.unlink()
+        logger.warning("%s removed: it was exported from the weights now being replaced; run nnynet-export --model "
+                       "%s again for the ONNX Runtime backend", stale, save_directory)
 
 
 def _as_config(config: NnyNetConfig | dict) -> NnyNetConfig:

@@ -131,3 +131,124 @@ def test_onnx_errors_are_clear(exported, tmp_path, capsys):
                      "--backend", "onnxruntime"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "model.onnx" in err and "nnynet-export" in err, err
+
+
+# ---- a model.onnx runs only with the config.json and weights it was exported from (audit finding 2) ---------
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    return shutil.copytree(folder, tmp_path / "copy")
+
+
+def _write_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("preprocessing_"):
+            config["preprocessing"][key.removeprefix("preprocessing_")] = value
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _ct(tmp_path, seed=9):
+    from nny_models.phantoms import generate_phantom
+
+    case = generate_phantom(seed, preset="test")
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(case.image.astype(np.float32), case.affine), ct)
+    return ct
+
+
+@pytest.mark.parametrize("field, changes", [
+    ("preprocessing.spacing", {"preprocessing_spacing": [2.0, 2.0, 2.5]}),
+    ("preprocessing.hu_window", {"preprocessing_hu_window": [-200.0, 300.0]}),
+    ("label_names", {"label_names": ["background", "liver", "tumor", "hepatic_vein", "spleen"]}),
+    ("keep_largest", {"keep_largest": ["liver"]}),
+    ("single_component", {"single_component": ["aorta"]}),
+    ("tta_mirror_axes", {"tta_mirror_axes": [2]}),
+])  # fmt: skip
+def test_onnx_exported_from_another_config_is_refused(exported, tmp_path, capsys, field, changes):
+    model, folder = exported
+    folder = _copy(folder, tmp_path)
+    _write_config(folder, **changes)  # a newer config.json beside the old export
+    with pytest.raises(ValueError) as info:
+        export.load_onnx_network(folder)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(folder / "model.onnx"))
+    assert str(folder / "config.json") in message and f"field '{field}'" in message and "nnynet-export" in message
+    code = cli.main(["--model", str(folder), "--input", str(_ct(tmp_path)), "--output", str(tmp_path / "m.nii.gz"),
+                     "--backend", "onnxruntime"])  # fmt: skip
+    assert code == 2 and f"field '{field}'" in capsys.readouterr().err
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_onnx_check_ignores_descriptive_fields(exported, tmp_path):
+    """Guard (passes before and after the fix): new metrics in the card do not make the export stale."""
+    model, folder = exported
+    folder = _copy(folder, tmp_path)
+    _write_config(folder, metrics={"mean_foreground_dice": 0.9})
+    assert export.load_onnx_network(folder).config.metrics == {"mean_foreground_dice": 0.9}
+
+
+def test_onnx_exported_from_other_weights_is_refused(exported, tmp_path, caplog):
+    import onnx
+    import safetensors.torch
+
+    model, folder = exported
+    folder = _copy(folder, tmp_path)
+    meta = {p.key: p.value for p in onnx.load(str(folder / "model.onnx")).metadata_props}
+    assert meta["nnynet_weights_sha256"] == export.weights_fingerprint(model.inference_state_dict())
+    state = safetensors.torch.load_file(folder / "model.safetensors")
+    key = sorted(state)[0]
+    state[key] = state[key] + 0.01  # retrained: same config.json, other weights
+    safetensors.torch.save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as info:
+        export.load_onnx_network(folder)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(folder / "model.onnx"))
+    assert str(folder / "model.safetensors") in message and "nnynet-export" in message
+    # an export written before the fingerprint existed: only its config can be checked, and that is said
+    proto = onnx.load(str(folder / "model.onnx"))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != "nnynet_weights_sha256"]
+    del proto.metadata_props[:]
+    for k, v in kept:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(folder / "model.onnx"))
+    with caplog.at_level("WARNING", logger="nny_models.export"):
+        assert export.load_onnx_network(folder).patch_size == PATCH
+    assert "no weights fingerprint" in caplog.text
+
+
+def test_save_pretrained_removes_a_stale_onnx(exported, tmp_path):
+    from nny_models.hub import NnyNet
+
+    model, folder = exported
+    folder = _copy(folder, tmp_path)
+    torch.manual_seed(1)
+    retrained = NnyNet(NnyNetConfig.from_dict({**model.config.to_dict(), "label_names": [
+        "background", "liver", "tumor", "hepatic_vein", "spleen"]}))
+    retrained.save_pretrained(folder)
+    assert not (folder / "model.onnx").exists()
+    with pytest.raises(ValueError, match="no such ONNX file.*nnynet-export"):
+        export.load_onnx_network(folder)
+
+
+def test_export_is_written_aside_and_swapped_in(tmp_path):
+    """A failed check (or a crash) never leaves a half-written or unverified file under the final name."""
+    from nny_models.hub import NnyNet
+    from nny_models.zoo import resolve_model_kwargs
+
+    torch.manual_seed(0)
+    model = NnyNet(NnyNetConfig(model="unet", model_kwargs=resolve_model_kwargs("unet", "tiny", out_channels=3),
+                                label_names=["background", "liver", "tumor"], patch_size=(32, 32, 32)))
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous export")
+    with pytest.raises(RuntimeError, match="differ from torch"):
+        export.export_onnx(model, target, atol=-1.0)  # no graph passes: the check fails
+    assert target.read_bytes() == b"previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    export.export_onnx(model, target)
+    assert export.load_onnx_network(None, target).patch_size == (32, 32, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
