@@ -116,7 +116,10 @@ def main() -> None:
 
     vol, affine, source = ct_volume(tuple(args.shape), tuple(args.spacing))
     cfg = PreprocessConfig()
-    ours = NnyNet(NnyNetConfig(model_kwargs={"feature_size": fs}, patch_size=roi, preprocessing=cfg.to_dict()))
+    # labels from the probabilities resampled to the input grid: what fine-tuning writes, and what the peer's
+    # pre.inverse(probs).argmax does
+    ours = NnyNet(NnyNetConfig(model_kwargs={"feature_size": fs}, patch_size=roi, preprocessing=cfg.to_dict(),
+                               label_resampling="probabilities"))
     peer = SwinUNETR(in_channels=1, out_channels=5, feature_size=fs)
     peer_flash = SwinUNETR(in_channels=1, out_channels=5, feature_size=fs, use_flash_attention=True)
     peer_flash.load_state_dict(peer.state_dict())

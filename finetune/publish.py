@@ -26,7 +26,7 @@ from nny_models.attention import uses_attention
 from nny_models.hub import NnyNet
 from nny_models.inference import predict
 from nny_models.clinical import is_missing
-from nny_models.config import check_lesion_in_organ
+from nny_models.config import LABEL_RESAMPLING, check_lesion_in_organ
 from nny_models.io import discover_cases, load_volume, read_clinical_csv
 from nny_models.training import parse_config, run_main
 
@@ -73,13 +73,15 @@ def evaluate_and_publish(
     keep_largest: Sequence[str] | None = None,
     lesion_min_contact: float | None = None,
     single_component: Sequence[str] | None = None,
+    label_resampling: str | None = None,
 ) -> dict[str, Any]:
     """Held-out evaluation, then save_pretrained to OUT/model with the metrics, reload it and check it.
 
     keep_largest: None keeps the post-processing the model was trained with; a list replaces it (in the
     evaluation and in the published config alike). lesion_min_contact likewise: None keeps the model's
     lesion_in_organ, 0 removes it, a share in (0, 1] sets it (tumor in liver unless the model names others).
-    single_component: None keeps the model's, a list replaces it."""
+    single_component: None keeps the model's, a list replaces it. label_resampling: None keeps the model's,
+    "probabilities" or "nearest" replaces it."""
     model_dir, test_dir, out = Path(model_dir), Path(test_dir), Path(out)
     model = NnyNet.from_pretrained(model_dir)
     for name, names in (("keep_largest", keep_largest), ("single_component", single_component)):
@@ -90,6 +92,10 @@ def evaluate_and_publish(
             setattr(model.config, name, list(names))
     if lesion_min_contact is not None:
         model.config.lesion_in_organ = _lesion_rule(model.config, float(lesion_min_contact))
+    if label_resampling is not None:
+        if label_resampling not in LABEL_RESAMPLING:
+            raise ValueError(f"label_resampling: expected one of {list(LABEL_RESAMPLING)}, got {label_resampling!r}")
+        model.config.label_resampling = label_resampling
     eval_dir = out / "eval"
     per_case, summary = evaluate_dataset(model, test_dir, eval_dir)
     curves = model_dir.parent / "figures" / "training_curves.png"
@@ -103,7 +109,9 @@ def evaluate_and_publish(
            if model.config.keep_largest else "")
         + "".join(f", largest {name} component kept" for name in model.config.single_component)
         + (", {lesion} components touching the {organ} on under {min_contact:.0%} of their surface dropped".format(
-            **model.config.lesion_in_organ) if model.config.lesion_in_organ else ""),
+            **model.config.lesion_in_organ) if model.config.lesion_in_organ else "")
+        + ("; labels from the probabilities resampled to that grid" if model.config.label_resampling == "probabilities"
+           else ""),
         **card_metrics(summary),
     }
     training = json.loads((model_dir / "config.json").read_text()).get("metrics") or {}
@@ -160,6 +168,8 @@ class PublishConfig:
     # their surface (config.json lesion_in_organ); None = as the model was trained, 0 = keep every component
     single_component: tuple[str, ...] | None = None  # labels each kept as its largest component (e.g. aorta);
     # None = as the model was trained, a bare flag = none
+    label_resampling: str | None = None  # "probabilities" (the softmax resampled to the CT's grid, then argmax) or
+    # "nearest" (the model grid's labels); None = as the model was trained
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate_and_publish(
         Path(cfg.model), Path(cfg.test_dir), Path(cfg.output_dir), cfg.repo_id, keep_largest=cfg.keep_largest,
         lesion_min_contact=cfg.lesion_min_contact, single_component=cfg.single_component,
+        label_resampling=cfg.label_resampling,
     )
     print(result["report_md"].read_text())
 

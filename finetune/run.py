@@ -146,6 +146,8 @@ class FinetuneConfig:
     # and predict drop each lesion component whose surface touches the organ on less than lesion_min_contact of its
     # voxels (nny_models.postprocess.drop_lesions_outside); skipped when the label map lacks either name
     lesion_min_contact: float = 0.5  # that share; 0 = keep every lesion component
+    label_resampling: str = "probabilities"  # config.json: predict's labels on the CT's grid from the softmax
+    # resampled linearly (nnU-Net's export) or "nearest" (the model grid's labels, in steps of its voxels)
     min_encoder_loaded: float = 0.9  # fail if a smaller fraction of encoder tensors loads from --pretrained
     phantom_cases: int = 24  # number of labeled phantoms generated when data_dir is None
     cache_dir: str | None = None  # preprocessed-case cache; None = OUTPUT_DIR/cache
@@ -423,6 +425,7 @@ def build_model(cfg: FinetuneConfig, source: NnyNetConfig | None, data: dict, pr
             keep_side=_keep_side(cfg, keep_largest),
             single_component=_label_list(cfg, "single_component", data["labels"]),
             lesion_in_organ=_lesion_in_organ(cfg, data["labels"]),
+            label_resampling=cfg.label_resampling,
             plan=plan.to_dict() if plan is not None else None,
             # mirror TTA (nny_models.tta) only along the axes training really mirrored
             tta_mirror_axes=list(cfg.flip_axes) if cfg.augment and cfg.augmentation.p_flip > 0 else [],

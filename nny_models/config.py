@@ -118,6 +118,7 @@ def check_lesion_in_organ(rule: Any, label_names: list[str]) -> dict[str, Any] |
 
 
 _AXIS_OF = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+LABEL_RESAMPLING = ("nearest", "probabilities")  # NnyNetConfig.label_resampling's values
 
 
 @dataclass
@@ -145,6 +146,10 @@ class NnyNetConfig:
     # after keep_largest, predict sets to background each lesion component whose surface touches the organ on less
     # than min_contact of its voxels (nny_models.postprocess.drop_lesions_outside); None = no such step (models
     # saved before 2026-12-06, whose files lack the field, predict exactly as before)
+    label_resampling: str = "nearest"  # how predict brings the labels from the model grid back to the CT's:
+    # "probabilities" = the softmax resampled linearly, then its argmax, post-processing's removals kept (nnU-Net's
+    # export; nny_models.preprocessing.restore_labels_from_probabilities); "nearest" = the model grid's labels by
+    # nearest neighbour, in steps of its voxels (models saved before 2026-12-07, whose files lack the field)
     plan: dict[str, Any] | None = None  # the training run's plan (nny_models.planning.Plan.to_dict()), kept for
     # provenance; inference replays `preprocessing` and `patch_size`, which already hold what the plan set
     tta_mirror_axes: list[int] = field(default_factory=list)  # axes (0, 1, 2 of the preprocessed volume, e.g.
@@ -181,6 +186,9 @@ class NnyNetConfig:
             raise ValueError(f"NnyNetConfig.task: expected one of {list(TASKS)}, got {self.task!r}")
         self._check_clinical()
         self.tta_mirror_axes = check_mirror_axes(self.tta_mirror_axes, "NnyNetConfig.tta_mirror_axes")
+        if self.label_resampling not in LABEL_RESAMPLING:
+            raise ValueError(f"NnyNetConfig.label_resampling: expected one of {list(LABEL_RESAMPLING)}, "
+                             f"got {self.label_resampling!r}")
 
     def _check_labels(self) -> None:
         names = self.label_names

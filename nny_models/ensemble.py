@@ -36,9 +36,9 @@ from torch import nn
 from nny_models.config import check_mirror_axes
 
 SHARED_FIELDS = ("preprocessing", "patch_size", "label_names", "keep_largest", "keep_side", "single_component",
-                 "lesion_in_organ", "task")  # config.json fields
+                 "lesion_in_organ", "label_resampling", "task")  # config.json fields
 # shared fields newer than ensembles' files: absent = this value
-OPTIONAL_SHARED = {"lesion_in_organ": None, "single_component": []}
+OPTIONAL_SHARED = {"lesion_in_organ": None, "single_component": [], "label_resampling": "nearest"}
 ENSEMBLE_FORMAT = 1  # the "ensemble" section of an ensemble's config.json that this code writes and reads
 COMBINE = "mean_softmax"  # members' softmax probabilities averaged window by window (the only rule there is)
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a plain sub-folder name: no "/", "..", "~"

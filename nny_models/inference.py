@@ -389,7 +389,7 @@ def predict(
     The model is put in eval mode and moved to ``device``. Raises ValueError for an input that is not
     a 3D CT in HU (see check_ct_volume) or a clinical row the schema cannot read.
     """
-    from nny_models.preprocessing import preprocess_volume, restore_to_original
+    from nny_models.preprocessing import preprocess_volume, restore_labels_from_probabilities, restore_to_original
 
     config = _config(model)
     _check_predict_args(model, config, overlap, sw_batch_size)
@@ -440,14 +440,17 @@ def predict(
                                f"(precision {'bf16' if amp else 'fp32'}); no mask was written. Try --precision fp32")
         with stage("argmax"):
             labels = probs.argmax(dim=0, keepdim=True).to(torch.uint8).cpu().numpy()
-            probs = probs.cpu().numpy() if return_probabilities else None
+            smooth = getattr(config, "label_resampling", "nearest") == "probabilities"
+            probs = probs.float().cpu().numpy() if return_probabilities or smooth else None
     with stage("postprocess"):  # on the model grid, where the network decided
         labels[0] = postprocess_labels(labels[0], config)
     _warn_if_liver_on_left(labels[0], config, name)
     _warn_if_liver_missing(labels[0], config, name, volume.shape, affine)
 
-    with stage("restore"):
-        mask = np.asarray(restore_to_original(labels, state))[0].astype(np.uint8)
+    with stage("restore"):  # config.label_resampling: the labels' nearest neighbour, or the argmax of the
+        # probabilities resampled linearly (post-processing's decisions kept)
+        mask = (restore_labels_from_probabilities(probs, labels[0], state) if smooth
+                else np.asarray(restore_to_original(labels, state))[0].astype(np.uint8))
     if mask.shape != volume.shape:
         raise RuntimeError(f"predict: restored mask has shape {mask.shape}, input has {volume.shape}")
     outputs = [mask]

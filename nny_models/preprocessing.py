@@ -137,9 +137,16 @@ def check_label_grid(label: np.ndarray, label_affine: Any, image_shape: tuple[in
             "expected the same voxel grid"
         )
     if not np.allclose(label_affine, affine, rtol=1e-4, atol=1e-3):
+        import nibabel as nib
+
+        def grid(a: Any) -> str:  # one line: axis codes, voxel size and origin
+            a = np.asarray(a, dtype=float)
+            size = "x".join(f"{v:.4g}" for v in np.linalg.norm(a[:3, :3], axis=0))
+            return f"{''.join(nib.aff2axcodes(a))} {size} mm at ({', '.join(f'{v:.4g}' for v in a[:3, 3])})"
+
         raise ValueError(
             f"{label_path}: label affine differs from the image affine of {image_path}; expected the same "
-            f"voxel grid.\nimage:\n{np.round(affine, 4)}\nlabel:\n{np.round(label_affine, 4)}"
+            f"voxel grid (image {grid(affine)}, label {grid(label_affine)})"
         )
     return label
 
@@ -273,4 +280,51 @@ def restore_to_original(pred: np.ndarray | torch.Tensor, state: dict) -> np.ndar
         spatial_size=tuple(state["original_shape"]),
     )
     out = np.asarray(out.as_tensor().numpy())
-    return np.round(out).astype(pred.dtype) if is_label else out.astype(np.float32)
+    return np.round(out).astype(pred.dtype) if is_label else out.astype(np.float32, copy=False)
+
+
+def restore_labels_from_probabilities(probs: np.ndarray | torch.Tensor, labels: np.ndarray, state: dict) -> np.ndarray:
+    """Labels on the original grid from the model grid's softmax, as nnU-Net exports them: the probabilities are
+    resampled linearly and the argmax taken there, so boundaries follow the network's transitions instead of
+    the model grid's voxel steps (nearest neighbour gives 2.5 mm stairs on a 0.7 mm CT).
+
+    probs: (C, X', Y', Z') softmax on the model grid; labels: (X', Y', Z') the decision there after
+    post-processing. Where post-processing changed a voxel, its probabilities become one-hot of the label kept,
+    so every component it removed stays removed. A class gets no probability where neither the voxel nor one of
+    its 26 neighbours has it as label: resampling moves a boundary between two classes, it does not paint a third
+    one between them. Returns uint8 (X, Y, Z)."""
+    from scipy import ndimage
+
+    probs = probs.detach().float().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
+    labels = np.asarray(labels)
+    if probs.ndim != 4 or probs.shape[1:] != labels.shape:
+        raise ValueError(f"restore_labels_from_probabilities: probabilities {probs.shape} and labels "
+                         f"{labels.shape} are not (C, X, Y, Z) and (X, Y, Z) of one grid")
+    out = np.zeros(state["original_shape"], dtype=np.uint8)
+    found = np.nonzero(labels)
+    if not found[0].size:
+        return out
+    probs = probs.copy()
+    changed = np.nonzero(labels != probs.argmax(0))
+    probs[(slice(None), *changed)] = 0.0
+    probs[(labels[changed].astype(np.intp), *changed)] = 1.0
+    for c in range(probs.shape[0]):
+        probs[c][~ndimage.maximum_filter(labels == c, size=3)] = 0.0
+    # Only the box around the labelled voxels, one model voxel wider, can hold a label: on a whole CT it is a
+    # fraction of the grid, so the probabilities are resampled into that box alone.
+    low = np.array([max(int(i.min()) - 1, 0) for i in found]) + np.asarray(state["crop_start"])
+    high = np.array([min(int(i.max()) + 1, n - 1) for i, n in zip(found, labels.shape)]) + np.asarray(state["crop_start"])
+    corners = np.array([[h if bit else l for bit, l, h in zip(bits, low, high)] + [1.0]
+                        for bits in np.ndindex(2, 2, 2)])
+    world = corners @ np.asarray(state["resampled_affine"]).T
+    voxels = (world @ np.linalg.inv(np.asarray(state["original_affine"])).T)[:, :3]
+    start = np.clip(np.floor(voxels.min(0)).astype(int) - 1, 0, out.shape)
+    stop = np.clip(np.ceil(voxels.max(0)).astype(int) + 2, 0, out.shape)
+    if (stop <= start).any():
+        return out
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    box_state = {**state, "original_affine": (np.asarray(state["original_affine"]) @ shift).tolist(),
+                 "original_shape": [int(n) for n in stop - start]}
+    out[tuple(slice(a, b) for a, b in zip(start, stop))] = restore_to_original(probs, box_state).argmax(0)
+    return out

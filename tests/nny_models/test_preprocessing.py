@@ -134,3 +134,77 @@ def test_bad_inputs(tmp_path):
     x, state = preprocess_volume(image, AFFINE, cfg)
     with pytest.raises(ValueError, match=r"restore_to_original: expected an array"):
         restore_to_original(np.zeros((1, 4, 4, 4), np.uint8), state)
+
+
+def _sphere_case(original_mm=1.0, model_mm=3.0, n=48, radius=10.0):
+    """A 1 mm CT grid, its 3 mm model grid, and on the model grid a soft sphere's 2-class softmax and argmax."""
+    from nny_models.preprocessing import restore_labels_from_probabilities  # noqa: F401 (fails early if absent)
+
+    affine = np.diag([original_mm, original_mm, original_mm, 1.0])
+    image = np.full((n, n, n), 40.0, np.float32)  # all body: no crop
+    cfg = PreprocessConfig(spacing=(model_mm,) * 3, crop_foreground=False)
+    x, state = preprocess_volume(image, affine, cfg)
+    model_affine = np.asarray(state["affine"])
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in x.shape[1:]], indexing="ij"), -1)
+    world = grid @ model_affine[:3, :3].T + model_affine[:3, 3]
+    centre = (n - 1) / 2 * original_mm
+    distance = np.linalg.norm(world - centre, axis=-1)
+    inside = 1.0 / (1.0 + np.exp((distance - radius) / 1.5))  # the network's soft edge
+    probs = np.stack([1.0 - inside, inside]).astype(np.float32)
+    fine = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1) * original_mm
+    truth = np.linalg.norm(fine - centre, axis=-1) < radius
+    return probs, probs.argmax(0).astype(np.uint8), state, truth
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_labels_from_probabilities_follow_the_edge_that_nearest_neighbour_steps_over():
+    from nny_models.preprocessing import restore_labels_from_probabilities
+
+    probs, labels, state, truth = _sphere_case()
+    nearest = restore_to_original(labels[None], state)[0]
+    smooth = restore_labels_from_probabilities(probs, labels, state)
+    assert smooth.shape == truth.shape and smooth.dtype == np.uint8
+    # a 3 mm staircase on a 1 mm grid, against the argmax of linear interpolation (nnU-Net's export)
+    assert _dice(smooth == 1, truth) > _dice(nearest == 1, truth) + 0.02
+    assert _dice(smooth == 1, truth) > 0.95
+
+
+def test_labels_from_probabilities_keep_what_post_processing_removed():
+    """A component post-processing dropped (its probabilities still say 'organ') must not come back."""
+    from nny_models.preprocessing import restore_labels_from_probabilities
+
+    probs, labels, state, _ = _sphere_case()
+    blob = np.zeros_like(labels, bool)
+    blob[1:3, 1:3, 1:3] = True  # a second, far-away component of class 1
+    probs[:, blob] = np.array([0.1, 0.9], np.float32)[:, None]
+    raw = probs.argmax(0).astype(np.uint8)
+    kept = raw.copy()
+    kept[blob] = 0  # what keep_largest does
+    out = restore_labels_from_probabilities(probs, kept, state)
+    assert not (out[:12, :12, :12] == 1).any()  # the blob's region on the 1 mm grid (model voxels 0-3)
+    assert (out == 1).sum() > 3000  # the sphere is still there (4/3 pi 10^3 = 4189 mm^3)
+    assert (restore_to_original(probs, state).argmax(0)[:12, :12, :12] == 1).any()  # the plain argmax brings it back
+
+
+def test_labels_from_probabilities_add_no_class_the_model_grid_did_not_have_there():
+    """Between a voxel of class 1 and one of class 3, class 2 may win the interpolated probabilities although it is
+    nowhere the argmax: resampling must not paint an island of it."""
+    from nny_models.preprocessing import restore_labels_from_probabilities
+
+    _, _, state, _ = _sphere_case()
+    shape = tuple(state["shape"])
+    checker = (np.indices(shape).sum(0) % 2).astype(bool)
+    probs = np.zeros((4, *shape), np.float32)
+    probs[1] = np.where(checker, 0.40, 0.25)
+    probs[3] = np.where(checker, 0.25, 0.40)
+    probs[2] = 0.35
+    labels = probs.argmax(0).astype(np.uint8)
+    assert not (labels == 2).any()
+    from nny_models.preprocessing import restore_to_original as restore
+
+    assert (restore(probs, state).argmax(0) == 2).any()  # the unguarded argmax would paint class 2
+    out = restore_labels_from_probabilities(probs, labels, state)
+    assert not (out == 2).any() and set(np.unique(out)) <= {1, 3}

@@ -399,6 +399,9 @@ def test_planning_checks_each_label_against_its_image(tmp_path, fault):
     with pytest.raises(ValueError, match="label affine differs" if fault == "affine" else "not whole numbers") as err:
         plan_dataset(tmp_path)
     assert "c0.nii.gz" in str(err.value)
+    assert "\n" not in str(err.value)  # one line, naming both grids
+    if fault == "affine":
+        assert "image RAS 1.5x1.5x4 mm at (0, 0, 0), label RAS 1.5x1.5x4 mm at (12, 0, 0)" in str(err.value)
 
 
 @pytest.mark.parametrize("flip", [True, False])
