@@ -143,6 +143,10 @@ def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, p
     assert trained.keep_largest == ["liver", "tumor"]  # fine-tuning's defaults
     assert trained.single_component == ["aorta"]
     assert trained.lesion_in_organ == {"lesion": "tumor", "organ": "liver", "min_contact": 0.5}
+    assert trained.label_resampling == "probabilities"
+    assert "argmax of the probabilities resampled linearly" in (out / "model" / "README.md").read_text()
+    with pytest.raises(ValueError, match="label_resampling: expected one of"):
+        evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", label_resampling="linear")
     with pytest.raises(ValueError, match="spleen"):
         evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", keep_largest=["spleen"])
     with pytest.raises(ValueError, match="single_component: \\['aorte'\\]"):
@@ -150,7 +154,7 @@ def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, p
     with pytest.raises(ValueError, match="--lesion_min_contact 1.5"):
         evaluate_and_publish(out / "model", phantoms, tmp_path / "bad", lesion_min_contact=1.5)
     result = evaluate_and_publish(out / "model", phantoms, tmp_path / "pub", keep_largest=["liver"],
-                                  lesion_min_contact=0.7)
+                                  lesion_min_contact=0.7, label_resampling="nearest")
     summary = json.loads((tmp_path / "pub" / "eval" / "metrics.json").read_text())
     assert len(summary["per_case"]) == 4  # every labeled case, evaluated on its original grid
     assert set(result["dice"]) == {"liver", "tumor", "portal_vein", "aorta"}
@@ -160,6 +164,8 @@ def test_evaluate_and_publish_writes_reports_and_a_reloadable_model(finetuned, p
     assert published.config.keep_largest == ["liver"]  # the override is what users of the export get
     assert "largest connected liver component" in published.config.metrics["split"]
     assert published.config.lesion_in_organ["min_contact"] == 0.7
+    assert published.config.label_resampling == "nearest" and "resampled" not in published.config.metrics["split"]
+    assert "by nearest neighbour from the model grid" in (tmp_path / "pub" / "model" / "README.md").read_text()
     assert "tumor components touching the liver on under 70% of their surface dropped" in published.config.metrics["split"]
     assert "on under 70 % of its voxels is set to background" in (tmp_path / "pub" / "model" / "README.md").read_text()
     assert published.config.metrics["per_class"]["liver"]["Dice"] == pytest.approx(result["dice"]["liver"])
