@@ -218,9 +218,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     class_weights = _per_label(cfg.class_weights, labels, "class_weights")  # checked before the slow cache build
 
     ids = sorted(r.case_id for r in records)
-    folds = min(cfg.folds, len(ids))
-    train_idx, val_idx = list(KFold(folds, shuffle=True, random_state=cfg.seed).split(ids))[cfg.fold % folds]
-    train_ids, val_ids = [ids[i] for i in train_idx], [ids[i] for i in val_idx]
+    train_ids, val_ids = split_cases(ids, cfg, data_dir)
 
     schema, vectors = None, {}
     if cfg.fusion != "none":
@@ -266,6 +264,21 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     )  # fmt: skip
 
 
+def split_cases(ids: list[str], cfg: FinetuneConfig, data_dir: Path) -> tuple[list[str], list[str]]:
+    """(training, validation) case ids: fold ``cfg.fold`` of a seeded k-fold split by case. With fewer cases than
+    --folds, one fold per case, with a warning, and cfg.folds says so (run_config.json, the model card); a --fold
+    beyond them is a ValueError, not a wrap-around onto another fold (a k-fold ensemble would hold a duplicate)."""
+    if cfg.folds > len(ids):
+        if cfg.fold >= len(ids):
+            raise ValueError(f"--fold {cfg.fold}: {data_dir} has {len(ids)} labeled cases, so at most {len(ids)} "
+                             f"folds; expected --fold 0..{len(ids) - 1} (or more cases)")
+        warnings.warn(f"--folds {cfg.folds}: {data_dir} has {len(ids)} labeled cases; the split uses {len(ids)} "
+                      "folds (run_config.json and the model card say so)", stacklevel=2)
+        cfg.folds = len(ids)
+    train_idx, val_idx = list(KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(ids))[cfg.fold]
+    return [ids[i] for i in train_idx], [ids[i] for i in val_idx]
+
+
 def _per_label(values: tuple[float, ...] | None, labels: list[str], flag: str, first: int = 0) -> dict | None:
     """--flag's values as {label index: value}, one per label of ``labels`` (indices from ``first``), or None."""
     if values is None:
@@ -284,15 +297,36 @@ def _label_index(names: tuple[str, ...], labels: list[str], flag: str) -> list[i
 
 
 def _label_names(data_dir: Path) -> list[str]:
-    """Label names from an MSD dataset.json ("labels": {"0": "background", ...}); the default 5 otherwise."""
+    """Label names from an MSD dataset.json ("labels": {"0": "background", ...}) or an nnU-Net v2 one
+    ({"background": 0, ...}); the default 5 without a dataset.json or a "labels" entry. Any other form is a
+    ValueError naming the file: the names decide what each label value is called and post-processed as."""
     meta = data_dir / "dataset.json"
-    if meta.is_file():
-        labels = json.loads(meta.read_text()).get("labels")
-        if isinstance(labels, dict) and labels:
-            # MSD maps index -> name; nnU-Net v2 maps name -> index
-            pairs = [(int(k), v) if str(k).isdigit() else (int(v), k) for k, v in labels.items()]
-            return [name for _, name in sorted(pairs)]
-    return list(DEFAULT_LABELS)
+    if not meta.is_file():
+        return list(DEFAULT_LABELS)
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta}: not valid JSON ({err})") from None
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if labels is None:
+        return list(DEFAULT_LABELS)
+    expected = 'expected an object {"0": "background", "1": "liver", ...} (MSD) or {"background": 0, ...} (nnU-Net v2)'
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{meta}: \"labels\" is {json.dumps(labels)[:80]}; {expected}")
+    pairs = []
+    for key, value in labels.items():  # MSD maps index -> name; nnU-Net v2 maps name -> index
+        if str(key).strip().isdigit() and isinstance(value, str) and value:
+            pairs.append((int(key), value))
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            pairs.append((value, str(key)))
+        else:  # e.g. nnU-Net v2's region-based labels, "liver": [1, 2]
+            raise ValueError(f"{meta}: \"labels\" entry {json.dumps(key)}: {json.dumps(value)[:60]}; {expected}, "
+                             "one label value per name (region-based labels are not supported)")
+    pairs.sort()
+    if [index for index, _ in pairs] != list(range(len(pairs))) or len({n for _, n in pairs}) != len(pairs):
+        raise ValueError(f"{meta}: \"labels\" must name each value 0..{len(pairs) - 1} once, with distinct names; "
+                         f"got {dict(pairs)}")
+    return [name for _, name in pairs]
 
 
 # ----------------------------------------------------------------------------- model

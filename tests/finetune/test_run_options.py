@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -299,3 +300,44 @@ def test_fine_tuning_refuses_a_lesion_rule_naming_no_label():
         _lesion_in_organ(FinetuneConfig(lesion_in_organ=("tumour", "liver")), ["background", "liver", "tumor"])
     with pytest.raises(ValueError, match="--lesion_min_contact"):
         _lesion_in_organ(FinetuneConfig(lesion_min_contact=1.5), ["background", "liver", "tumor"])
+
+
+def test_fewer_cases_than_folds_uses_a_fold_per_case_and_never_wraps_round(tmp_path):
+    from finetune.run import FinetuneConfig, split_cases
+
+    ids = ["a", "b", "c", "d"]
+    cfg = FinetuneConfig(folds=5, fold=3)
+    with pytest.warns(UserWarning, match="--folds 5: .* has 4 labeled cases; the split uses 4 folds"):
+        train, val = split_cases(ids, cfg, tmp_path)
+    assert cfg.folds == 4 and len(val) == 1 and sorted(train + val) == ids
+    with pytest.raises(ValueError, match="--fold 4: .* has 4 labeled cases, so at most 4 folds"):
+        split_cases(ids, FinetuneConfig(folds=5, fold=4), tmp_path)  # used to wrap round onto fold 0
+    vals = {split_cases(ids, FinetuneConfig(folds=4, fold=k), tmp_path)[1][0] for k in range(4)}
+    assert vals == set(ids)  # each case validates in exactly one fold
+
+
+@pytest.mark.parametrize("labels, match", [
+    (["background", "tumor", "liver"], "expected an object"),  # a list was ignored: the default names were used
+    ({"background": 0, "liver": [1, 2]}, "region-based labels are not supported"),
+    ({"0": "background", "1": "liver", "3": "tumor"}, "must name each value 0..2 once"),
+    ({"0": "background", "1": "liver", "2": "liver"}, "distinct names"),
+])
+def test_dataset_json_labels_in_another_form_are_refused(tmp_path, labels, match):
+    from finetune.run import _label_names
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    with pytest.raises(ValueError, match=match) as err:
+        _label_names(tmp_path)
+    assert "dataset.json" in str(err.value)
+
+
+def test_dataset_json_labels_of_msd_and_nnunet_v2(tmp_path):
+    from finetune.run import _label_names
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "2": "cancer", "1": "liver"}}))
+    assert _label_names(tmp_path) == ["background", "liver", "cancer"]
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumor": 2, "liver": 1}}))
+    assert _label_names(tmp_path) == ["background", "liver", "tumor"]
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(ValueError, match="dataset.json: not valid JSON"):
+        _label_names(tmp_path)
