@@ -283,6 +283,9 @@ def restore_to_original(pred: np.ndarray | torch.Tensor, state: dict) -> np.ndar
     return np.round(out).astype(pred.dtype) if is_label else out.astype(np.float32, copy=False)
 
 
+RESTORE_SLAB_VOXELS = 16_000_000  # original voxels resampled at once by restore_labels_from_probabilities
+
+
 def restore_labels_from_probabilities(probs: np.ndarray | torch.Tensor, labels: np.ndarray, state: dict) -> np.ndarray:
     """Labels on the original grid from the model grid's softmax, as nnU-Net exports them: the probabilities are
     resampled linearly and the argmax taken there, so boundaries follow the network's transitions instead of
@@ -322,9 +325,13 @@ def restore_labels_from_probabilities(probs: np.ndarray | torch.Tensor, labels: 
     stop = np.clip(np.ceil(voxels.max(0)).astype(int) + 2, 0, out.shape)
     if (stop <= start).any():
         return out
-    shift = np.eye(4)
-    shift[:3, 3] = start
-    box_state = {**state, "original_affine": (np.asarray(state["original_affine"]) @ shift).tolist(),
-                 "original_shape": [int(n) for n in stop - start]}
-    out[tuple(slice(a, b) for a, b in zip(start, stop))] = restore_to_original(probs, box_state).argmax(0)
+    # in slabs along the last axis, so that C float32 channels of a whole-body CT never sit in memory at once
+    step = max(1, RESTORE_SLAB_VOXELS // int(np.prod(stop[:2] - start[:2])))
+    for z0 in range(int(start[2]), int(stop[2]), step):
+        z1 = min(z0 + step, int(stop[2]))
+        shift = np.eye(4)
+        shift[:3, 3] = (start[0], start[1], z0)
+        slab = {**state, "original_affine": (np.asarray(state["original_affine"]) @ shift).tolist(),
+                "original_shape": [int(stop[0] - start[0]), int(stop[1] - start[1]), z1 - z0]}
+        out[start[0]:stop[0], start[1]:stop[1], z0:z1] = restore_to_original(probs, slab).argmax(0)
     return out

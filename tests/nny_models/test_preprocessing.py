@@ -208,3 +208,14 @@ def test_labels_from_probabilities_add_no_class_the_model_grid_did_not_have_ther
     assert (restore(probs, state).argmax(0) == 2).any()  # the unguarded argmax would paint class 2
     out = restore_labels_from_probabilities(probs, labels, state)
     assert not (out == 2).any() and set(np.unique(out)) <= {1, 3}
+
+
+def test_labels_from_probabilities_in_slabs_equal_one_box(monkeypatch):
+    """A whole-body CT is resampled slab by slab (bounded memory); the slabs must join without a seam."""
+    import nny_models.preprocessing as pp
+
+    probs, labels, state, _ = _sphere_case()
+    whole = pp.restore_labels_from_probabilities(probs, labels, state)
+    monkeypatch.setattr(pp, "RESTORE_SLAB_VOXELS", 48 * 48 * 3)  # slabs of 3 slices
+    np.testing.assert_array_equal(pp.restore_labels_from_probabilities(probs, labels, state), whole)
+    assert (whole == 1).sum() > 3000
