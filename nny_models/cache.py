@@ -2,12 +2,14 @@
 
 Layout of cache_dir:
     index.json              case ids, per-case meta (shape, spacing, crop, classes) and fingerprints
-    cases/<id>.image.npy    float32 (1, X, Y, Z)
-    cases/<id>.label.npy    uint8 (1, X, Y, Z) (labeled cases only)
-    cases/<id>.fg.npy       int32 (N, 4) rows [class, x, y, z]: a subsample of voxels per foreground class
+    cases/<stem>.image.npy  float32 (1, X, Y, Z)
+    cases/<stem>.label.npy  uint8 (1, X, Y, Z) (labeled cases only)
+    cases/<stem>.fg.npy     int32 (N, 4) rows [class, x, y, z]: a subsample of voxels per foreground class
     .lock                   fcntl lock held while building, so concurrent ranks build it once
 
-A case is rebuilt when its fingerprint (PreprocessConfig + source file sizes/mtimes) changes.
+<stem> is "<case id>.<first 16 hex digits of the case's fingerprint>": two data sets (two runs sharing a
+cache_dir) never share a file, and a cache reads only files whose name carries its index entry's fingerprint.
+A case is rebuilt when its fingerprint (PreprocessConfig + source file sizes/mtimes/ctimes/inodes) changes.
 """
 
 from __future__ import annotations
@@ -39,14 +41,22 @@ log = logging.getLogger(__name__)
 
 
 def _stamp(path: str | None) -> Any:
-    """Size and mtime of a file (or of every file of a DICOM folder): cheap change detection."""
+    """Size, mtime, ctime and inode of a file (or of every file of a DICOM folder): cheap change detection.
+
+    The ctime changes on every write of the content and cannot be set by a user, so a file replaced by other
+    content of the same size with its mtime kept (cp -p, rsync -t) is detected; the inode catches a replacement
+    by rename. No content hashing: volumes are large.
+    """
     if path is None:
         return None
     p = Path(path)
+
+    def one(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
     if p.is_dir():
-        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir()) if f.is_file()]
-    st = p.stat()
-    return [st.st_size, st.st_mtime_ns]
+        return [[f.name, *one(f.stat())] for f in sorted(p.iterdir()) if f.is_file()]
+    return one(p.stat())
 
 
 def case_fingerprint(record: CaseRecord, cfg: PreprocessConfig) -> str:
@@ -60,10 +70,20 @@ def case_fingerprint(record: CaseRecord, cfg: PreprocessConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _file_stem(case_id: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}", case_id):
-        return case_id
-    return "case-" + hashlib.sha1(case_id.encode()).hexdigest()[:16]
+def _file_stem(case_id: str, fingerprint: str) -> str:
+    """File name stem of a case's .npy files: its id (or a hash of an unusual id) and its fingerprint."""
+    name = case_id if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}", case_id) else \
+        "case-" + hashlib.sha1(case_id.encode()).hexdigest()[:16]
+    return f"{name}.{fingerprint[:16]}"
+
+
+CASE_FILE_KINDS = ("image", "label", "fg")
+
+
+def _entry_files(entry: dict[str, Any]) -> list[str]:
+    """Exact names of the files an index entry owns (as written under its stored stem)."""
+    kinds = CASE_FILE_KINDS if entry.get("has_label") else CASE_FILE_KINDS[:1]
+    return [f"{entry['stem']}.{k}.npy" for k in kinds] if entry.get("stem") else []
 
 
 @contextlib.contextmanager
@@ -127,7 +147,7 @@ def _build_one(
         out = preprocess_case(record.image, record.label, cfg, num_classes=num_classes, check_hu=check_hu)
     except ValueError as e:  # name the case: the message names the file, a data set has many
         raise ValueError(f"case {record.case_id!r}: {e}") from e
-    stem, cases = _file_stem(record.case_id), Path(cases_dir)
+    stem, cases = _file_stem(record.case_id, fingerprint), Path(cases_dir)
     entry = dict(out["meta"], case_id=record.case_id, fingerprint=fingerprint, stem=stem, classes={}, fg_offsets={})
     _atomic_save(cases / f"{stem}.image.npy", out["image"])
     if out["label"] is not None:
@@ -148,8 +168,10 @@ def _worker_init() -> None:
 
 
 def _entry_files_exist(cases_dir: Path, entry: dict[str, Any]) -> bool:
-    names = [".image.npy"] + ([".label.npy", ".fg.npy"] if entry.get("has_label") else [])
-    return all((cases_dir / f"{entry['stem']}{n}").exists() for n in names)
+    """The entry's files exist under the name its fingerprint gives (an older layout's are not reused)."""
+    if entry.get("stem") != _file_stem(entry.get("case_id", ""), entry.get("fingerprint", "")):
+        return False
+    return all((cases_dir / n).exists() for n in _entry_files(entry))
 
 
 def _check_label_values(entry: dict[str, Any], num_classes: int) -> None:
@@ -224,10 +246,15 @@ def build_cache(
             "cases": {r.case_id: fresh[r.case_id] for r in records},
         }
         _atomic_write_json(cache_dir / "index.json", index)
-        keep = {e["stem"] for e in index["cases"].values()}
-        for f in cases_dir.glob("*.npy"):  # files of cases that left the data set
-            if f.name.split(".")[0] not in keep:
-                f.unlink(missing_ok=True)
+        # Remove only the files of a case this index rebuilt (its old fingerprint is superseded here), by their
+        # exact names. Files of cases that are not in this data set stay: another run sharing the cache_dir
+        # may still read them (its index in memory names them).
+        keep = {n for e in index["cases"].values() for n in _entry_files(e)}
+        for cid, entry in old.items():
+            if cid in index["cases"]:
+                for name in _entry_files(entry):
+                    if name not in keep:
+                        (cases_dir / name).unlink(missing_ok=True)
     return PreprocessedCache(cache_dir)
 
 
@@ -274,7 +301,23 @@ class PreprocessedCache:
         if key in self._open:
             self._open.move_to_end(key)
             return self._open[key]
-        array = np.load(self.cache_dir / "cases" / f"{self.meta(case_id)['stem']}.{kind}.npy", mmap_mode="r")
+        entry = self.meta(case_id)
+        stem = _file_stem(case_id, str(entry.get("fingerprint", "")))
+        if entry.get("stem") != stem:  # an older layout (files named by case id only) or an edited index
+            raise ValueError(
+                f"{self.cache_dir / 'index.json'}: case {case_id!r}: the cached file name {entry.get('stem')!r} does "
+                f"not carry the entry's fingerprint (expected {stem!r}); the cache is from an older nnynet or was "
+                "edited: run build_cache again (or use a fresh cache_dir)"
+            )
+        path = self.cache_dir / "cases" / f"{stem}.{kind}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}: cached {kind} of case {case_id!r} (fingerprint {stem.rsplit('.', 1)[1]}) is gone; another "
+                "run sharing this cache_dir rebuilt the case from other data or removed it: give each data set its "
+                "own cache_dir"
+            ) from None
         self._open[key] = array
         if len(self._open) > MAX_OPEN_CASES:
             self._open.popitem(last=False)

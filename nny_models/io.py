@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 import stat
 import warnings
@@ -577,13 +578,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _from_msd(root: Path) -> list[CaseRecord]:
     """Medical Segmentation Decathlon: dataset.json lists training {image, label} dicts and test image paths."""
     meta = _read_json(root / "dataset.json")
-    records = []
+    records, unlabeled = [], []
     for i, entry in enumerate(meta.get("training", [])):
         if not isinstance(entry, dict) or "image" not in entry:
             raise ValueError(f"{root / 'dataset.json'}: training[{i}] should be {{'image': ..., 'label': ...}}")
         image = (root / entry["image"]).resolve()
         label = (root / entry["label"]).resolve() if entry.get("label") else None
         records.append(CaseRecord(_strip_suffix(image.name), str(image), str(label) if label else None))
+        if label is None:
+            unlabeled.append(f"training[{i}] {records[-1].case_id}")
+    n = len(records)
+    if unlabeled and len(unlabeled) < n:  # as _warn_unmatched: none labeled at all is an unlabeled set
+        warnings.warn(f"{root / 'dataset.json'}: no label for {len(unlabeled)} of the {n} training entries "
+                      f"({', '.join(unlabeled[:5])}{', ...' if len(unlabeled) > 5 else ''}: 'label' missing or "
+                      "null); they are unlabeled cases, left out of fine-tuning", stacklevel=3)
     for entry in meta.get("test", []):
         image = (root / (entry["image"] if isinstance(entry, dict) else entry)).resolve()
         records.append(CaseRecord(_strip_suffix(image.name), str(image), None))
@@ -683,8 +691,18 @@ def _find_image(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _file_key(path: str) -> tuple[int, int] | str:
+    """Identity of a file: (device, inode), so that links and other spellings of one path compare equal."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return os.path.realpath(path)
+
+
 def _check_records(records: Sequence[CaseRecord], source: Path) -> None:
     seen: set[str] = set()
+    owners: dict[tuple[str, tuple[int, int] | str], str] = {}
     for r in records:
         if r.case_id in seen:
             raise ValueError(f"{source}: case id {r.case_id!r} appears more than once")
@@ -695,6 +713,13 @@ def _check_records(records: Sequence[CaseRecord], source: Path) -> None:
         if r.label is not None and Path(r.label).resolve() == Path(r.image).resolve():
             raise ValueError(f"{source}: case {r.case_id!r} has the same file as image and label ({r.image}); "
                              "expected a separate label volume")
+        for kind, p in (("image", r.image), ("label", r.label)):
+            if p is None:
+                continue
+            other = owners.setdefault((kind, _file_key(p)), r.case_id)
+            if other != r.case_id:  # one scan under two ids lands in training and validation at once
+                raise ValueError(f"{source}: cases {other!r} and {r.case_id!r} have the same {kind} file ({p}); "
+                                 f"expected one {kind} per case (a duplicated row?)")
 
 
 # ----------------------------------------------------------------------------- clinical table

@@ -64,10 +64,11 @@ def test_cache_matches_preprocessing_and_is_memory_mapped(tmp_path, caplog):
     assert index["preprocessing"] == CFG.to_dict()
 
     # idempotent: a second call preprocesses nothing and leaves the files alone
-    stamp = os.stat(tmp_path / "cache" / "cases" / "c0.image.npy").st_mtime_ns
+    c0_image = tmp_path / "cache" / "cases" / f"{cache.meta('c0')['stem']}.image.npy"
+    stamp = os.stat(c0_image).st_mtime_ns
     build_cache(records, CFG, tmp_path / "cache")
     assert built_count(caplog) == 1
-    assert os.stat(tmp_path / "cache" / "cases" / "c0.image.npy").st_mtime_ns == stamp
+    assert os.stat(c0_image).st_mtime_ns == stamp
 
     # a pickled cache (DataLoader worker) reopens its memmaps instead of copying arrays
     cache.image("c0")
@@ -95,12 +96,14 @@ def test_cache_rebuilds_on_config_or_source_change(tmp_path, caplog):
     build_cache(records, other, tmp_path / "cache")
     assert "preprocessing 1 of 2" in caplog.text
 
-    # a case that left the data set leaves the index and its files are removed
+    # a rebuilt case's superseded files are removed (by exact name); a case that left the data set leaves the
+    # index, but its files stay: another run sharing the cache_dir may still read them
+    c1_stem = build_cache(records, other, tmp_path / "cache").meta("c1")["stem"]
     cache = build_cache(records[:1], other, tmp_path / "cache")
     assert cache.case_ids == ["c0"]
-    assert sorted(p.name for p in (tmp_path / "cache" / "cases").glob("*.npy")) == [
-        "c0.fg.npy", "c0.image.npy", "c0.label.npy",
-    ]
+    assert sorted(p.name for p in (tmp_path / "cache" / "cases").glob("*.npy")) == sorted(
+        f"{stem}.{k}.npy" for stem in (cache.meta("c0")["stem"], c1_stem) for k in ("fg", "image", "label")
+    )
     with pytest.raises(KeyError, match="unknown case id 'c1'"):
         cache.meta("c1")
     with pytest.raises(FileNotFoundError, match="run build_cache first"):
