@@ -218,7 +218,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     class_weights = _per_label(cfg.class_weights, labels, "class_weights")  # checked before the slow cache build
 
     ids = sorted(r.case_id for r in records)
-    train_ids, val_ids = split_cases(ids, cfg, data_dir)
+    train_ids, val_ids, folds = split_cases(ids, cfg, data_dir)
 
     schema, vectors = None, {}
     if cfg.fusion != "none":
@@ -259,24 +259,26 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     )
     return dict(
         loader=loader, cache=cache, labels=labels, schema=schema, vectors=vectors,
-        train_ids=train_ids, val_ids=val_ids, records=records,
+        train_ids=train_ids, val_ids=val_ids, folds=folds, records=records,
         class_weights=None if class_weights is None else list(class_weights.values()),
     )  # fmt: skip
 
 
-def split_cases(ids: list[str], cfg: FinetuneConfig, data_dir: Path) -> tuple[list[str], list[str]]:
-    """(training, validation) case ids: fold ``cfg.fold`` of a seeded k-fold split by case. With fewer cases than
-    --folds, one fold per case, with a warning, and cfg.folds says so (run_config.json, the model card); a --fold
-    beyond them is a ValueError, not a wrap-around onto another fold (a k-fold ensemble would hold a duplicate)."""
-    if cfg.folds > len(ids):
+def split_cases(ids: list[str], cfg: FinetuneConfig, data_dir: Path) -> tuple[list[str], list[str], int]:
+    """(training, validation) case ids and the number of folds: fold ``cfg.fold`` of a seeded k-fold split by
+    case. With fewer cases than --folds, one fold per case, with a warning (the model card states the folds used);
+    a --fold beyond them is a ValueError, not a wrap-around onto another fold (a k-fold ensemble would hold a
+    duplicate)."""
+    folds = cfg.folds
+    if folds > len(ids):
         if cfg.fold >= len(ids):
             raise ValueError(f"--fold {cfg.fold}: {data_dir} has {len(ids)} labeled cases, so at most {len(ids)} "
                              f"folds; expected --fold 0..{len(ids) - 1} (or more cases)")
         warnings.warn(f"--folds {cfg.folds}: {data_dir} has {len(ids)} labeled cases; the split uses {len(ids)} "
-                      "folds (run_config.json and the model card say so)", stacklevel=2)
-        cfg.folds = len(ids)
-    train_idx, val_idx = list(KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(ids))[cfg.fold]
-    return [ids[i] for i in train_idx], [ids[i] for i in val_idx]
+                      "folds (the model card says so)", stacklevel=2)
+        folds = len(ids)
+    train_idx, val_idx = list(KFold(folds, shuffle=True, random_state=cfg.seed).split(ids))[cfg.fold]
+    return [ids[i] for i in train_idx], [ids[i] for i in val_idx], folds
 
 
 def _per_label(values: tuple[float, ...] | None, labels: list[str], flag: str, first: int = 0) -> dict | None:
@@ -523,7 +525,14 @@ def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: Preproc
 
 
 def training_function(cfg: FinetuneConfig) -> Path:
+    from nny_models.training.checkpoints import check_output_paths, check_resume_config
+    from nny_models.training.config import CONFIG_FILE_ATTR
+
     output_dir = Path(cfg.output_dir)
+    # before anything is deleted or written: no input inside OUTPUT_DIR, no OUTPUT_DIR inside the data
+    inputs = {"--pretrained": cfg.pretrained, "--data_dir": cfg.data_dir, "--clinical_csv": cfg.clinical_csv,
+              "--config": getattr(cfg, CONFIG_FILE_ATTR, None)}
+    check_output_paths(output_dir, inputs, cfg.data_dir)
     accelerator = make_accelerator(
         output_dir, mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed
     )
@@ -531,6 +540,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
     source = load_config(cfg.pretrained) if cfg.pretrained else None
     data_dir = resolve_data_dir(cfg, accelerator)
     cfg, plan = apply_plan(cfg, data_dir, accelerator)
+    write_run_config = check_resume_config(output_dir, cfg, cfg.resume)  # a resume must train as the run started
     preprocess = preprocess_config(cfg, source, plan)
     check_patch(cfg, source, plan)
     data = get_data(cfg, preprocess, data_dir, accelerator)
@@ -561,7 +571,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
 
     accelerator.init_trackers("finetune", config=tracker_config(cfg))
     metrics = MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step=start)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and write_run_config:
         write_text_atomic(output_dir / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     if report is not None and start == 0:
         metrics.log({"step": 0, "transfer_loaded": len(report.loaded), "transfer_missing": len(report.missing)})
@@ -580,7 +590,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
             row.update({f"val_dice_{k}": v["dice_mean"] for k, v in summary["per_class"].items()})
             if best["val_dice"] is None or row["val_dice"] > best["val_dice"]:
                 best.update(val_dice=row["val_dice"], step=done)
-                export(model, output_dir / "model", cfg, summary, done)
+                export(model, output_dir / "model", cfg, summary, done, folds=data["folds"])
         accelerator.wait_for_everyone()
         return row
 
@@ -605,12 +615,12 @@ def training_function(cfg: FinetuneConfig) -> Path:
     return output_dir / "model"
 
 
-def export(model: NnyNet, path: Path, cfg: FinetuneConfig, summary: dict, step: int) -> None:
+def export(model: NnyNet, path: Path, cfg: FinetuneConfig, summary: dict, step: int, folds: int | None = None) -> None:
     """save_pretrained with the validation metrics and the training setup for the model card, atomically:
     weights, config.json and README.md are written aside and swapped in together (a kill leaves the old or
     the new export, complete)."""
     model.config.metrics = {
-        "split": f"validation fold {cfg.fold} of {cfg.folds} (preprocessed grid)",
+        "split": f"validation fold {cfg.fold} of {folds or cfg.folds} (preprocessed grid)",  # the folds split_cases used
         "step": step,
         **card_metrics(summary),
     }

@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pretrain/run.py` from a checkout
 
 from nny_models.config import PreprocessConfig  # noqa: E402
+from nny_models.training.checkpoints import check_output_paths, check_resume_config  # noqa: E402
+from nny_models.training.config import CONFIG_FILE_ATTR  # noqa: E402
 from nny_models.training import (  # noqa: E402
     CheckpointManager,
     MetricsLog,
@@ -220,9 +222,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(cfg: PretrainConfig) -> None:
     out_dir = Path(cfg.output_dir)
+    # before anything is deleted or written: no input inside OUTPUT_DIR, no OUTPUT_DIR inside the data
+    check_output_paths(out_dir, {"--data_dir": cfg.data_dir, "--config": getattr(cfg, CONFIG_FILE_ATTR, None)},
+                       cfg.data_dir)
     accelerator = make_accelerator(out_dir, mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed)
     data_dir = resolve_data_dir(cfg, accelerator)
     cfg, plan = apply_plan(cfg, data_dir, accelerator)
+    write_run_config = check_resume_config(out_dir, cfg, cfg.resume)  # a resume must train as the run started
     prep = preprocess_config(cfg)
     pretext = cfg.pretext if cfg.pretext.out_range is not None else dataclasses.replace(cfg.pretext, out_range=prep.out_range)
 
@@ -251,7 +257,7 @@ def train(cfg: PretrainConfig) -> None:
     start, _ = checkpoints.resume() if cfg.resume else (0, {})
     metrics = MetricsLog(accelerator, out_dir / "metrics.jsonl", resume_step=start)
     accelerator.init_trackers("pretrain", config=tracker_config(cfg))
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and write_run_config:
         write_text_atomic(out_dir / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     debug = None
     if cfg.debug_dump:

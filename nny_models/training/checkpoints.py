@@ -21,7 +21,10 @@ every entry of checkpoints/ as a numbered checkpoint, so the ``latest`` pointer 
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -125,6 +128,109 @@ def check_output_dir(accelerator: Accelerator, output_dir: str | Path, resume: b
         accelerator.print(f"--resume: no checkpoint in {root}; starting at step 0")
 
 
+RUN_CONFIG = "run_config.json"
+# Fields a --resume may change: they decide how the run is executed or recorded, never what is trained (the data
+# order is a function of (seed, index), so the worker count does not change it; checkpoint/export/log cadence
+# only adds files). Everything else (data, labels, model, LR, schedule via max_steps / warmup_steps, seed, loss,
+# precision, ...) must equal the saved run_config.json, or the resumed run would silently be another run.
+RESUME_MAY_CHANGE = frozenset(
+    {"resume", "overwrite", "output_dir", "num_workers", "checkpoint_every", "export_every", "log_every", "debug_dump"}
+)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def check_resume_config(output_dir: str | Path, cfg: Any, resume: bool, may_change=RESUME_MAY_CHANGE) -> bool:
+    """On --resume over existing checkpoints, refuse a config that differs from OUTPUT_DIR/run_config.json in any
+    field outside ``may_change`` (one line naming each field with its saved and new value). Returns whether the
+    caller should write run_config.json: True for a fresh run (or a --resume with nothing to resume), False for a
+    resume, whose saved file stays the record of the run. Call it with the resolved config (after the plan)."""
+    output_dir = Path(output_dir)
+    path = output_dir / RUN_CONFIG
+    if not resume or not checkpoint_dirs(output_dir):
+        return True
+    new = json.loads(json.dumps(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)))
+    if not path.is_file():
+        raise ValueError(
+            f"--resume: {path} is missing, so the settings the checkpoints in {output_dir / CHECKPOINT_DIR} were "
+            "trained with cannot be checked; restore it or pass --overwrite to start again"
+        )
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume: {path} is not readable JSON ({e}); restore it or pass --overwrite") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} must hold a JSON object of the run's settings, got {type(saved).__name__}")
+    old, now = _flat(saved), _flat(new)
+    # Only fields both sides know: one the saved file lacks came with a newer nnynet (its default is what the older
+    # code did, or only touches the export), one it alone has was dropped since.
+    diffs = [
+        f"{key}: {json.dumps(old[key])} -> {json.dumps(now[key])}"
+        for key in sorted(old.keys() & now.keys())
+        if key.split(".")[0] not in may_change and not _same_setting(old[key], now[key])
+    ]
+    if diffs:
+        raise ValueError(
+            f"--resume: the settings differ from {path} (saved -> now): {'; '.join(diffs)}. A resumed run must "
+            f"train as it started; only {', '.join(sorted(may_change))} may change. Pass the saved values, or use "
+            "another --output_dir (or --overwrite) for a new run"
+        )
+    return False
+
+
+def _same_setting(saved: Any, now: Any) -> bool:
+    """Equal values, or two spellings of one existing path (relative and absolute, through a symlink)."""
+    if saved == now:
+        return True
+    if isinstance(saved, str) and isinstance(now, str) and os.path.exists(saved) and os.path.exists(now):
+        return os.path.realpath(saved) == os.path.realpath(now)
+    return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+# What a run writes in OUTPUT_DIR, or --overwrite deletes there: an input may not lie in any of them.
+RUN_OWNED = ("checkpoints", "model", "metrics.jsonl", "run_config.json", "plan.json", "logs", "figures")
+
+
+def check_output_paths(output_dir: str | Path, inputs: dict[str, str | Path | None], data_dir: str | Path | None) -> None:
+    """Refuse, before anything is deleted or written, an input (``inputs``: flag name -> path, e.g. --pretrained,
+    --data_dir, --config) lying in what the run writes in OUTPUT_DIR or --overwrite deletes there (``RUN_OWNED``:
+    checkpoints/, model/, run_config.json, ...), and an OUTPUT_DIR inside or equal to --data_dir (cache/,
+    checkpoints/, model/ would be written into the data). Other files of OUTPUT_DIR (a table a study wrote there)
+    are fine. A --pretrained that names no local path (a Hub repo id) is not a path here."""
+    out = Path(os.path.abspath(Path(output_dir).expanduser()))
+    if data_dir is not None:
+        data = Path(os.path.abspath(Path(data_dir).expanduser()))
+        if _inside(out, data) or _inside(Path(os.path.realpath(out)), Path(os.path.realpath(data))):
+            raise ValueError(
+                f"--output_dir {output_dir} lies inside --data_dir {data_dir}: the run would write cache/, "
+                "checkpoints/ and model/ into the data; choose an --output_dir outside it"
+            )
+    owned = [out / name for name in RUN_OWNED] + [Path(os.path.realpath(out)) / name for name in RUN_OWNED]
+    for flag, value in inputs.items():
+        if value is None or str(value).lower() == "none":
+            continue
+        path = Path(os.path.abspath(Path(value).expanduser()))
+        if flag == "--pretrained" and not path.exists():
+            continue  # a Hub repo id
+        real = Path(os.path.realpath(path))
+        if any(_inside(p, place) for p in (path, real) for place in owned) or real == Path(os.path.realpath(out)):
+            raise ValueError(
+                f"{flag} {value} lies inside --output_dir {output_dir}, in what the run writes (and --overwrite "
+                "deletes): move it out or choose another --output_dir"
+            )
+
+
 class CheckpointManager:
     """Save / validate / resume the checkpoints of one run in OUTPUT_DIR/checkpoints."""
 
@@ -161,13 +267,24 @@ class CheckpointManager:
             )
         if acc.is_main_process:
             tmp = self.root / f".{final.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            acc.save(weights, tmp / MODEL_FILE, safe_serialization=True)
-            acc.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            state = {"format": FORMAT, "step": step, "scheduler": self.scheduler.state_dict(),
-                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, **(extra or {})}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks completion
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                acc.save(weights, tmp / MODEL_FILE, safe_serialization=True)
+                acc.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+                state = {"format": FORMAT, "step": step, "scheduler": self.scheduler.state_dict(),
+                         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, **(extra or {})}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks completion
+            except (OSError, RuntimeError) as e:  # disk full, quota, permissions; torch wraps some as RuntimeError
+                shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
+                kept = self.latest()
+                cause = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0] if str(e) else type(e).__name__
+                if "enospc" in str(e).lower() or "no space" in str(e).lower() or getattr(e, "errno", None) == errno.ENOSPC:
+                    cause = "no space left on the device"
+                raise CheckpointError(
+                    f"{final}: could not write checkpoint of step {step} ({cause}); the partial folder was removed"
+                    + (f" and {kept} is kept (--resume continues from it)" if kept else "")
+                ) from None
             shutil.rmtree(final, ignore_errors=True)  # a re-save of a step after a resume
             tmp.rename(final)
             write_text_atomic(self.root / LATEST, final.name)

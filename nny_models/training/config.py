@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 C = TypeVar("C")
+CONFIG_FILE_ATTR = "config_file"  # parse_config records the --config file here (an attribute, not a field)
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#\n]*?(?:#\s*(.*))?$")
 _CONTINUATION = re.compile(r"^\s+#\s?(.*)$")
@@ -112,27 +113,103 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_config(cls: type[C], values: Mapping[str, Any], source: str = "config") -> C:
+def _describe(kind: Any) -> str:
+    """How a field's annotated type reads in an error message."""
+    optional = type(None) in typing.get_args(kind) and typing.get_origin(kind) in (typing.Union, types.UnionType)
+    kind = _unwrap_optional(kind)
+    if kind is bool:
+        text = "true or false (a JSON boolean, not a string)"
+    elif kind is int:
+        text = "an integer"
+    elif kind is float:
+        text = "a number"
+    elif kind is str:
+        text = "a string"
+    elif typing.get_origin(kind) in (tuple, list):
+        args = typing.get_args(kind)
+        element = _describe(args[0]).split(" (")[0].replace("an ", "").replace("a ", "")
+        text = f"a list of {element}s" if Ellipsis in args or typing.get_origin(kind) is list else f"a list of {len(args)} {element}s"
+    elif dataclasses.is_dataclass(kind):
+        text = f"an object with fields of {kind.__name__}"
+    else:
+        text = getattr(kind, "__name__", str(kind))
+    return f"{text} or null" if optional else text
+
+
+def _check_value(kind: Any, value: Any) -> tuple[bool, Any]:
+    """(whether ``value`` fits the annotated type ``kind``, the value to use). JSON has no tuples and no
+    difference between 1 and 1.0 for a float field, so lists become tuples and ints become floats; nothing else
+    is converted: "false" is not a bool and "2" is not an int."""
+    if type(None) in typing.get_args(kind) and typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None:
+            return True, None
+        kind = _unwrap_optional(kind)
+    if kind is Any:
+        return True, value
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if kind is str:
+        return isinstance(value, str), value
+    if typing.get_origin(kind) in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) is list or Ellipsis in args:
+            kinds = [args[0] if args else Any] * len(value)
+        elif len(value) != len(args):
+            return False, value
+        else:
+            kinds = list(args)
+        out = []
+        for k, v in zip(kinds, value):
+            ok, v = _check_value(k, v)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, tuple(out) if typing.get_origin(kind) is tuple else out
+    if isinstance(kind, type) and not dataclasses.is_dataclass(kind):
+        return isinstance(value, kind), value
+    return True, value  # an annotation this checker does not know: left to the dataclass
+
+
+def build_config(cls: type[C], values: Mapping[str, Any], source: str = "config", _prefix: str = "") -> C:
     """``cls(**values)`` with nested dataclasses built from dicts, lists turned into tuples where the field is a
-    tuple, and unknown names refused with the path of the field and the names expected."""
+    tuple, unknown names refused with the path of the field and the names expected, and every value checked
+    against the field's annotated type: ``SOURCE: FIELD must be EXPECTED, got VALUE`` (a JSON string "false"
+    would otherwise be a true bool, "1e-3" a str learning rate)."""
     if not isinstance(values, Mapping):
-        raise ValueError(f"{source}: expected a JSON object with fields of {cls.__name__}, got {type(values).__name__}")
+        where = f"{_prefix[:-1]} must be" if _prefix else "expected"
+        raise ValueError(f"{source}: {where} a JSON object with fields of {cls.__name__}, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+        raise ValueError(f"{source}: unknown field(s) {[_prefix + u for u in unknown]}; expected some of {sorted(names)}")
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         kind = _unwrap_optional(hints[name])
-        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
-            value = build_config(kind, value, f"{source}: {name}")
-        elif typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
-            args = typing.get_args(kind)
-            if Ellipsis not in args and len(value) != len(args):
-                raise ValueError(f"{source}: {name} needs {len(args)} values, got {list(value)}")
-            value = tuple(value)
-        kwargs[name] = value
+        if dataclasses.is_dataclass(kind) and not (value is None and kind is not hints[name]):
+            if isinstance(value, kind):
+                kwargs[name] = value
+                continue
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{source}: {_prefix}{name} must be {_describe(hints[name])}, got {json.dumps(value, default=str)}")
+            kwargs[name] = build_config(kind, value, source, _prefix=f"{_prefix}{name}.")
+            continue
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)) and Ellipsis not in args and len(value) != len(args):
+            raise ValueError(f"{source}: {_prefix}{name} needs {len(args)} values, got {list(value)}")
+        ok, checked = _check_value(hints[name], value)
+        if not ok:
+            raise ValueError(
+                f"{source}: {_prefix}{name} must be {_describe(hints[name])}, got {json.dumps(value, default=str)}"
+            )
+        kwargs[name] = checked
     return cls(**kwargs)
 
 
@@ -172,7 +249,10 @@ def parse_config(
             raise ValueError(f"--preset must be one of {sorted(presets)}, got {preset!r}")
         values = _merge(values, presets[preset])
     values = _merge(values, explicit)
-    return build_config(cls, values, source=f"--config {config_file}" if config_file else cls.__name__)
+    cfg = build_config(cls, values, source=f"--config {config_file}" if config_file else cls.__name__)
+    if config_file:  # not a field (run_config.json stays the settings): the stage checks it lies outside OUTPUT_DIR
+        object.__setattr__(cfg, CONFIG_FILE_ATTR, str(Path(config_file).expanduser()))
+    return cfg
 
 
 def tracker_config(config: Any) -> dict[str, Any]:

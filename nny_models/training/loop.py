@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    numbered = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (number, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON object, got {type(row).__name__}")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if k == len(numbered) - 1:  # a crash mid-write leaves a truncated last line: that row is lost, no more
+                warnings.warn(f"{path}: line {number} is incomplete (a crash while writing it?); it is dropped",
+                              stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON object of metrics ({e}); repair or delete that line") from None
+        rows.append(row)
+    return rows
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -308,8 +308,8 @@ def test_fewer_cases_than_folds_uses_a_fold_per_case_and_never_wraps_round(tmp_p
     ids = ["a", "b", "c", "d"]
     cfg = FinetuneConfig(folds=5, fold=3)
     with pytest.warns(UserWarning, match="--folds 5: .* has 4 labeled cases; the split uses 4 folds"):
-        train, val = split_cases(ids, cfg, tmp_path)
-    assert cfg.folds == 4 and len(val) == 1 and sorted(train + val) == ids
+        train, val, folds = split_cases(ids, cfg, tmp_path)
+    assert folds == 4 and len(val) == 1 and sorted(train + val) == ids
     with pytest.raises(ValueError, match="--fold 4: .* has 4 labeled cases, so at most 4 folds"):
         split_cases(ids, FinetuneConfig(folds=5, fold=4), tmp_path)  # used to wrap round onto fold 0
     vals = {split_cases(ids, FinetuneConfig(folds=4, fold=k), tmp_path)[1][0] for k in range(4)}
