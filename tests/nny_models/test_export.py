@@ -19,6 +19,7 @@ pytest.importorskip("onnx")
 from nny_models import cli, export  # noqa: E402
 from nny_models.config import NnyNetConfig, PreprocessConfig  # noqa: E402
 from nny_models.inference import predict  # noqa: E402
+from tests.reliability.test_model_config import edit_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,16 +143,6 @@ def _copy(folder, tmp_path):
     return shutil.copytree(folder, tmp_path / "copy")
 
 
-def _write_config(folder, **changes):
-    config = json.loads((folder / "config.json").read_text())
-    for key, value in changes.items():
-        if key.startswith("preprocessing_"):
-            config["preprocessing"][key.removeprefix("preprocessing_")] = value
-        else:
-            config[key] = value
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 def _ct(tmp_path, seed=9):
     from nny_models.phantoms import generate_phantom
 
@@ -172,7 +163,7 @@ def _ct(tmp_path, seed=9):
 def test_onnx_exported_from_another_config_is_refused(exported, tmp_path, capsys, field, changes):
     model, folder = exported
     folder = _copy(folder, tmp_path)
-    _write_config(folder, **changes)  # a newer config.json beside the old export
+    edit_config(folder, **changes)  # a newer config.json beside the old export
     with pytest.raises(ValueError) as info:
         export.load_onnx_network(folder)
     message = str(info.value)
@@ -188,7 +179,7 @@ def test_onnx_check_ignores_descriptive_fields(exported, tmp_path):
     """Guard (passes before and after the fix): new metrics in the card do not make the export stale."""
     model, folder = exported
     folder = _copy(folder, tmp_path)
-    _write_config(folder, metrics={"mean_foreground_dice": 0.9})
+    edit_config(folder, metrics={"mean_foreground_dice": 0.9})
     assert export.load_onnx_network(folder).config.metrics == {"mean_foreground_dice": 0.9}
 
 

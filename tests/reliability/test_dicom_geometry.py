@@ -27,8 +27,9 @@ pydicom = pytest.importorskip("pydicom")
 cli = pytest.importorskip("nny_models.cli")
 monai_data = pytest.importorskip("monai.data")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from tests.reliability.test_fault_catalogue import ct_slice  # noqa: E402
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 SHAPE = (24, 20, 8)  # (columns, rows, slices)
@@ -53,15 +54,10 @@ def write_series(folder: Path, volume: np.ndarray, iop: list, *, fmt=lambda v: r
     folder.mkdir(parents=True)
     row, col = (np.asarray([float(v) for v in iop[i:i + 3]]) for i in (0, 3))
     normal = np.cross(row, col)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    uids = generate_uid(), generate_uid(), generate_uid()  # study, series, frame of reference
     for k in range(volume.shape[2]):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "p", k + 1
+        ds = ct_slice(*uids)
+        ds.InstanceNumber = k + 1
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
         ds.PixelSpacing, ds.SliceThickness = list(pixel_spacing), DZ
         with warnings.catch_warnings():  # pydicom warns about DS values over 16 characters: they are the point

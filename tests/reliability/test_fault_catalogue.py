@@ -54,6 +54,18 @@ def ct(shape=(40, 36, 12)) -> np.ndarray:
     return v
 
 
+def ct_slice(study: str, series: str, frame: str) -> "Dataset":
+    """The header every CT slice of a test series shares: file meta, SOP class and instance, the series' UIDs."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+    ds.Modality, ds.PatientID = "CT", "p"
+    return ds
+
+
 def write_series(folder: Path, volume: np.ndarray, *, z=None, shift=None, orientation=None, numbers=None,
                  prefix: str = "IM", drop: tuple[str, int] | None = None) -> Path:
     """One CT slice per z. z: each slice's position along the normal (mm); shift: each slice's in-plane
@@ -62,15 +74,9 @@ def write_series(folder: Path, volume: np.ndarray, *, z=None, shift=None, orient
     folder.mkdir(parents=True, exist_ok=True)
     nz = volume.shape[2]
     z = [k * SPACING[2] for k in range(nz)] if z is None else z
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    uids = generate_uid(), generate_uid(), generate_uid()  # study, series, frame of reference
     for k in range(nz):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID = "CT", "p"
+        ds = ct_slice(*uids)
         ds.InstanceNumber = (numbers or range(1, nz + 1))[k]
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
         ds.PixelSpacing, ds.SliceThickness = [SPACING[1], SPACING[0]], SPACING[2]
