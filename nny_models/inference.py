@@ -374,9 +374,10 @@ def predict(
     timings: a dict that gets the wall-clock seconds of each stage (load, check, preprocess, network,
         windows, argmax, postprocess, restore); see bench/profile_predict.py.
     return_probabilities: also return softmax probabilities (C, X, Y, Z) float32 on the original grid
-        (resampled linearly, so their argmax can differ from the label volume at boundaries). The label
-        volume is post-processed as config.keep_largest says (largest liver + tumor component); the
-        probabilities are not.
+        (resampled linearly). The label volume is post-processed as config.json says (keep_largest,
+        single_component, lesion_in_organ); the probabilities are not. It reaches the original grid as
+        config.label_resampling says: the argmax of these probabilities with post-processing's removals kept
+        ("probabilities"), or the model grid's labels by nearest neighbour ("nearest", files without the field).
     force: run on an image the HU intensity check refuses, with a warning (see nny_models.hu_check).
     source: the name that messages give an array input (e.g. the file it was read from); default "input array".
     tta: mirror test-time augmentation (nny_models.tta; 2^k passes per window): None = as config.json says
