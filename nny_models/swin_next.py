@@ -121,6 +121,66 @@ class FastDepthwiseConvTranspose3d(nn.ConvTranspose3d):
         return F.conv3d(z, weight, self.bias, padding=self.padding, groups=c)
 
 
+class _PointwiseConv3dFn(torch.autograd.Function):
+    """1x1x1 conv of an NCDHW-contiguous CPU input as a batched matrix product over the channels (see
+    pointwise_conv3d). Dtypes follow autocast as a native conv would, like _DepthwiseConv3dFn. The weight gradient,
+    a product over all D*H*W voxels, runs in fp32: oneDNN's bf16 matmul with an inner size of exactly 2^18 (a
+    64^3 patch) died of SIGFPE on one thread (torch 2.13, this Xeon), and fp32 accumulates such sums better."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.x_shape = x.shape
+        dtype = _autocast_dtype("cpu") or x.dtype
+        x = x.to(dtype).flatten(2)  # (B, in, N), a view of the contiguous input
+        w = weight.reshape(weight.shape[0], weight.shape[1]).to(dtype)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = bias is not None
+        with torch.autocast("cpu", enabled=False):
+            wb = w.expand(x.shape[0], -1, -1)
+            # baddbmm adds the bias before the one rounding to the compute dtype, as oneDNN's conv does
+            return torch.bmm(wb, x) if bias is None else torch.baddbmm(bias.to(dtype).view(1, -1, 1), wb, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(x.dtype).reshape(x.shape[0], -1, x.shape[2])  # (B, out, N)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(w.t(), grad).to(x_dtype).view(ctx.x_shape)  # (in, out) @ (B, out, N)
+        if ctx.needs_input_grad[1]:
+            wide = torch.promote_types(x.dtype, torch.float32)
+            grad_w = torch.matmul(grad.to(wide), x.to(wide).transpose(1, 2)).sum(0).to(w_dtype)
+            grad_w = grad_w.view(*grad_w.shape, 1, 1, 1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2), dtype=torch.promote_types(grad.dtype, torch.float32)).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def pointwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias)`` for a 1x1x1 ``weight`` (out, in, 1, 1, 1). On CPU, an NCDHW input (training's
+    layout) goes through _PointwiseConv3dFn, a batched (B, out, in) @ (B, in, N) product: oneDNN's conv converts
+    the input, output and gradients of each such layer between NCDHW and its blocked format, copies that dominated
+    MedNeXt's wide 1x1x1 layers at full resolution (torch.profiler over the pipeline's training step:
+    ``aten::copy_`` 23 % of it). A channels-last input (CPU inference) keeps oneDNN's conv, which needs no reorder
+    there and was faster (5.4 vs 5.7 s of network time for a held-out phantom, a one-off probe). The same sum over
+    channels in the same dtypes: bit-equal to the conv under bf16 autocast here (tests/nny_models/test_zoo.py)."""
+    if x.device.type != "cpu" or x.dim() != 5 or not x.is_contiguous() or torch.onnx.is_in_onnx_export():
+        return F.conv3d(x, weight, bias)  # cuDNN has no such reorders; ONNX has a native Conv
+    y = _PointwiseConv3dFn.apply(x, weight, bias)
+    return y.view(x.shape[0], weight.shape[0], *x.shape[2:])
+
+
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 nn.Conv3d (stride 1, no padding; same parameters and state dict) computed by pointwise_conv3d:
+    MedNeXt's expand / compress layers. The fine-tuning step of the pipeline's network (feature_size 24) takes
+    less time with it (bench/train_step.py, row train_step_s_without_pointwise_matmul)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise_conv3d(x, self.weight, self.bias)
+
+
 class PointwiseConvTranspose3d(nn.ConvTranspose3d):
     """A 1x1x1 nn.ConvTranspose3d (MedNeXt's output heads, stride 1, and its up blocks' residual path, stride 2;
     same parameters and state dict) computed as the equal nn.Conv3d with the in/out axes of the weight swapped,
@@ -132,8 +192,8 @@ class PointwiseConvTranspose3d(nn.ConvTranspose3d):
         if output_size is not None or torch.onnx.is_in_onnx_export():
             return super().forward(x, output_size)  # ONNX has a native ConvTranspose: export that
         if self.stride == (1, 1, 1):
-            return F.conv3d(x, self.weight.transpose(0, 1), self.bias)
-        y = F.conv3d(x, self.weight.transpose(0, 1))
+            return pointwise_conv3d(x, self.weight.transpose(0, 1), self.bias)
+        y = pointwise_conv3d(x, self.weight.transpose(0, 1), None)
         s = self.stride
         out = y.new_zeros(*y.shape[:2], *((n - 1) * k + 1 for n, k in zip(y.shape[2:], s)))
         out[:, :, :: s[0], :: s[1], :: s[2]] = y
@@ -186,6 +246,10 @@ def _is_pointwise_transposed(m: nn.Module) -> bool:
             and m.output_padding == (0, 0, 0) and m.padding_mode == "zeros")
 
 
+def _is_pointwise(m: nn.Module) -> bool:
+    return _is_pointwise_transposed(m) and m.stride == (1, 1, 1)
+
+
 def _is_depthwise(m: nn.Module, transposed: bool) -> bool:
     k = m.kernel_size[0]
     return (
@@ -201,11 +265,15 @@ def _is_depthwise(m: nn.Module, transposed: bool) -> bool:
 
 def use_fast_depthwise(model: nn.Module) -> nn.Module:
     """Swap depthwise 'same'-padded Conv3d / ConvTranspose3d layers for their fast CPU versions, and 1x1x1
-    ConvTranspose3d layers for PointwiseConvTranspose3d (in place; the parameters stay the same tensors)."""
+    Conv3d / ConvTranspose3d layers for PointwiseConv3d / PointwiseConvTranspose3d (in place; the parameters
+    stay the same tensors)."""
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
             if type(m) is nn.ConvTranspose3d and _is_pointwise_transposed(m):
                 m.__class__ = PointwiseConvTranspose3d  # no new parameters or buffers: only forward changes
+                continue
+            if type(m) is nn.Conv3d and _is_pointwise(m):
+                m.__class__ = PointwiseConv3d
                 continue
             if type(m) is nn.ConvTranspose3d and _is_depthwise(m, transposed=True):
                 fast = FastDepthwiseConvTranspose3d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,

@@ -14,6 +14,7 @@ from nny_models.hub import NnyNet
 from nny_models.swin_next import (
     FastDepthwiseConv3d,
     FastDepthwiseConvTranspose3d,
+    PointwiseConv3d,
     PointwiseConvTranspose3d,
     SafeBf16Conv3d,
     SafeBf16ConvTranspose3d,
@@ -144,6 +145,51 @@ def test_pointwise_transposed_conv_matches_native_gradients_and_keeps_its_state_
     heads = [m for m in create_model("nnynet", "tiny").modules() if isinstance(m, nn.ConvTranspose3d)
              and m.kernel_size == (1, 1, 1)]
     assert heads and all(type(m) is PointwiseConvTranspose3d for m in heads)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pointwise_conv_matches_native_gradients_and_keeps_its_state_dict(batch):
+    torch.manual_seed(0)
+    ref = nn.Conv3d(6, 5, kernel_size=1).double()  # MedNeXt's expand / compress layers
+    fast = use_fast_depthwise(nn.Sequential(copy.deepcopy(ref)))[0]
+    assert isinstance(fast, PointwiseConv3d)
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    for other in (nn.Conv3d(6, 5, 1, stride=2), nn.Conv3d(6, 5, 1, padding=1), nn.Conv3d(6, 6, 1, groups=2)):
+        assert type(use_fast_depthwise(nn.Sequential(other))[0]) is nn.Conv3d  # left to PyTorch
+    x = torch.randn(batch, 6, 9, 8, 7, dtype=torch.double)
+    assert_same_outputs_and_gradients(ref, fast, x)
+    assert_same_outputs_and_gradients(ref, fast, x.contiguous(memory_format=torch.channels_last_3d))  # conv
+    assert_same_outputs_and_gradients(ref, fast, x.transpose(2, 4))  # neither layout: PyTorch's own conv
+    layers = [m for m in create_model("nnynet", "tiny").modules() if isinstance(m, nn.Conv3d)
+              and m.kernel_size == (1, 1, 1)]
+    assert layers and all(type(m) is PointwiseConv3d for m in layers)
+
+
+def test_pointwise_conv_under_bf16_autocast_matches_the_native_one():
+    # The matrix product adds the bias before its one rounding to bf16, as oneDNN's conv does: bit-equal outputs.
+    torch.manual_seed(0)
+    ref = nn.Conv3d(12, 24, kernel_size=1)
+    fast = use_fast_depthwise(nn.Sequential(copy.deepcopy(ref)))[0]
+    x = torch.randn(2, 12, 9, 8, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref(x), fast(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert torch.equal(a, b)
+    # Gradients at a 64^3 patch: each in its tensor's dtype, as the conv's. (A bf16 weight gradient, a matmul with an
+    # inner size of 2^18, died of SIGFPE in oneDNN in a one-thread process; tests/bench/test_gpu_bench.py met it.)
+    ref = nn.Conv3d(6, 6, kernel_size=1)
+    fast = use_fast_depthwise(nn.Sequential(copy.deepcopy(ref)))[0]
+    x = torch.randn(1, 6, 64, 64, 64)
+    grads = []
+    for conv in (ref, fast):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(xi)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((xi.grad, conv.weight.grad, conv.bias.grad))
+    for g_ref, g_fast in zip(*grads):
+        assert g_fast.dtype == g_ref.dtype == torch.float32
+        assert torch.allclose(g_fast, g_ref, rtol=2e-2, atol=2e-2 * g_ref.abs().max().item())
 
 
 @pytest.mark.parametrize("transposed", [False, True])
