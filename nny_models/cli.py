@@ -203,16 +203,15 @@ def _save_nifti(array, affine, path: str) -> None:
 
 
 def check_device(device: str | None) -> None:
-    import torch
+    """--device as nny_models.inference.check_device checks it (a device this machine can run), as an InputError."""
+    from nny_models.inference import check_device as check
 
     if device is None:
         return
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise InputError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
+        check(device, "--device")
+    except ValueError as err:
+        raise InputError(str(err).replace("(use cpu)", "(use --device cpu)")) from None
 
 
 def load_model(model: str, revision: str | None = None):

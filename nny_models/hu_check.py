@@ -55,6 +55,10 @@ CT_GAP_HU = (-900.0, -150.0)  # ... and at most CT_MAX_GAP_FRACTION of all voxel
 CT_MAX_GAP_FRACTION = 0.05
 CT_BLANK_SLICE_TISSUE = 0.002  # an axial slice with a smaller share of tissue voxels is blank ...
 CT_BODY_SLICE_TISSUE = 0.05  # ... and is a gap when the slices on both sides of its run hold at least this share
+CT_FILL_HU = -1100.0  # below: no material (air is -1000 HU) but the fill a scanner writes outside its reconstruction
+# circle (-2000, -2048, -3024 in HU or in stored values), left out of the statistics: in stored values without the
+# rescale intercept (HU + 1024: air at +24, soft tissue above 1000) that fill counted as "air" and let them pass
+CT_RAW_OFFSET = 1024.0  # the usual DICOM RescaleIntercept is -1024: stored value = HU + 1024
 CT_SAMPLE_VOXELS = 4_000_000  # a regular subsample of bigger volumes is enough for the histogram
 NON_HU_DTYPES = (np.uint8, np.int8, np.bool_)  # cannot hold -1000..3000
 
@@ -65,6 +69,7 @@ def hu_evidence(volume: np.ndarray) -> dict[str, float]:
     if flat.size > CT_SAMPLE_VOXELS:
         flat = flat[:: int(np.ceil(flat.size / CT_SAMPLE_VOXELS))]
     flat = flat.astype(np.float32, copy=False)
+    flat = flat[flat >= CT_FILL_HU]  # the fill outside the field of view is no measurement
     tissue = flat[flat > CT_TISSUE_HU]
     n_all, n_tissue = max(flat.size, 1), max(tissue.size, 1)
 
@@ -152,6 +157,15 @@ def _describe_runs(runs: list[tuple[int, int]]) -> str:
     return ", ".join(parts) + (f" and {len(runs) - 5} more runs" if len(runs) > 5 else "")
 
 
+def _raw_values_hint(volume: np.ndarray) -> str:
+    """The likely cause when ``volume`` minus CT_RAW_OFFSET passes the intensity test: stored values without the
+    DICOM rescale intercept (a converter that dropped RescaleIntercept -1024); else ""."""
+    if np.dtype(volume.dtype).type in NON_HU_DTYPES or hu_problems(volume.astype(np.float32) - CT_RAW_OFFSET):
+        return ""
+    return (f"Its values minus {CT_RAW_OFFSET:g} would look like a CT in HU: stored values without the rescale "
+            f"intercept (DICOM RescaleIntercept -{CT_RAW_OFFSET:g})? Convert it to HU (dcm2niix applies the intercept).")
+
+
 PREDICT_REMEDY = "If it is a CT in HU, rerun with --force (predict(..., force=True))."
 
 
@@ -197,7 +211,8 @@ def check_ct_volume(volume: np.ndarray, name: str = "input", *, force: bool = Fa
     lo, hi = float(volume.min()), float(volume.max())
     message = (
         f"{name}: does not look like a CT in Hounsfield units (values in [{lo:g}, {hi:g}]): {'; '.join(problems)}. "
-        "An MR, an image in [0, 1] / [0, 255], or a CT missing its rescale slope/intercept?"
+        + (_raw_values_hint(volume) or
+           "An MR, an image in [0, 1] / [0, 255], or a CT missing its rescale slope/intercept?")
     )
     if not force:
         raise ValueError(f"{message} {remedy}")

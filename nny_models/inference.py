@@ -108,6 +108,43 @@ def clinical_vector(
     return torch.from_numpy(vector)
 
 
+def check_device(device: str | torch.device | None, name: str = "predict: device") -> torch.device:
+    """The torch.device to run on (None: cuda if available, else cpu), or a ValueError naming ``name`` for a device
+    this machine cannot run: a misspelt one, CUDA (or cuda:N) where there is none, MPS off a Mac, or a type predict
+    does not run on (meta, xpu, ...). Checked before any work: torch would fail only when the model moves."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} {str(device)!r}: expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {str(device)!r}: CUDA is not available on this machine (use cpu)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{name} {str(device)!r}: this machine has {count} CUDA device(s); expected cuda:0 to "
+                             f"cuda:{count - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"{name} {str(device)!r}: MPS (Apple GPU) is not available on this machine (use cpu)")
+    elif dev.type != "cpu":
+        raise ValueError(f"{name} {str(device)!r}: expected cpu, cuda, cuda:N or mps (predict does not run on "
+                         f"{dev.type} devices)")
+    return dev
+
+
+def warn_if_bf16_is_slow(precision: str, device: torch.device, amp: bool) -> None:
+    """An explicit precision "bf16" where bf16_is_fast(device) is False runs, but emulated: slower than fp32 (a CPU
+    without AMX / AVX512-BF16, a GPU before Ampere), and "auto" would have chosen fp32. Say so instead of silently
+    running slower."""
+    if amp and precision == "bf16" and not bf16_is_fast(device):
+        where = "this CPU has no AMX or AVX512-BF16" if device.type == "cpu" else f"{device} has no native bf16"
+        warnings.warn(f"predict: precision 'bf16' on {device.type}: {where}, so bf16 is emulated and slower than "
+                      "fp32; precision 'auto' (the default) or 'fp32' runs fp32 here", stacklevel=3)
+
+
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -402,12 +439,13 @@ def predict(
 
         attention_fusion(model)  # a model without attention fusion fails before any work
     fused_attention = return_attention and network is model  # else a second pass, un-mirrored
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device)  # before any work: "cuda" on a machine without one fails here, not at .to()
     stage = _StageTimer(timings, device)
     if amp is not None:
         precision = "bf16" if amp else "fp32"
     if getattr(model, "supports_bf16", True):
         amp = resolve_precision(precision, device)
+        warn_if_bf16_is_slow(precision, device, amp)
     elif precision == "bf16":
         raise ValueError(f"predict: precision 'bf16' is not available for {type(model).__name__} (fp32 only)")
     else:

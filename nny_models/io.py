@@ -133,12 +133,16 @@ def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
     import nibabel as nib
     from nibabel.openers import ImageOpener
 
-    if _misnamed_gzip(path):
-        img, raw = _load_misnamed_nifti(path, max_bytes)
-    else:
-        img = nib.load(str(path))
-        with ImageOpener(str(path)) as f:  # the header as written: nib.load has already "fixed" pixdim
-            raw = type(img.header).from_fileobj(f, check=False)
+    try:
+        if _misnamed_gzip(path):
+            img, raw = _load_misnamed_nifti(path, max_bytes)
+        else:
+            img = nib.load(str(path))
+            with ImageOpener(str(path)) as f:  # the header as written: nib.load has already "fixed" pixdim
+                raw = type(img.header).from_fileobj(f, check=False)
+    except ValueError as err:
+        _explain_bad_quaternion(path, err)
+        raise
     check_size(path, raw.get_data_shape(), max_bytes)
     dtype = raw.get_data_dtype()
     if dtype.fields is not None or dtype.kind not in "biuf":  # nibabel would drop the imaginary part / fail
@@ -162,7 +166,36 @@ def _open_nifti(path: Path, max_bytes: int = MAX_VOLUME_BYTES):
                       "differ: check that the mask's liver lies on the patient's right", stacklevel=3)
     if sform and qform:
         _warn_if_forms_disagree(raw, path)
+    _warn_if_intercept_ignored(raw, path)
     return img
+
+
+def _explain_bad_quaternion(path: Path, err: Exception) -> None:
+    """nibabel fails on a qform-only header whose quaternion is not a rotation (quatern_b^2 + c^2 + d^2 > 1) with
+    "w2 should be positive", which names neither the file nor the field: raise a ValueError that names both.
+    Returns quietly for any other error (the caller re-raises it)."""
+    import nibabel as nib
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(348)
+        if head[:2] == b"\x1f\x8b":
+            import gzip
+
+            with gzip.open(path, "rb") as f:
+                head = f.read(348)
+        raw = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=False)
+        if int(raw["sizeof_hdr"]) != 348 or int(raw["sform_code"]) or not int(raw["qform_code"]):
+            return  # the qform is not the affine nibabel builds
+        bcd = [float(raw[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
+    except Exception:
+        return
+    if 1.0 - sum(v * v for v in bcd) >= raw.quaternion_threshold:
+        return
+    raise ValueError(f"{path}: the NIfTI qform quaternion (quatern_b, quatern_c, quatern_d) = "
+                     f"({', '.join(f'{v:.6g}' for v in bcd)}) is not a rotation (b^2 + c^2 + d^2 = "
+                     f"{sum(v * v for v in bcd):.4g} > 1) and there is no sform, so the orientation is undefined; "
+                     "expected b^2 + c^2 + d^2 <= 1 (fix the qform or write an sform)") from err
 
 
 def _misnamed_gzip(path: Path) -> bool:
@@ -194,6 +227,17 @@ def _load_misnamed_nifti(path: Path, max_bytes: int):
                   f"ends in {'.nii' if gzipped else '.nii.gz'}; read by its content (rename it to "
                   f"{'.nii.gz' if gzipped else '.nii'})", stacklevel=4)
     return klass.from_bytes(data), raw
+
+
+def _warn_if_intercept_ignored(raw, path: Path) -> None:
+    """scl_slope 0 (or NaN / inf) means "no scaling" in NIfTI, so nibabel reads the voxels as stored and drops
+    scl_inter too; a writer that meant slope 1 with intercept -1024 leaves stored values (HU + 1024), which the
+    CT check then refuses without naming the field. Name it, with the values, so the header can be fixed."""
+    slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
+    if (slope == 0 or not np.isfinite(slope)) and np.isfinite(inter) and inter != 0:
+        warnings.warn(f"{path}: the NIfTI header's scl_slope is {slope:g}, which means no scaling, so its scl_inter "
+                      f"{inter:g} is not applied either (as nibabel and the NIfTI standard read it): the voxels are "
+                      "used as stored; if scl_inter was meant, set scl_slope to 1", stacklevel=3)
 
 
 def _warn_if_forms_disagree(raw, path: Path) -> None:
