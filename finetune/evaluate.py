@@ -285,7 +285,9 @@ def write_reports(per_case: Sequence[dict[str, Any]], summary: dict[str, Any], o
 def card_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The model card's view of an evaluation summary: mean Dice, mIoU and a compact per-class table.
 
-    Used by fine-tuning's best-model export and by publish's held-out evaluation, so both cards agree."""
+    Used by fine-tuning's best-model export and by publish's held-out evaluation, so both cards agree. An undefined
+    value (NaN: a class absent from every case, HD95 with one side empty everywhere, no predicted lesion) is None, so
+    config.json stays valid JSON (null; the card shows n/a) instead of holding the bare token NaN."""
     columns = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "precision": "precision", "recall": "recall"}
     card: dict[str, Any] = {"mean_foreground_dice": summary["mean_dice"], "miou": summary["miou"]}
     # lesion-level figures: detection by size, and the false alarms that voxel Dice folds into one number
@@ -299,4 +301,4 @@ def card_metrics(summary: dict[str, Any]) -> dict[str, Any]:
         name: {label: stats[f"{key}_mean"] for key, label in columns.items()}
         for name, stats in summary["per_class"].items()
     }
-    return card
+    return _json_safe(card)

@@ -185,6 +185,9 @@ class NnyNetConfig:
         if self.task not in TASKS:
             raise ValueError(f"NnyNetConfig.task: expected one of {list(TASKS)}, got {self.task!r}")
         self._check_clinical()
+        if self.metrics is not None and not isinstance(self.metrics, dict):  # the card and publish read it as one
+            raise ValueError(f"NnyNetConfig.metrics: expected an object (the evaluation summary) or null, "
+                             f"got {type(self.metrics).__name__}")
         self.tta_mirror_axes = check_mirror_axes(self.tta_mirror_axes, "NnyNetConfig.tta_mirror_axes")
         if self.label_resampling not in LABEL_RESAMPLING:
             raise ValueError(f"NnyNetConfig.label_resampling: expected one of {list(LABEL_RESAMPLING)}, "
@@ -200,12 +203,12 @@ class NnyNetConfig:
         if out != len(names):
             raise ValueError(f"NnyNetConfig.label_names: {len(names)} names {names} for a network with "
                              f"out_channels={out} (model_kwargs); expected one name per output channel")
-        if not isinstance(self.keep_largest, list):
+        if not isinstance(self.keep_largest, list) or not all(isinstance(n, str) for n in self.keep_largest):
             raise ValueError(f"NnyNetConfig.keep_largest: expected a list of label names, got {self.keep_largest!r}")
         unknown = sorted(set(self.keep_largest) - set(names))
         if unknown:
             raise ValueError(f"NnyNetConfig.keep_largest: names {unknown} are not labels {names}")
-        if not isinstance(self.single_component, list):
+        if not isinstance(self.single_component, list) or not all(isinstance(n, str) for n in self.single_component):
             raise ValueError("NnyNetConfig.single_component: expected a list of label names, got "
                              f"{self.single_component!r}")
         unknown = sorted(set(self.single_component) - set(names))

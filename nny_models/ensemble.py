@@ -232,6 +232,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:  # nested thousands deep: Python's parser gives up
+        raise ValueError(f"{path}: not valid config JSON (nested too deeply to read); expected a JSON object") from None
 
 
 def _ensemble_section(data: dict[str, Any], path: Path) -> list[str]:

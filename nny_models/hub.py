@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -186,11 +187,12 @@ class NnyNet(
         Deep-supervision heads in ``state`` that this model does not have are dropped (0.1 saved them).
         """
         drop = tuple("net." + p for p in zoo.deep_supervision_prefixes(self.config.model))
-        own = self.state_dict().keys()
+        own = self.state_dict()
         extra = [k for k in state if drop and k.startswith(drop) and k not in own]
         if extra:
             logger.info("%s: %d deep-supervision tensor(s) not used by the inference model dropped", source, len(extra))
             state = {k: v for k, v in state.items() if k not in set(extra)}
+        check_weight_dtypes(state, own, source)
         try:
             report = transfer_weights(self, state, strict=strict, source=source)
         except WeightsMismatchError as e:
@@ -220,6 +222,7 @@ class NnyNet(
         load_config(source, revision=revision)  # a broken or foreign config.json fails here, named
         state, path = _read_weights(source, revision=revision)
         net_state = {k.removeprefix("net."): v for k, v in state.items()}
+        check_weight_dtypes(net_state, self.net.state_dict(), str(path))
         return transfer_weights(self.net, net_state, exclude_prefixes=tuple(exclude_prefixes), resize=resize,
                                 source=str(path))
 
@@ -237,12 +240,40 @@ def load_state_dict(repo_or_dir: str | Path, revision: str | None = None, **hub_
     return _read_weights(repo_or_dir, revision=revision, **hub_kwargs)[0]
 
 
+def check_weight_dtypes(state: dict[str, Tensor], own: dict[str, Tensor], source: str) -> None:
+    """Stored dtypes against the model's. Copying casts silently, so integer or boolean data where the model holds
+    floating-point weights (or the reverse) would load as a different network: ValueError naming the file and the
+    tensors. Floating point of lower precision (fp16 / bf16 weights in the file, fp32 in the model) loads upcast, with
+    a warning: the network then differs from the one trained in full precision by the rounding. Tensors the model
+    lacks, or whose shapes differ, are left to transfer_weights' report."""
+    kind, lower = [], []
+    for key, tensor in state.items():
+        mine = own.get(key)
+        if mine is None or tuple(mine.shape) != tuple(tensor.shape):
+            continue
+        if tensor.is_floating_point() != mine.is_floating_point() or tensor.is_complex() != mine.is_complex():
+            kind.append(f"{key} ({str(tensor.dtype).removeprefix('torch.')}, expected "
+                        f"{str(mine.dtype).removeprefix('torch.')})")
+        elif tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < torch.finfo(mine.dtype).bits:
+            lower.append(key)
+    if kind:
+        raise ValueError(f"{source}: {len(kind)} tensor(s) stored with a dtype of another kind than the model's, e.g. "
+                         f"{', '.join(kind[:3])}; expected the floating-point weights save_pretrained writes")
+    if lower:
+        dtypes = sorted({str(state[k].dtype).removeprefix("torch.") for k in lower})
+        warnings.warn(f"{source}: {len(lower)} tensor(s) stored in lower precision ({', '.join(dtypes)}, e.g. "
+                      f"{lower[0]}) than the model's; loaded upcast, so predictions differ slightly from the "
+                      "full-precision model's", stacklevel=4)
+
+
 def _read_config(repo_or_dir: str | Path, **hub_kwargs: Any) -> tuple[NnyNetConfig, Path]:
     path = _resolve_file(repo_or_dir, CONFIG_NAME, **hub_kwargs)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:  # e.g. [[[[...]]]] nested thousands deep: Python's parser gives up
+        raise ValueError(f"{path}: not valid config JSON (nested too deeply to read); expected a JSON object") from None
     try:
         return NnyNetConfig.from_saved(data), path  # every field that decides a prediction must be there
     except (TypeError, ValueError) as e:
