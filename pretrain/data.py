@@ -17,7 +17,9 @@ resumed run draws the same samples as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -47,16 +49,43 @@ class PretextConfig:
     # preprocessing's out_range (what fine-tuning and inference see)
 
     def __post_init__(self) -> None:
+        """Refuse values that would crash mid-run or train on garbage (constant or NaN views) without an error; each
+        message names the flag (--pretext.<field>) and the range expected."""
+        def ordered(r, lo=-math.inf, hi=math.inf, strict_low=False) -> bool:
+            if len(r) != 2:
+                return False
+            a, b = float(r[0]), float(r[1])
+            return math.isfinite(a) and math.isfinite(b) and (a > lo if strict_low else a >= lo) and a <= b <= hi
+
+        problems = []
         if self.num_classes < 2:
-            raise ValueError(f"PretextConfig.num_classes must be >= 2 (K + 1 fusion classes), got {self.num_classes}")
+            problems.append(f"num_classes must be >= 2 (K + 1 fusion classes), got {self.num_classes}")
         if self.variant not in ("grid", "boxes"):
-            raise ValueError(f"PretextConfig.variant must be 'grid' or 'boxes', got {self.variant!r}")
+            problems.append(f"variant must be 'grid' or 'boxes', got {self.variant!r}")
+        if not 0 <= self.fg_ratio <= 1:  # NaN fails too
+            problems.append(f"fg_ratio must be in [0, 1] (a fraction of the blocks), got {self.fg_ratio}")
         if not 0 < self.block_min <= self.block_max:
-            raise ValueError(f"PretextConfig.block_min / block_max must satisfy 0 < min <= max, got {self.block_min}, {self.block_max}")
+            problems.append(f"block_min / block_max must satisfy 0 < min <= max, got {self.block_min}, {self.block_max}")
         if self.pairing not in ("same_volume", "roll"):
-            raise ValueError(f"PretextConfig.pairing must be 'same_volume' or 'roll', got {self.pairing!r}")
-        if not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"PretextConfig.scale_range must be (min, max) with 0 < min <= max, got {self.scale_range}")
+            problems.append(f"pairing must be 'same_volume' or 'roll', got {self.pairing!r}")
+        if not ordered(self.scale_range, lo=0, strict_low=True):
+            problems.append(f"scale_range must be MIN MAX with 0 < MIN <= MAX, got {tuple(self.scale_range)}")
+        for name in ("flip_prob", "invert_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("contrast_low", "contrast_high"):  # percentiles: outside [0, 100] the top-k rank crashes
+            if not ordered(getattr(self, name), lo=0, hi=100):
+                problems.append(f"{name} must be MIN MAX percentiles with 0 <= MIN <= MAX <= 100, got "
+                                f"{tuple(getattr(self, name))}")
+        if not problems and not self.contrast_low[1] < self.contrast_high[0]:  # else the curve runs backwards
+            problems.append(f"contrast_low {tuple(self.contrast_low)} must lie below contrast_high "
+                            f"{tuple(self.contrast_high)} (the low percentile maps to 0.1, the high one to 0.9)")
+        if not ordered(self.gamma_range, lo=0, strict_low=True):  # gamma 0 makes every view constant, < 0 infinite
+            problems.append(f"gamma_range must be MIN MAX with 0 < MIN <= MAX, got {tuple(self.gamma_range)}")
+        if self.out_range is not None and not (ordered(self.out_range) and self.out_range[0] < self.out_range[1]):
+            problems.append(f"out_range must be LOW HIGH with LOW < HIGH (finite), or None, got {tuple(self.out_range)}")
+        if problems:
+            raise ValueError("; ".join(f"--pretext.{p}" for p in problems))
 
     def fusion_options(self) -> dict:
         return dict(
@@ -73,6 +102,66 @@ class PretextConfig:
 def source_patch_size(patch_size: Sequence[int], cfg: PretextConfig) -> tuple[int, int, int]:
     """Size of the patch to read from the cache so that the largest crop scale still fits."""
     return tuple(int(math.ceil(p * max(1.0, cfg.scale_range[1]))) for p in patch_size)  # type: ignore[return-value]
+
+
+def check_pretext_for(patch_size: Sequence[int], batch_size: int, cfg: PretextConfig) -> None:
+    """Refuse pretext options that do not fit the run's --patch_size / --batch_size (called once they are known)."""
+    if cfg.pairing == "roll" and batch_size < 2:  # make_views would silently pair the two views of one volume
+        raise ValueError(f"--pretext.pairing roll takes the foreground from another volume of the batch, so it needs "
+                         f"--batch_size >= 2 (patches per process), got {batch_size}; use --pretext.pairing same_volume")
+    from nny_models.io import MAX_VOLUME_BYTES
+
+    source = source_patch_size(patch_size, cfg)
+    nbytes = 4 * batch_size * math.prod(source)  # one float32 batch of source patches, before the two views
+    if nbytes > MAX_VOLUME_BYTES:
+        raise ValueError(f"--pretext.scale_range {tuple(cfg.scale_range)}: with --patch_size {list(patch_size)} and "
+                         f"--batch_size {batch_size} each batch reads source patches of {list(source)} voxels "
+                         f"({nbytes / 1024**3:.1f} GiB as float32, above {MAX_VOLUME_BYTES / 1024**3:.0f} GiB); expected "
+                         "a largest crop scale of a few times the patch (MIS-FM: 0.7 1.5)")
+
+
+MAX_FILES_LOOKED_AT = 10_000  # per sub-folder of a plain data folder, when looking for images it would skip
+
+
+def skipped_inputs(data_dir: Path, records: Sequence) -> list[str]:
+    """What a plain data folder holds that case discovery (nny_models.io.discover_cases) silently leaves out, in words:
+    an image name that is no readable file (a broken symbolic link, a folder without DICOM files, a pipe) and a
+    sub-folder holding images or DICOM files further down (a patient/study/series tree: only the first level is a
+    case). Hidden entries (macOS ._ files, .git) are not reported; MSD / nnU-Net layouts and manifests are not
+    plain folders."""
+    from nny_models.io import IMAGE_SUFFIXES, _file_kind, _is_dicom_file
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir() or any((data_dir / n).exists() for n in ("dataset.json", "imagesTr", "imagesTs")):
+        return []
+    used = {os.path.realpath(r.image) for r in records}
+    found = []
+    for entry in sorted(data_dir.iterdir()):
+        if entry.name.startswith(".") or os.path.realpath(entry) in used:
+            continue
+        if entry.name.lower().endswith(IMAGE_SUFFIXES):
+            kind = "a folder without DICOM files" if entry.is_dir() else _file_kind(entry)
+            found.append(f"{entry.name} ({kind})")
+        elif entry.is_dir() and not entry.is_symlink():
+            looked = 0
+            for root, dirs, files in os.walk(entry):  # symbolic links are not followed: no loops
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                hit = next((f for f in sorted(files) if not f.startswith(".") and (
+                    f.lower().endswith(IMAGE_SUFFIXES) or _is_dicom_file(Path(root) / f))), None)
+                if hit is not None:
+                    found.append(f"{entry.name}/ (holds {Path(root, hit).relative_to(data_dir)})")
+                    break
+                looked += len(files)
+                if looked > MAX_FILES_LOOKED_AT:
+                    break
+    return found
+
+
+def describe_skipped(data_dir: Path, skipped: Sequence[str]) -> str:
+    return (f"{data_dir}: {len(skipped)} entr{'y is' if len(skipped) == 1 else 'ies are'} not used as case(s): "
+            f"{', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}. A plain folder's cases are its image "
+            "files and DICOM series folders at the first level; move nested ones up, or list every case in a CSV "
+            "manifest (columns case_id,image) and pass it as --data_dir")
 
 
 def _rand(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:

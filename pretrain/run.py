@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pretrain/run.py` from a checkout
 
 from nny_models.config import PreprocessConfig  # noqa: E402
-from nny_models.training.checkpoints import check_output_paths, check_resume_config  # noqa: E402
+from nny_models.training.checkpoints import (  # noqa: E402
+    check_output_paths,
+    check_resume_config,
+    check_resume_data,
+    data_cases,
+    write_data_cases,
+)
 from nny_models.training.config import CONFIG_FILE_ATTR  # noqa: E402
 from nny_models.training import (  # noqa: E402
     CheckpointManager,
@@ -53,7 +60,15 @@ from nny_models.training import (  # noqa: E402
     write_text_atomic,
     writing_dir,
 )
-from pretrain.data import PretextConfig, pretext_batch, source_patch_size, step_generator  # noqa: E402
+from pretrain.data import (  # noqa: E402
+    PretextConfig,
+    check_pretext_for,
+    describe_skipped,
+    pretext_batch,
+    skipped_inputs,
+    source_patch_size,
+    step_generator,
+)
 
 
 @dataclass
@@ -106,6 +121,8 @@ class PretrainConfig:
         check_run_config(self)
         if self.feature_size is not None and self.feature_size < 1:
             raise ValueError(f"--feature_size: expected a positive channel count or None, got {self.feature_size}")
+        if self.data_dir is None and self.phantom_cases < 1:
+            raise ValueError(f"--phantom_cases must be >= 1 (phantoms generated without --data_dir), got {self.phantom_cases}")
 
 
 PRESETS = {
@@ -154,12 +171,29 @@ def preprocess_config(cfg: PretrainConfig) -> PreprocessConfig:
     return PreprocessConfig(spacing=tuple(cfg.spacing or PreprocessConfig.spacing), hu_window=tuple(cfg.hu_window))
 
 
-def prepare_cache(cfg: PretrainConfig, prep: PreprocessConfig, data_dir: Path, accelerator):
-    """Preprocess the CT volumes of ``data_dir`` once into the cache."""
-    from nny_models.cache import build_cache
+def discover_images(data_dir: Path) -> list:
+    """The cases of ``data_dir`` without their labels (pretraining ignores labels). What a plain folder holds but
+    discovery leaves out (nested folders, broken links) is named: in the error when no case is found, else in a
+    warning."""
     from nny_models.io import discover_cases
 
-    records = [dataclasses.replace(r, label=None) for r in discover_cases(data_dir)]  # pretraining ignores labels
+    try:
+        records = discover_cases(data_dir)
+    except ValueError as err:
+        skipped = skipped_inputs(data_dir, [])
+        if skipped and "no cases found" in str(err):
+            raise ValueError(f"{err}; {describe_skipped(data_dir, skipped)}") from None
+        raise
+    skipped = skipped_inputs(data_dir, records)
+    if skipped:
+        warnings.warn(describe_skipped(data_dir, skipped), stacklevel=2)
+    return [dataclasses.replace(r, label=None) for r in records]
+
+
+def prepare_cache(cfg: PretrainConfig, prep: PreprocessConfig, records: list, accelerator):
+    """Preprocess the CT volumes of ``records`` once into the cache."""
+    from nny_models.cache import build_cache
+
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
     with accelerator.main_process_first():
         return build_cache(records, prep, cache_dir, check_hu=not cfg.skip_hu_check)
@@ -224,13 +258,17 @@ def train(cfg: PretrainConfig) -> None:
     out_dir = Path(cfg.output_dir)
     # before anything is deleted or written: no input inside OUTPUT_DIR, no OUTPUT_DIR inside the data
     check_output_paths(out_dir, {"--data_dir": cfg.data_dir, "--config": getattr(cfg, CONFIG_FILE_ATTR, None)},
-                       cfg.data_dir)
+                       cfg.data_dir, written={"--cache_dir": cfg.cache_dir})
     accelerator = make_accelerator(out_dir, mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed)
     data_dir = resolve_data_dir(cfg, accelerator)
+    records = discover_images(data_dir)  # before the plan: what a plain folder skips is named first
     cfg, plan = apply_plan(cfg, data_dir, accelerator)
     write_run_config = check_resume_config(out_dir, cfg, cfg.resume)  # a resume must train as the run started
+    cases = data_cases(records)
+    check_resume_data(out_dir, cases, cfg.resume)  # ... on the same cases (run_config.json holds only the path)
     prep = preprocess_config(cfg)
     pretext = cfg.pretext if cfg.pretext.out_range is not None else dataclasses.replace(cfg.pretext, out_range=prep.out_range)
+    check_pretext_for(cfg.patch_size, cfg.batch_size, pretext)  # before the cache: fails in seconds
 
     # Model, loss, optimizer, schedule (before the data: a wrong --patch_size fails in seconds).
     from monai.losses import DiceCELoss
@@ -243,7 +281,7 @@ def train(cfg: PretrainConfig) -> None:
     check_output_dir(accelerator, out_dir, cfg.resume, cfg.overwrite)  # before the cache: never over an earlier run
 
     # Data: source patches big enough for the largest random-resized crop; one pass covers the run.
-    cache = prepare_cache(cfg, prep, data_dir, accelerator)
+    cache = prepare_cache(cfg, prep, records, accelerator)
     save_plan(plan, out_dir, accelerator)
     length = cfg.max_steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     dataset = PatchDataset(cache, None, source_patch_size(cfg.patch_size, pretext), length,
@@ -259,6 +297,7 @@ def train(cfg: PretrainConfig) -> None:
     accelerator.init_trackers("pretrain", config=tracker_config(cfg))
     if accelerator.is_main_process and write_run_config:
         write_text_atomic(out_dir / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        write_data_cases(out_dir, cases)
     debug = None
     if cfg.debug_dump:
         (out_dir / "debug").mkdir(parents=True, exist_ok=True)

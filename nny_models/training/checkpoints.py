@@ -185,6 +185,59 @@ def check_resume_config(output_dir: str | Path, cfg: Any, resume: bool, may_chan
     return False
 
 
+DATA_CASES = "data_cases.json"  # the cases a run started with (id -> bytes of its files): a --resume checks them
+
+
+def data_cases(records: Any) -> dict[str, int]:
+    """{case_id: bytes of its image and label files} of discovered cases (``CaseRecord``s; a DICOM series folder
+    counts the files in it). Cheap (one stat per file) and the same on another copy of the data."""
+    def size(path: str | None) -> int:
+        if path is None:
+            return 0
+        p = Path(path)
+        if p.is_dir():
+            return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+        return p.stat().st_size if p.exists() else 0
+
+    return {r.case_id: size(r.image) + size(r.label) for r in records}
+
+
+def check_resume_data(output_dir: str | Path, cases: dict[str, int], resume: bool) -> None:
+    """On --resume over existing checkpoints, refuse data whose cases differ from OUTPUT_DIR/data_cases.json: a case
+    added, removed or with files of another size (run_config.json records only the --data_dir path, and a changed
+    case list changes which case every later patch is drawn from). A run saved before the file existed passes."""
+    path = Path(output_dir) / DATA_CASES
+    if not resume or not checkpoint_dirs(output_dir) or not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())["cases"]
+        if not isinstance(saved, dict):
+            raise TypeError(type(saved).__name__)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume: {path} is not readable ({type(e).__name__}: {e}); restore it, or pass "
+                         "--overwrite to start again") from None
+
+    def some(ids: list[str]) -> str:
+        return ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+
+    added, removed = sorted(cases.keys() - saved.keys()), sorted(saved.keys() - cases.keys())
+    changed = sorted(c for c in cases.keys() & saved.keys() if cases[c] != saved[c])
+    parts = [f"{len(ids)} case(s) {what} ({some(ids)})"
+             for ids, what in ((added, "added"), (removed, "removed"), (changed, "whose files changed size"))
+             if ids]
+    if parts:
+        raise ValueError(
+            f"--resume: the training data differ from the cases the run started with ({path}): {'; '.join(parts)}. "
+            "A resumed run must train on the same cases: restore them, or use another --output_dir (or --overwrite) "
+            "for a new run"
+        )
+
+
+def write_data_cases(output_dir: str | Path, cases: dict[str, int]) -> None:
+    """Record the run's cases for check_resume_data (main process, with run_config.json)."""
+    write_text_atomic(Path(output_dir) / DATA_CASES, json.dumps({"cases": cases}, indent=1))
+
+
 def _same_setting(saved: Any, now: Any) -> bool:
     """Equal values, or two spellings of one existing path (relative and absolute, through a symlink)."""
     if saved == now:
@@ -199,15 +252,17 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 # What a run writes in OUTPUT_DIR, or --overwrite deletes there: an input may not lie in any of them.
-RUN_OWNED = ("checkpoints", "model", "metrics.jsonl", "run_config.json", "plan.json", "logs", "figures")
+RUN_OWNED = ("checkpoints", "model", "metrics.jsonl", "run_config.json", "plan.json", "logs", "figures", DATA_CASES)
 
 
-def check_output_paths(output_dir: str | Path, inputs: dict[str, str | Path | None], data_dir: str | Path | None) -> None:
+def check_output_paths(output_dir: str | Path, inputs: dict[str, str | Path | None], data_dir: str | Path | None,
+                       written: dict[str, str | Path | None] | None = None) -> None:
     """Refuse, before anything is deleted or written, an input (``inputs``: flag name -> path, e.g. --pretrained,
     --data_dir, --config) lying in what the run writes in OUTPUT_DIR or --overwrite deletes there (``RUN_OWNED``:
     checkpoints/, model/, run_config.json, ...), and an OUTPUT_DIR inside or equal to --data_dir (cache/,
     checkpoints/, model/ would be written into the data). Other files of OUTPUT_DIR (a table a study wrote there)
-    are fine. A --pretrained that names no local path (a Hub repo id) is not a path here."""
+    are fine. A --pretrained that names no local path (a Hub repo id) is not a path here. ``written`` (flag -> path,
+    e.g. --cache_dir) are other folders the run writes: they may not lie inside --data_dir either."""
     out = Path(os.path.abspath(Path(output_dir).expanduser()))
     if data_dir is not None:
         data = Path(os.path.abspath(Path(data_dir).expanduser()))
@@ -216,6 +271,13 @@ def check_output_paths(output_dir: str | Path, inputs: dict[str, str | Path | No
                 f"--output_dir {output_dir} lies inside --data_dir {data_dir}: the run would write cache/, "
                 "checkpoints/ and model/ into the data; choose an --output_dir outside it"
             )
+        for flag, value in (written or {}).items():
+            if value is None:
+                continue
+            path = Path(os.path.abspath(Path(value).expanduser()))
+            if _inside(path, data) or _inside(Path(os.path.realpath(path)), Path(os.path.realpath(data))):
+                raise ValueError(f"{flag} {value} lies inside --data_dir {data_dir}: the run would write its files "
+                                 f"into the data; choose a {flag} outside it")
     owned = [out / name for name in RUN_OWNED] + [Path(os.path.realpath(out)) / name for name in RUN_OWNED]
     for flag, value in inputs.items():
         if value is None or str(value).lower() == "none":

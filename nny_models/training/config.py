@@ -284,6 +284,8 @@ def check_run_config(cfg: Any) -> None:
         "lr": (lambda v: v > 0, "must be > 0"),
         "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
         "checkpoint_every": (lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+        "export_every": (lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),  # -1 exported after every step
+        "seed": (lambda v: 0 <= v < 2**32, "must be in 0 .. 2**32 - 1"),  # else Accelerate's set_seed fails unnamed
         "num_workers": (lambda v: v >= 0, "must be >= 0"),
         "weight_decay": (lambda v: v >= 0, "must be >= 0 (a negative decay grows the weights)"),
         "log_every": (lambda v: v >= 1, "must be >= 1"),
