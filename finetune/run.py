@@ -48,6 +48,7 @@ from nny_models.phantoms import embedded_dataset
 from nny_models.postprocess import postprocess_labels
 from nny_models.sampling import PatchDataset
 from nny_models.swin_next import FUSION_POSITIONS
+from nny_models.training.checkpoints import check_resume_data, data_cases
 from nny_models.training import (
     CheckpointManager,
     MetricsLog,
@@ -214,6 +215,8 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     records = [r for r in discover_cases(data_dir) if r.label is not None]
     if len(records) < 2:
         raise ValueError(f"{data_dir}: found {len(records)} labeled case(s); fine-tuning needs at least 2")
+    cases = data_cases(records)
+    check_resume_data(cfg.output_dir, cases, cfg.resume)  # a resume must train on the cases the run started with
     labels = _label_names(data_dir)
     class_weights = _per_label(cfg.class_weights, labels, "class_weights")  # checked before the slow cache build
 
@@ -259,7 +262,7 @@ def get_data(cfg: FinetuneConfig, preprocess: PreprocessConfig, data_dir: Path, 
     )
     return dict(
         loader=loader, cache=cache, labels=labels, schema=schema, vectors=vectors,
-        train_ids=train_ids, val_ids=val_ids, folds=folds, records=records,
+        train_ids=train_ids, val_ids=val_ids, folds=folds, records=records, cases=cases,
         class_weights=None if class_weights is None else list(class_weights.values()),
     )  # fmt: skip
 
@@ -525,14 +528,14 @@ def validate(model: NnyNet, data: dict, cfg: FinetuneConfig, preprocess: Preproc
 
 
 def training_function(cfg: FinetuneConfig) -> Path:
-    from nny_models.training.checkpoints import check_output_paths, check_resume_config
+    from nny_models.training.checkpoints import check_output_paths, check_resume_config, write_data_cases
     from nny_models.training.config import CONFIG_FILE_ATTR
 
     output_dir = Path(cfg.output_dir)
     # before anything is deleted or written: no input inside OUTPUT_DIR, no OUTPUT_DIR inside the data
     inputs = {"--pretrained": cfg.pretrained, "--data_dir": cfg.data_dir, "--clinical_csv": cfg.clinical_csv,
               "--config": getattr(cfg, CONFIG_FILE_ATTR, None)}
-    check_output_paths(output_dir, inputs, cfg.data_dir)
+    check_output_paths(output_dir, inputs, cfg.data_dir, written={"--cache_dir": cfg.cache_dir})
     accelerator = make_accelerator(
         output_dir, mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed
     )
@@ -573,6 +576,7 @@ def training_function(cfg: FinetuneConfig) -> Path:
     metrics = MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step=start)
     if accelerator.is_main_process and write_run_config:
         write_text_atomic(output_dir / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        write_data_cases(output_dir, data["cases"])
     if report is not None and start == 0:
         metrics.log({"step": 0, "transfer_loaded": len(report.loaded), "transfer_missing": len(report.missing)})
 

@@ -202,3 +202,46 @@ def test_damaged_metrics_line_in_the_middle_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=rf"{path}: line 2 is not a JSON object"), warnings.catch_warnings():
         warnings.simplefilter("error")
         read_metrics(path)
+
+
+# ----------------------------------------------------------------------------- 6. fine-tuning's data on --resume
+
+
+def _labeled_folder(data, ids):
+    import nibabel as nib
+    import numpy as np
+
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    for i, cid in enumerate(ids):
+        image = np.full((8, 8, 8), 40.0 + i, np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), data / "imagesTr" / f"{cid}.nii.gz")
+        nib.save(nib.Nifti1Image((image > 0).astype(np.uint8), np.eye(4)), data / "labelsTr" / f"{cid}.nii.gz")
+
+
+def test_finetune_resume_after_the_data_folder_changed_is_refused_before_the_cache(tmp_path):
+    from finetune.run import training_function
+    from nny_models.io import discover_cases
+    from nny_models.training.checkpoints import data_cases, write_data_cases
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    _labeled_folder(data, ["a", "b", "c"])
+    cfg = _finetune_cfg(out, data_dir=str(data), resume=True)
+    _saved_run(out, cfg)
+    write_data_cases(out, data_cases(discover_cases(data)))  # as the run left it
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub / "c.nii.gz").unlink()
+    _labeled_folder(data, ["d"])
+    with pytest.raises(ValueError, match=r"--resume: the training data differ .*added \(d\).*removed \(c\)"):
+        training_function(cfg)
+    assert not (out / "cache").exists()  # refused before the cache was built
+
+
+def test_finetune_cache_dir_inside_the_data_is_refused(tmp_path):
+    from finetune.run import training_function
+
+    data = tmp_path / "data"
+    _labeled_folder(data, ["a", "b"])
+    with pytest.raises(ValueError, match=r"--cache_dir .* lies inside --data_dir"):
+        training_function(_finetune_cfg(tmp_path / "run", data_dir=str(data), cache_dir=str(data / "cache")))
+    assert not (data / "cache").exists()
