@@ -131,10 +131,12 @@ def check_output_dir(accelerator: Accelerator, output_dir: str | Path, resume: b
 RUN_CONFIG = "run_config.json"
 # Fields a --resume may change: they decide how the run is executed or recorded, never what is trained (the data
 # order is a function of (seed, index), so the worker count does not change it; checkpoint/export/log cadence
-# only adds files). Everything else (data, labels, model, LR, schedule via max_steps / warmup_steps, seed, loss,
+# only adds files; gradient checkpointing recomputes the same activations, with the same RNG state, to save memory:
+# turning it on is how a run killed for lack of memory goes on). Everything else (data, labels, model, LR, schedule via max_steps / warmup_steps, seed, loss,
 # precision, ...) must equal the saved run_config.json, or the resumed run would silently be another run.
 RESUME_MAY_CHANGE = frozenset(
-    {"resume", "overwrite", "output_dir", "num_workers", "checkpoint_every", "export_every", "log_every", "debug_dump"}
+    {"resume", "overwrite", "output_dir", "num_workers", "checkpoint_every", "export_every", "log_every", "debug_dump",
+     "grad_checkpointing"}
 )
 
 

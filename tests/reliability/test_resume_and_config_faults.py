@@ -56,7 +56,7 @@ def test_resume_check_allows_operational_fields_and_does_not_rewrite(tmp_path):
     cfg = _finetune_cfg(out)
     assert check_resume_config(out, cfg, resume=False) is True  # fresh run: write it
     _saved_run(out, cfg)
-    same = dataclasses.replace(cfg, resume=True, num_workers=3, checkpoint_every=7)
+    same = dataclasses.replace(cfg, resume=True, num_workers=3, checkpoint_every=7, grad_checkpointing=True)
     assert check_resume_config(out, same, resume=True) is False  # resume: keep the saved record
     with pytest.raises(ValueError, match=r"augmentation\.p_flip: 0\.5 -> 0\.1"):
         from finetune.augment import AugmentConfig
