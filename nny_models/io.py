@@ -646,8 +646,7 @@ def _from_images_tr(root: Path) -> list[CaseRecord]:
     """nnU-Net raw (imagesTr/CASE_0000.nii.gz + labelsTr/CASE.nii.gz) or an MSD-style folder without dataset.json."""
     records = []
     for images_dir, labels_dir in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
-        files = _image_files(root / images_dir)
-        names = {_strip_suffix(f.name): f for f in files}
+        names, label_files = _by_stem(root / images_dir), _by_stem(root / labels_dir)
         channels: dict[str, list[str]] = {}
         for stem in names:
             m = re.fullmatch(r"(.+)_(\d{4})", stem)
@@ -660,9 +659,9 @@ def _from_images_tr(root: Path) -> list[CaseRecord]:
                     "nnynet expects exactly one CT channel per case (_0000)"
                 )
             image = names[case + ("_0000" if chans == ["0000"] else "")]
-            label = _find_image(root / labels_dir, case)
+            label = label_files.get(case)
             records.append(CaseRecord(case, str(image.resolve()), str(label.resolve()) if label else None))
-        labels = {_strip_suffix(f.name) for f in _image_files(root / labels_dir)}
+        labels = set(label_files)
         _warn_unmatched(root / images_dir, root / labels_dir, set(channels), labels)
     return records
 
@@ -685,7 +684,7 @@ def _warn_unmatched(images_dir: Path, labels_dir: Path, cases: set[str], labels:
 
 def _from_plain_folder(root: Path) -> list[CaseRecord]:
     """Every image file (and every DICOM series sub-folder) is one unlabeled case."""
-    records = [CaseRecord(_strip_suffix(f.name), str(f.resolve())) for f in _image_files(root)]
+    records = [CaseRecord(stem, str(f.resolve())) for stem, f in _by_stem(root).items()]
     records += [CaseRecord(d.name, str(d.resolve())) for d in sorted(root.iterdir()) if _is_dicom_dir(d)]
     return records
 
@@ -728,11 +727,18 @@ def _image_files(folder: Path) -> list[Path]:
                   if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(IMAGE_SUFFIXES))
 
 
-def _find_image(folder: Path, stem: str) -> Path | None:
+def _by_stem(folder: Path) -> dict[str, Path]:
+    """The folder's image files by case name (suffix stripped). Two files with one name ("c0.nii" beside
+    "c0.nii.gz", a half-finished conversion) are refused by name: silently taking either could train on the
+    stale copy."""
+    out: dict[str, Path] = {}
     for f in _image_files(folder):
-        if _strip_suffix(f.name) == stem:
-            return f
-    return None
+        stem = _strip_suffix(f.name)
+        if stem in out:
+            raise ValueError(f"{folder}: {out[stem].name} and {f.name} are both case {stem!r}; "
+                             "expected one image file per case (remove or rename one)")
+        out[stem] = f
+    return out
 
 
 def _file_key(path: str) -> tuple[int, int] | str:

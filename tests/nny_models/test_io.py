@@ -190,3 +190,18 @@ def test_read_header_does_not_decode_voxels(tmp_path, monkeypatch):
     monkeypatch.setattr(nibabel.arrayproxy.ArrayProxy, "__array__", boom)
     monkeypatch.setattr(nibabel.arrayproxy.ArrayProxy, "_get_scaled", boom)
     assert list(read_header(tmp_path / "c.nii.gz")[0]) == [12, 10, 6]
+
+
+@pytest.mark.parametrize("layout", ["plain", "imagesTr", "labelsTr"])
+def test_two_files_with_one_case_name_are_refused_by_name(tmp_path, layout):
+    # "c0.nii" beside "c0.nii.gz" (a conversion left half done): either could be the stale copy
+    if layout == "plain":
+        write_nifti(tmp_path / "c0.nii.gz")
+        write_nifti(tmp_path / "c0.nii", seed=1)
+    else:
+        write_nifti(tmp_path / "imagesTr" / "c0_0000.nii.gz")
+        write_nifti(tmp_path / "labelsTr" / "c0.nii.gz", label=True)
+        folder, stem = ("imagesTr", "c0_0000") if layout == "imagesTr" else ("labelsTr", "c0")
+        write_nifti(tmp_path / folder / f"{stem}.nii", label=layout == "labelsTr")
+    with pytest.raises(ValueError, match=r"\.nii and .*\.nii\.gz are both case"):
+        discover_cases(tmp_path)
