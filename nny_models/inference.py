@@ -229,6 +229,31 @@ def channels_last_on_cpu(model: nn.Module, device: torch.device):
         model.to(memory_format=torch.contiguous_format)
 
 
+def check_memory(grid_shape: tuple[int, ...], original_shape: tuple[int, ...], num_classes: int,
+                 device: torch.device, name: str, *, probabilities: bool = False, extra_maps: int = 0) -> None:
+    """Refuse, before the sliding window starts, a volume whose float32 maps would not fit in the memory that
+    is free now: the kernel's OOM killer ends the process with no message (exit 137), which a user cannot tell
+    from a crash. Counted on the model grid: the input, the blended probabilities (one channel per class) and
+    MONAI's count map on ``device``, then on the CPU the probabilities' copy that restoring the labels edits;
+    on the original grid the resampled probabilities when they are returned. The free memory is psutil's
+    ``available`` (page cache counts as free) or, on CUDA, torch.cuda.mem_get_info."""
+    import psutil
+
+    grid, original = float(np.prod(grid_shape)), float(np.prod(original_shape))
+    on_device = 4 * grid * (num_classes + 2 + extra_maps)
+    on_host = 4 * grid * num_classes + (4 * original * num_classes if probabilities else 0)
+    needs = [("host", on_device + on_host if device.type == "cpu" else on_host, psutil.virtual_memory().available)]
+    if device.type == "cuda":
+        needs.append((str(device), on_device, torch.cuda.mem_get_info(device)[0]))
+    for where, need, free in needs:
+        if need > free:
+            raise ValueError(
+                f"{name}: segmenting it on the model grid {tuple(int(s) for s in grid_shape)} with {num_classes} "
+                f"classes needs about {need / 1024**3:.1f} GiB of {where} memory for the probability maps, but only "
+                f"{free / 1024**3:.1f} GiB is free; nothing was written. Crop the CT to the abdomen, free memory, "
+                "or run on a machine with more" + (" (or leave out --probabilities)" if probabilities else ""))
+
+
 def sliding_window_probs(
     model: nn.Module,
     x: torch.Tensor,
@@ -467,6 +492,8 @@ def predict(
         x, state = preprocess_volume(volume.astype(np.float32, copy=False), affine, cfg, name)
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # a MONAI MetaTensor -> plain tensor
         x = torch.as_tensor(x, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
+    check_memory(tuple(x.shape[2:]), volume.shape, len(config.label_names), device, name,
+                 probabilities=return_probabilities, extra_maps=int(return_attention))
     with torch.inference_mode():
         out = sliding_window_probs(
             network, x, config.patch_size, clin, overlap=overlap, sw_batch_size=sw_batch_size,

@@ -207,3 +207,38 @@ def test_a_qform_only_header_whose_quaternion_is_no_rotation_names_the_field(tmp
     with pytest.raises(ValueError, match=rf"{name}: the NIfTI qform quaternion \(quatern_b, quatern_c, quatern_d\) = "
                                          r"\(0\.9, 0\.9, 0\) is not a rotation.*no sform"):
         load_volume(path)
+
+
+# ----------------------------------------------------------------------------- memory for the probability maps
+
+
+def test_a_volume_whose_maps_exceed_free_memory_is_one_line_before_the_window(model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    import psutil
+
+    hu, _ = scan_in_hu()
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, AFFINE), str(path))
+    free = type("Free", (), {"available": 100_000})()  # less than the maps of this 28 x 28 x 24 grid
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    called = []
+    monkeypatch.setattr(inference, "sliding_window_probs", lambda *a, **k: called.append(1))
+    out = tmp_path / "mask.nii.gz"
+    result = run_main(capsys, "--device", "cpu", "--model", str(model_dir), "--input", str(path), "--output", str(out))
+    assert_one_line_error(result, str(path), "GiB of host memory", "classes", "nothing was written")
+    assert not called and not out.exists()
+
+
+def test_memory_estimate_counts_every_class_and_the_returned_probabilities(monkeypatch):
+    import psutil
+
+    grid = (100, 100, 100)  # 1e6 voxels: 4 MB per float32 map
+    free = type("Free", (), {"available": 0})()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    cpu = torch.device("cpu")
+    for classes, probabilities, maps in ((2, False, 6), (5, False, 12), (5, True, 17)):
+        free.available = 4e6 * maps + 1  # just enough: input + count map + C on the grid, C copied, C restored
+        inference.check_memory(grid, (100, 100, 100), classes, cpu, "x", probabilities=probabilities)
+        free.available = 4e6 * maps - 1
+        with pytest.raises(ValueError, match=f"{classes} classes"):
+            inference.check_memory(grid, (100, 100, 100), classes, cpu, "x", probabilities=probabilities)
