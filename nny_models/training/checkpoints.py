@@ -27,9 +27,11 @@ import json
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator
@@ -187,26 +189,63 @@ def check_resume_config(output_dir: str | Path, cfg: Any, resume: bool, may_chan
     return False
 
 
-DATA_CASES = "data_cases.json"  # the cases a run started with (id -> bytes of its files): a --resume checks them
+DATA_CASES = "data_cases.json"  # the cases a run started with (id -> "bytes:crc32" of its files): a --resume checks them
+_WHOLE_FILE_BYTES = 64 * 1024**2  # files up to this size are checksummed whole (labels, most compressed images)
+_SAMPLE_BYTES = 1024**2  # larger ones: 16 evenly spaced 1 MiB blocks, the head and the tail
 
 
-def data_cases(records: Any) -> dict[str, int]:
-    """{case_id: bytes of its image and label files} of discovered cases (``CaseRecord``s; a DICOM series folder
-    counts the files in it). Cheap (one stat per file) and the same on another copy of the data."""
-    def size(path: str | None) -> int:
+def _file_crc(path: Path, crc: int) -> int:
+    """CRC32 of a file's content, cheap on big files. A gzip file (.nii.gz) ends with the CRC32 and length of its
+    whole uncompressed content, and any change rewrites the stream after it, so its head and tail catch every
+    change; other files up to 64 MiB are read whole, larger ones sampled (an edit between the samples goes
+    unseen; the size still counts)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        gzip = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        if size <= _WHOLE_FILE_BYTES and not gzip:
+            while block := f.read(8 * 1024**2):
+                crc = zlib.crc32(block, crc)
+            return crc
+        blocks = 2 if gzip else 18
+        for offset in np.linspace(0, max(size - _SAMPLE_BYTES, 0), blocks).astype(np.int64):
+            f.seek(int(offset))
+            crc = zlib.crc32(f.read(_SAMPLE_BYTES), crc)
+    return crc
+
+
+def data_cases(records: Any) -> dict[str, str]:
+    """{case_id: "<bytes>:<crc32>" of its image and label files} of discovered cases (``CaseRecord``s; a DICOM
+    series folder counts every file in it). From the content alone, so the same on another copy of the data,
+    and a label repainted in place (an uncompressed .nii keeps its size) is a changed case."""
+    def files(path: str | None) -> list[Path]:
         if path is None:
-            return 0
+            return []
         p = Path(path)
         if p.is_dir():
-            return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
-        return p.stat().st_size if p.exists() else 0
+            return sorted(f for f in p.iterdir() if f.is_file())
+        return [p] if p.exists() else []
 
-    return {r.case_id: size(r.image) + size(r.label) for r in records}
+    out = {}
+    for r in records:
+        paths = files(r.image) + files(r.label)
+        crc = 0
+        for f in paths:
+            crc = _file_crc(f, crc)
+        out[r.case_id] = f"{sum(f.stat().st_size for f in paths)}:{crc:08x}"
+    return out
 
 
-def check_resume_data(output_dir: str | Path, cases: dict[str, int], resume: bool) -> None:
+def _same_case(saved: Any, now: str) -> bool:
+    """A run saved by an older nnynet recorded the bytes alone (an int): those are compared."""
+    if isinstance(saved, int):
+        return now.split(":")[0] == str(saved)
+    return saved == now
+
+
+def check_resume_data(output_dir: str | Path, cases: dict[str, str], resume: bool) -> None:
     """On --resume over existing checkpoints, refuse data whose cases differ from OUTPUT_DIR/data_cases.json: a case
-    added, removed or with files of another size (run_config.json records only the --data_dir path, and a changed
+    added, removed or with files of other content (run_config.json records only the --data_dir path, and a changed
     case list changes which case every later patch is drawn from). A run saved before the file existed passes."""
     path = Path(output_dir) / DATA_CASES
     if not resume or not checkpoint_dirs(output_dir) or not path.is_file():
@@ -223,9 +262,9 @@ def check_resume_data(output_dir: str | Path, cases: dict[str, int], resume: boo
         return ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
 
     added, removed = sorted(cases.keys() - saved.keys()), sorted(saved.keys() - cases.keys())
-    changed = sorted(c for c in cases.keys() & saved.keys() if cases[c] != saved[c])
+    changed = sorted(c for c in cases.keys() & saved.keys() if not _same_case(saved[c], cases[c]))
     parts = [f"{len(ids)} case(s) {what} ({some(ids)})"
-             for ids, what in ((added, "added"), (removed, "removed"), (changed, "whose files changed size"))
+             for ids, what in ((added, "added"), (removed, "removed"), (changed, "whose files changed"))
              if ids]
     if parts:
         raise ValueError(
@@ -235,7 +274,7 @@ def check_resume_data(output_dir: str | Path, cases: dict[str, int], resume: boo
         )
 
 
-def write_data_cases(output_dir: str | Path, cases: dict[str, int]) -> None:
+def write_data_cases(output_dir: str | Path, cases: dict[str, str]) -> None:
     """Record the run's cases for check_resume_data (main process, with run_config.json)."""
     write_text_atomic(Path(output_dir) / DATA_CASES, json.dumps({"cases": cases}, indent=1))
 

@@ -127,17 +127,18 @@ def test_resume_check_names_cases_added_removed_and_changed(tmp_path):
     from nny_models.training.checkpoints import check_resume_data
 
     (tmp_path / "checkpoints" / "step_0000002").mkdir(parents=True)
-    (tmp_path / "data_cases.json").write_text('{"cases": {"a": 10, "b": 20, "c": 30}}')
-    check_resume_data(tmp_path, {"a": 10, "b": 20, "c": 30}, resume=True)  # the same cases
-    check_resume_data(tmp_path, {"z": 1}, resume=False)  # no --resume: nothing to check
-    with pytest.raises(ValueError) as err:
-        check_resume_data(tmp_path, {"a": 10, "b": 21, "d": 5}, resume=True)
+    # o: saved by an older nnynet as bytes alone, compared by size
+    (tmp_path / "data_cases.json").write_text('{"cases": {"a": "10:0a", "b": "20:0b", "c": "30:0c", "o": 40}}')
+    check_resume_data(tmp_path, {"a": "10:0a", "b": "20:0b", "c": "30:0c", "o": "40:0d"}, resume=True)
+    check_resume_data(tmp_path, {"z": "1:00"}, resume=False)  # no --resume: nothing to check
+    with pytest.raises(ValueError) as err:  # b: the same size, other content
+        check_resume_data(tmp_path, {"a": "10:0a", "b": "20:ff", "d": "5:0d", "o": "40:ee"}, resume=True)
     message = str(err.value)
-    for part in ("1 case(s) added (d)", "1 case(s) removed (c)", "1 case(s) whose files changed size (b)",
+    for part in ("1 case(s) added (d)", "1 case(s) removed (c)", "1 case(s) whose files changed (b)",
                  "data_cases.json"):
         assert part in message, (part, message)
     (tmp_path / "data_cases.json").unlink()  # a run saved before the file existed resumes as before
-    check_resume_data(tmp_path, {"z": 1}, resume=True)
+    check_resume_data(tmp_path, {"z": "1:00"}, resume=True)
 
 
 def test_resume_after_the_data_folder_changed_is_refused(tmp_path):
@@ -174,3 +175,46 @@ def test_a_folder_of_nested_cases_says_where_they_are(tmp_path):
     write_ct(tmp_path / "data" / "p1" / "ct.nii.gz")
     with pytest.raises(ValueError, match=r"no cases found.*p1/ \(holds p1/ct\.nii\.gz\).*CSV manifest"):
         pretrain(tmp_path, tmp_path / "data")
+
+
+def test_case_fingerprint_sees_a_label_repainted_in_place_and_not_a_copy(tmp_path):
+    import shutil
+
+    from nny_models.io import CaseRecord
+    from nny_models.training import checkpoints
+    from nny_models.training.checkpoints import data_cases
+
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[4:8, 4:8, 4:8] = 1
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 40.0, np.float32), np.eye(4)), tmp_path / "a.nii")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "a_label.nii")
+    before = data_cases([CaseRecord("a", str(tmp_path / "a.nii"), str(tmp_path / "a_label.nii"))])
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}_copy")  # another copy: other paths, times
+    copy = tmp_path.parent / f"{tmp_path.name}_copy"
+    assert data_cases([CaseRecord("a", str(copy / "a.nii"), str(copy / "a_label.nii"))]) == before
+    label[9, 9, 9] = 2  # one voxel repainted: an uncompressed .nii keeps its size
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "a_label.nii")
+    after = data_cases([CaseRecord("a", str(tmp_path / "a.nii"), str(tmp_path / "a_label.nii"))])
+    assert after["a"].split(":")[0] == before["a"].split(":")[0] and after != before
+
+    big = tmp_path / "big.nii"  # above the whole-file limit: sampled, still the same on a copy, and a tail edit seen
+    big.write_bytes(bytes(range(256)) * (checkpoints._WHOLE_FILE_BYTES // 256 + 4096))
+    first = data_cases([CaseRecord("b", str(big))])
+    with big.open("r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"x")
+    assert data_cases([CaseRecord("b", str(big))]) != first
+
+
+def test_case_fingerprint_of_a_gzip_volume_sees_an_edit_in_the_middle(tmp_path):
+    from nny_models.io import CaseRecord
+    from nny_models.training.checkpoints import data_cases
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 100, (160, 160, 80)).astype(np.float32)  # ~7 MB compressed: only head and tail read
+    path = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.eye(4)), path)
+    before = data_cases([CaseRecord("a", str(path))])
+    image[80, 80, 40] += 1.0
+    nib.save(nib.Nifti1Image(image, np.eye(4)), path)
+    assert data_cases([CaseRecord("a", str(path))]) != before
