@@ -78,13 +78,28 @@ def test_local_round_trip_is_bitwise_and_writes_card(tmp_path: Path) -> None:
     assert {"medical-imaging", "segmentation", "3d", "ct"} <= set(front["tags"])
     for text in ["portal_vein", "aorta", "| class | dice | iou | hd95 |", "| liver | 0.9312 | 0.8713 | 4.2500 |",
                  "mean_dice: 0.7666", "max_steps: 123", "32 x 32 x 32", "2501.01406", "2306.16925", "MedNeXt",
-                 "Swin UNETR", "Not a medical device", "synthetic CT phantoms", "Post-processing: none"]:
+                 "Swin UNETR", "Not a medical device", "config.json does not record", "Post-processing: none"]:
         assert text in card, text
 
     # A re-save refreshes the card (the mixin alone would keep a stale README.md).
     model.config.metrics = None
     model.save_pretrained(tmp_path)
     assert "## Evaluation" not in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("ids, said", [
+    (["phantom_000", "phantom_001"], "Trained on 2 synthetic CT phantoms"),
+    (["liver_0", "liver_1", "liver_2", "liver_3"], "Trained on 4 cases of the publisher's own data set (case ids "
+                                                   "liver_0, liver_1, liver_2, ...;"),
+])
+def test_card_says_what_the_plan_s_cases_were(tmp_path: Path, ids, said) -> None:
+    # a model fine-tuned on a user's CT used to be carded "trained on synthetic phantoms, not on patient scans"
+    config = NnyNetConfig(model_kwargs={"size": "tiny"}, patch_size=(32, 32, 32),
+                          plan={"fingerprint": {"case_ids": ids}})
+    NnyNet(config).save_pretrained(tmp_path)
+    card = " ".join((tmp_path / "README.md").read_text().split())
+    assert said in card
+    assert ("not on patient scans" in card) == ids[0].startswith("phantom_")
 
 
 def test_card_lists_clinical_inputs_of_a_fitted_schema(tmp_path: Path) -> None:
