@@ -52,15 +52,16 @@ def evaluate_dataset(model: NnyNet, test_dir: Path, out_dir: Path, *, overlays: 
     for i, record in enumerate(records):
         clinical = table.loc[record.case_id].to_dict() if table is not None else None
         drawn = i < overlays and uses_attention(model)  # its attention map comes from the same forward passes
-        pred = predict(model, record.image, clinical=clinical, return_attention=drawn)
-        pred, amap = pred if drawn else (pred, None)
-        image, image_affine = load_volume(record.image)
+        image, image_affine = load_volume(record.image)  # read once: predict gets the array
         gt, affine = load_volume(record.label)
         # the prediction is on the image's grid: a label on another grid (shape, voxel size, origin, axes), with
         # fractional values or with classes the model does not have would be scored voxel by voxel against the
-        # wrong anatomy; refused, naming both files (the check fine-tuning's data loading makes)
+        # wrong anatomy; refused, naming both files (the check fine-tuning's data loading makes), before predicting
         gt = check_label_grid(gt, affine, image.shape, image_affine, record.label, record.image,
                               num_classes=len(labels)).astype(np.int64)
+        pred = predict(model, image, affine=image_affine, clinical=clinical, return_attention=drawn,
+                       case_id=record.case_id, source=record.image)
+        pred, amap = pred if drawn else (pred, None)
         spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
         per_case.append(evaluate_case(pred, gt, spacing, labels, case_id=record.case_id))
         if i < overlays:
