@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,8 +55,10 @@ class Ensemble(nn.Module):
         super().__init__()
         if len(members) < 1:
             raise ValueError("Ensemble: needs at least one model")
-        if any(isinstance(m, Ensemble) for m in members):  # nested: members would no longer weigh the same
-            raise ValueError("Ensemble: a member is itself an Ensemble; pass its members (Ensemble.members) instead")
+        for i, m in enumerate(members):  # nested: members would no longer weigh the same
+            if isinstance(m, Ensemble):
+                raise ValueError(f"Ensemble: member {i} is itself an Ensemble (of {len(m.members)} models); pass its "
+                                 "members instead (their folders, or Ensemble.members)")
         configs = [getattr(m, "config", None) for m in members]
         if any(c is None for c in configs):
             raise ValueError("Ensemble: every member must be an NnyNet (with a .config)")
@@ -64,8 +67,10 @@ class Ensemble(nn.Module):
             other = config.to_dict()
             for name in SHARED_FIELDS:
                 if other[name] != first[name]:
-                    raise ValueError(f"Ensemble: member {i} differs from member 0 in config.json field {name!r} "
-                                     f"({other[name]!r} vs {first[name]!r}); an ensemble needs the same {name}")
+                    differs = _difference(name, other[name], first[name])
+                    raise ValueError(f"Ensemble: member {i} differs from member 0 in config.json field {differs}; "
+                                     f"an ensemble needs the same {name}")
+        _check_distinct(members)
         safe = sorted(set.intersection(*(set(c.tta_mirror_axes) for c in configs)))
         axes = safe if tta_mirror_axes is None else check_mirror_axes(list(tta_mirror_axes), "Ensemble tta_mirror_axes")
         if not set(axes) <= set(safe):
@@ -73,9 +78,13 @@ class Ensemble(nn.Module):
             raise ValueError(f"Ensemble: tta_mirror_axes {axes} are not all safe for every member (members' "
                              f"config.json tta_mirror_axes: {unsafe}); the safe common axes are {safe}")
         self.members = nn.ModuleList(members)
-        # the shared fields are what predict reads; tta_mirror_axes is the ensemble's own
-        self.config = dataclasses.replace(configs[0], tta_mirror_axes=axes)
-        self.size_divisor = max(int(getattr(getattr(m, "net", m), "size_divisor", 1) or 1) for m in members)
+        # the shared fields are what predict reads; tta_mirror_axes is the ensemble's own. The first member that fuses
+        # clinical data lends the rest (its clinical_schema is what nnynet-predict checks a clinical row against: with
+        # member 0's None, a row lacking that member's columns was imputed without the CLI's refusal)
+        lender = next((c for m, c in zip(members, configs) if _clinical_features(m)), configs[0])
+        self.config = dataclasses.replace(lender, tta_mirror_axes=axes)
+        # every window must suit every member: the least common multiple, not the largest (16 and 24 need 48)
+        self.size_divisor = math.lcm(*(int(getattr(getattr(m, "net", m), "size_divisor", 1) or 1) for m in members))
         self.supports_bf16 = all(getattr(m, "supports_bf16", True) for m in members)
         self.feature_sizes = [_clinical_features(m) for m in members]
 
@@ -112,6 +121,32 @@ class Ensemble(nn.Module):
             probs = logits.float().softmax(dim=1)
             total = probs if total is None else total + probs
         return (total / len(self.members)).clamp_min(1e-12).log()
+
+
+def _difference(name: str, value: Any, reference: Any) -> str:
+    """The field and both values, narrowed to the differing keys of an object field such as preprocessing."""
+    if isinstance(value, dict) and isinstance(reference, dict):
+        keys = sorted(k for k in set(value) | set(reference) if value.get(k) != reference.get(k))
+        return ", ".join(f"'{name}.{k}' ({value.get(k)!r} vs {reference.get(k)!r})" for k in keys)
+    return f"{name!r} ({value!r} vs {reference!r})"
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    if a is b:
+        return True
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].device == sb[k].device and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _check_distinct(members: Sequence[nn.Module]) -> None:
+    """The same model twice (--model A --model A, a copied fold folder) would silently weigh it double, and a
+    "5-fold ensemble" of one model repeated looks like five: refused."""
+    for i in range(1, len(members)):
+        for j in range(i):
+            if _same_weights(members[i], members[j]):
+                raise ValueError(f"Ensemble: member {i} has the same weights as member {j} (the same model passed "
+                                 "twice?); each member must be a different model")
 
 
 def _clinical_features(model: nn.Module) -> int:
@@ -158,6 +193,14 @@ def save_ensemble(
     if (directory / WEIGHTS_NAME).exists():
         raise ValueError(f"save_ensemble: {directory} holds a single model ({WEIGHTS_NAME}); write the ensemble to "
                          "a new folder")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_ensemble: {directory} is a file; expected a new folder")
+    # an existing ensemble (or any folder a member name would land on) is an input, perhaps these members' own:
+    # overwriting member_0 while member_3 of the old ensemble stays would mix two ensembles in one folder
+    taken = [p.name for p in [directory / CONFIG_NAME, *(directory / n for n in names)] if p.exists() or p.is_symlink()]
+    if taken:
+        raise ValueError(f"save_ensemble: {directory} already holds {taken}; write the ensemble to a new folder "
+                         "(an existing model or ensemble is never overwritten)")
     directory.mkdir(parents=True, exist_ok=True)
     for name, member in zip(names, members):
         member.save_pretrained(directory / name)
