@@ -18,7 +18,11 @@ def run_plan(option: str | None, data_dir: Path, output_dir: str | Path, *, task
     saved = Path(output_dir) / PLAN_FILE
     with accelerator.main_process_first():
         if resume and saved.is_file():
-            return Plan.load(saved)
+            plan = Plan.load(saved)
+            if plan.task != task:  # another stage's run folder: its grid and statistics are not this stage's
+                raise ValueError(f"--resume: {saved} is a {plan.task!r} plan; this stage trains with a {task!r} "
+                                 "plan (is --output_dir another stage's run?)")
+            return plan
         return resolve_plan(option, data_dir, task=task, cuda=torch.cuda.is_available())
 
 

@@ -94,3 +94,19 @@ def test_a_patch_size_the_network_cannot_take_names_the_flag(tmp_path):
             main(["--data_dir", str(data), "--output_dir", str(out), "--patch_size", patch, patch, patch,
                   "--max_steps", "1", "--num_workers", "0", "--folds", "2", "--fusion", "none"])
         assert not (out / "cache").exists() or not any((out / "cache").iterdir())
+
+
+def test_resume_refuses_another_stage_s_saved_plan(tmp_path):
+    from nny_models.training.plan import PLAN_FILE, run_plan
+
+    class MainFirst:  # the accelerator part run_plan uses
+        @staticmethod
+        def main_process_first():
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    _plan().save(tmp_path / PLAN_FILE)
+    assert run_plan("auto", tmp_path, tmp_path, task="segmentation", resume=True, accelerator=MainFirst()) == _plan()
+    with pytest.raises(ValueError, match=r"a 'segmentation' plan; this stage trains with a 'pretraining'"):
+        run_plan("auto", tmp_path, tmp_path, task="pretraining", resume=True, accelerator=MainFirst())
