@@ -19,7 +19,9 @@ backends; the .onnx also carries config.json in its metadata ("nnynet_config") a
 was exported from ("nnynet_weights_sha256", ``weights_fingerprint``). A model.onnx runs only with the config.json
 (every field but the descriptive metrics / plan) and the model.safetensors it was exported from: a stale export
 beside a newer config.json or newer weights is refused, naming both files (an export older than the fingerprint
-is checked on its config only). The file is written aside, checked, then renamed into place.
+is checked on its config only). The file is written aside, checked, flushed to disk, then renamed into place
+(a kill at any moment leaves the previous file or the new one, complete); the output must be named *.onnx, so an
+export never lands on config.json, model.safetensors or any other input.
 
 onnx and onnxruntime are an optional extra (``pip install nnynet[onnx]``); nothing else imports this module.
 """
@@ -48,6 +50,8 @@ DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 
 ONNX_FILENAME = "model.onnx"  # looked for in the model folder by nnynet-predict --backend onnxruntime
 VERIFY_ATOL = 1e-3  # export_onnx refuses a graph whose logits differ from torch's by more than this
 CONFIG_KEY, WEIGHTS_KEY = "nnynet_config", "nnynet_weights_sha256"  # ONNX metadata written by export_onnx
+MIN_OPSET = DEFAULT_OPSET  # below 17 LayerNormalization / instance_norm do not export (the exporter fails mid-trace)
+TMP_MARK = ".tmp.onnx"  # ".<name>.<pid>.tmp.onnx": where export_onnx writes before the rename
 
 
 def _require_onnx():
@@ -59,6 +63,72 @@ def _require_onnx():
             "ONNX export / inference needs the optional packages onnx and onnxruntime: pip install 'nnynet[onnx]'"
         ) from err
     return onnx, onnxruntime
+
+
+def max_opset() -> int:
+    """The newest opset the TorchScript exporter writes (20 in torch 2.13)."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as newest
+    except ImportError:  # a torch that moved the constant: its exporter still writes 20
+        return 20
+    return int(newest)
+
+
+def check_opset(opset: Any) -> int:
+    """``opset`` as an int the exporter supports for these networks, else ValueError naming it."""
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ValueError(f"opset {opset!r}: expected an ONNX opset from {MIN_OPSET} (LayerNormalization) to {top} "
+                         f"(the newest torch's exporter writes)")
+    return opset
+
+
+def check_output_path(path: str | Path) -> Path:
+    """The .onnx file export_onnx may write at ``path``, or ValueError naming it: a folder, a name without the
+    .onnx suffix (``--onnx MODEL/config.json`` would replace the model's own config), a parent that is a file or
+    cannot be written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected an .onnx file name (e.g. {path / ONNX_FILENAME})")
+    if path.suffix.lower() != ".onnx":
+        raise ValueError(f"{path}: expected a file name ending in .onnx; refusing to write an ONNX graph under "
+                         "another file type's name (it could be an input, e.g. the model's config.json)")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{path}: cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot be written: folder {existing} is not writable")
+    return path
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete what an export killed before its rename left beside ``path`` (its pid no longer runs)."""
+    prefix = f".{path.name}."
+    for leftover in path.parent.glob(f".{path.name}.*{TMP_MARK}"):
+        pid = leftover.name[len(prefix) : -len(TMP_MARK)]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it runs
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk, so that the rename after it never publishes an empty file after a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _clinical_features(net: nn.Module) -> int:
@@ -91,10 +161,20 @@ def export_onnx(
     fuses them) and raise RuntimeError if any logit differs from torch's by more than ``atol``.
     """
     onnx, _ = _require_onnx()
-    config = getattr(model, "config", None)
-    if not isinstance(config, NnyNetConfig):
-        raise ValueError("export_onnx: expected an NnyNet (a network with .config); load it with NnyNet.from_pretrained")
-    net = getattr(model, "net", model)
+    from nny_models.ensemble import Ensemble
+    from nny_models.tta import MirrorTTA
+
+    if isinstance(model, Ensemble):  # its config.json is not an NnyNet config: the export could never be loaded
+        raise ValueError("export_onnx: the model is an ensemble (nny_models.Ensemble), which is not exported as one "
+                         "graph; export each member folder (nnynet-export --model ENSEMBLE/member_0 ...) instead")
+    if isinstance(model, MirrorTTA):  # predict mirrors an ONNX network itself, as config.json says
+        raise ValueError("export_onnx: the model is a MirrorTTA; export the model it wraps (MirrorTTA.model)")
+    config, net = getattr(model, "config", None), getattr(model, "net", None)
+    if not isinstance(config, NnyNetConfig) or not isinstance(net, nn.Module):
+        raise ValueError("export_onnx: expected an NnyNet (a network with .net and .config); load it with "
+                         "NnyNet.from_pretrained")
+    opset = check_opset(opset)
+    path = check_output_path(path)
     net = net.to("cpu").eval()
     features = _clinical_features(net)
     patch = tuple(int(p) for p in config.patch_size)
@@ -105,22 +185,32 @@ def export_onnx(
         args += (torch.zeros(1, features),)
         input_names.append("clinical")
         dynamic["clinical"] = {0: "batch"}
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(path)
     state = model.inference_state_dict() if hasattr(model, "inference_state_dict") else \
         {"net." + k: v for k, v in net.state_dict().items()}
     # Written aside, checked, then renamed over ``path``: neither a crash nor a failed check leaves a half-written
     # or unverified file under the final name (a previous export there stays as it was until the swap).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.onnx")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_MARK}")
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python-int shapes: why spatial is fixed
             warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter (no onnxscript)
             warnings.filterwarnings("ignore", message="Constant folding")  # strided slices stay as Slice ops
-            torch.onnx.export(
-                _ExportWrapper(net, features), args, str(tmp), dynamo=False, opset_version=opset,
-                input_names=input_names, output_names=["logits"], dynamic_axes=dynamic,
-            )  # fmt: skip
+            warnings.filterwarnings("ignore", message=".*instance_norm.*train=True")  # InstanceNorm: no running stats
+            try:
+                torch.onnx.export(
+                    _ExportWrapper(net, features), args, str(tmp), dynamo=False, opset_version=opset,
+                    input_names=input_names, output_names=["logits"], dynamic_axes=dynamic,
+                )  # fmt: skip
+            except OSError:
+                raise
+            except Exception as err:  # the network cannot run (or trace) at this size: say which size, keep nothing
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                raise RuntimeError(
+                    f"{path}: tracing {config.model} at one window of patch_size {list(patch)} (config.json) with "
+                    f"opset {opset} failed: {first}; nothing was written"
+                ) from err
         proto = onnx.load(str(tmp))
         meta = {CONFIG_KEY: json.dumps(config.to_dict()), WEIGHTS_KEY: weights_fingerprint(state),
                 "patch_size": json.dumps(list(patch)), "clinical_features": str(features)}  # fmt: skip
@@ -129,6 +219,7 @@ def export_onnx(
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
+        _fsync(tmp)
         if verify:
             try:
                 check_onnx_matches_torch(tmp, model, atol=atol)
@@ -230,6 +321,7 @@ class OnnxRuntimeNetwork(nn.Module):
             )
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self._check_config(config, config_source)
+        self._check_graph(inputs, config, config_source)
         self.clinical_features = int(inputs["clinical"].shape[1]) if "clinical" in inputs else 0
         # what predict's clinical handling looks for on a torch network (net.fusion.clinical_features)
         self.fusion = SimpleNamespace(clinical_features=self.clinical_features) if self.clinical_features else None
@@ -253,6 +345,30 @@ class OnnxRuntimeNetwork(nn.Module):
                 f"with this config; {again}"
             )
 
+    def _check_graph(self, inputs: dict[str, Any], config: NnyNetConfig, source: str) -> None:
+        """The graph's own inputs and output against ``config``: its metadata could have been copied onto another
+        graph, and a graph with fewer classes or without the clinical input would run and give a wrong mask."""
+        again = "export the model again (nnynet-export --model DIR)"
+        image = inputs["image"]
+        if image.shape[1] != 1 or image.type != "tensor(float)":
+            raise ValueError(f"{self.path}: input 'image' must be float32 (batch, 1, X, Y, Z), got {image.type} "
+                             f"{image.shape}; {again}")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        classes = len(config.label_names)
+        logits = outputs.get("logits")
+        if logits is None or len(logits.shape) != 5:
+            raise ValueError(f"{self.path}: expected an output 'logits' (batch, classes, X, Y, Z), got "
+                             f"{ {n: o.shape for n, o in outputs.items()} }; {again}")
+        if isinstance(logits.shape[1], int) and logits.shape[1] != classes:
+            raise ValueError(f"{self.path}: output 'logits' has {logits.shape[1]} classes but {source} has "
+                             f"{classes} label_names {list(config.label_names)}; {again}")
+        kwargs = config.model_kwargs
+        expected = int(kwargs.get("clinical_features", 0) or 0) if kwargs.get("fusion", "none") != "none" else 0
+        found = inputs["clinical"].shape[1] if "clinical" in inputs else 0
+        if found != expected:
+            raise ValueError(f"{self.path}: the graph takes {found or 'no'} clinical features but {source} has "
+                             f"model_kwargs fusion {kwargs.get('fusion', 'none')!r} with {expected}; {again}")
+
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(image.shape[1:]) != (1, *self.patch_size):
             raise ValueError(f"{self.path}: expected windows (B, 1, {', '.join(map(str, self.patch_size))}), "
@@ -264,6 +380,10 @@ class OnnxRuntimeNetwork(nn.Module):
             else:
                 feeds["clinical"] = clinical.detach().to("cpu", torch.float32).contiguous().numpy()
         logits = self.session.run(["logits"], feeds)[0]
+        expected = (image.shape[0], len(self.config.label_names), *self.patch_size)
+        if tuple(logits.shape) != expected:  # never argmax over a tensor of another layout
+            raise ValueError(f"{self.path}: ONNX Runtime returned logits of shape {tuple(logits.shape)}, "
+                             f"expected {expected}")
         return torch.from_numpy(logits).to(image.device)
 
 
@@ -280,6 +400,8 @@ def load_onnx_network(model_dir: str | Path | None, onnx_path: str | Path | None
     path = Path(onnx_path) if onnx_path is not None else (folder / ONNX_FILENAME if folder is not None else None)
     if path is None:
         raise ValueError("load_onnx_network: give a model folder or an .onnx path")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected an .onnx file (e.g. {path / ONNX_FILENAME})")
     if not path.is_file():
         hint = f" (run: nnynet-export --model {folder} --onnx {path})" if folder is not None else ""
         raise ValueError(f"{path}: no such ONNX file{hint}")
@@ -339,17 +461,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from nny_models.cli import InputError, _one_line, load_model
 
-    try:
+    out = args.onnx
+    try:  # every check that needs no model first: a bad --onnx or --opset fails before the load (maybe a download)
         _require_onnx()
-        model = load_model(args.model, args.revision)
-        out = args.onnx
         if out is None:
-            if not Path(args.model).is_dir():
+            if not Path(args.model).expanduser().is_dir():
                 raise InputError("--onnx is required when --model is a Hub repo id")
-            out = str(Path(args.model) / ONNX_FILENAME)
+            out = str(Path(args.model).expanduser() / ONNX_FILENAME)
+        check_opset(args.opset)
+        check_output_path(out)
+        model = load_model(args.model, args.revision)
         path = export_onnx(model, out, opset=args.opset, verify=not args.no_verify)
     except (InputError, ImportError, ValueError, RuntimeError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing was written under --onnx
+        print(f"error: {out}: cannot write the export: {_one_line(err)}", file=sys.stderr)
         return 2
     size = path.stat().st_size / 2**20
     checked = "" if args.no_verify else f", ONNX Runtime matches torch within {VERIFY_ATOL:g}"

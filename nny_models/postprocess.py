@@ -84,9 +84,11 @@ def _largest_on_side(components: np.ndarray, sizes: np.ndarray, side: str, orien
 
 def _right_axis(orientation: str) -> tuple[int, int]:
     """(the left-right axis of ``orientation``, +1 if its index grows towards the patient's right, else -1)."""
-    codes = orientation.upper()
-    axis = [i for i, code in enumerate(codes) if code in "LR"][0]
-    return axis, (1 if codes[axis] == "R" else -1)
+    codes = str(orientation).upper()
+    axes = [i for i, code in enumerate(codes) if code in "LR"]
+    if len(codes) != 3 or len(axes) != 1:  # without one left-right axis "the patient's right" means nothing
+        raise ValueError(f"orientation {orientation!r}: expected 3 axcodes with one of L/R (e.g. 'RAS')")
+    return axes[0], (1 if codes[axes[0]] == "R" else -1)
 
 
 def drop_lesions_outside(
@@ -129,6 +131,9 @@ def postprocess_labels(labels: np.ndarray, config: Any) -> np.ndarray:
     rule = getattr(config, "lesion_in_organ", None)
     if rule:
         names = list(config.label_names)
+        absent = [rule.get(k) for k in ("lesion", "organ") if rule.get(k) not in names]
+        if absent:  # a config edited after its checks (NnyNetConfig checks this on load)
+            raise ValueError(f"config lesion_in_organ names {absent}, which are not labels {names}")
         labels = drop_lesions_outside(labels, names.index(rule["lesion"]), names.index(rule["organ"]),
                                       rule["min_contact"])
     return labels

@@ -47,7 +47,8 @@ class MirrorTTA(nn.Module):
         config = getattr(model, "config", None)
         if config is None:
             raise ValueError("MirrorTTA: the model has no .config (NnyNetConfig); load it with NnyNet.from_pretrained")
-        safe = list(config.tta_mirror_axes)
+        # checked here too: a config changed in memory after loading would flip a dimension that is not spatial
+        safe = check_mirror_axes(list(config.tta_mirror_axes or []), "MirrorTTA: config.json tta_mirror_axes")
         axes = safe if axes is None else check_mirror_axes(list(axes), "MirrorTTA axes")
         if not axes:
             raise ValueError("MirrorTTA: no axes to mirror; the model's config.json lists no tta_mirror_axes (the "
@@ -105,7 +106,7 @@ def with_tta(model: nn.Module, tta: bool | None) -> nn.Module:
             raise ValueError("predict: tta=False, but the model already mirrors (it is or holds a MirrorTTA); "
                              "pass the unwrapped model (MirrorTTA.model) instead")
         return model
-    axes = list(getattr(model.config, "tta_mirror_axes", []) or [])
+    axes = check_mirror_axes(list(getattr(model.config, "tta_mirror_axes", []) or []), "config.json tta_mirror_axes")
     if tta is False or (tta is None and not axes):
         return model
     if not axes:

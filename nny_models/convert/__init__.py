@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 EXIT_BAD_INPUT = 2
 
@@ -23,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "whose name contains 'clinical'")
     h.add_argument("--segments", help="segment-name mapping JSON (default: hcc_tace_seg_segments.json)")
     h.add_argument("--columns", help="spreadsheet column mapping JSON (default: hcc_tace_seg_columns.json)")
-    h.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    h.add_argument("--overwrite", action="store_true",
+                   help="replace a previous conversion in DST (a folder holding only its outputs)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p.parse_args(argv)
 
@@ -33,12 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     from nny_models.convert.hcc_tace_seg import ConversionError, convert
 
     try:
-        meta = convert(args.src, args.dst, clinical=args.clinical, segments=args.segments, columns=args.columns,
-                       overwrite=args.overwrite)
-    except (ConversionError, ImportError) as err:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                meta = convert(args.src, args.dst, clinical=args.clinical, segments=args.segments,
+                               columns=args.columns, overwrite=args.overwrite)
+            finally:
+                for w in caught:  # one line each, as the errors
+                    print(f"warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    except (ConversionError, ImportError, OSError) as err:  # OSError: a full disk, an unwritable DST parent
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {meta['numTraining']} case(s) to {args.dst}")
     return 0
