@@ -398,8 +398,9 @@ def _check_patch_size(net: nn.Module, config: NnyNetConfig) -> None:
 
 
 def check_patch_for(net: nn.Module, model: str, patch_size: Any, training: bool = False) -> None:
-    """ValueError unless ``net`` (zoo model ``model``) takes patches of ``patch_size``; ``training``: also for
-    training, where a Swin-NeXt bottleneck of one voxel leaves GroupNorm nothing to normalise."""
+    """ValueError unless ``net`` (zoo model ``model``) takes patches of ``patch_size``. A Swin-NeXt bottleneck of one
+    voxel is refused for inference too (``training`` only changes the message): its GroupNorm then normalises
+    single values to 0, so a batch of windows gives a mask from no bottleneck features at all, exit 0."""
     patch, div = list(patch_size), int(getattr(net, "size_divisor", 1))
     if any(p % div for p in patch):
         raise ValueError(f"NnyNetConfig.patch_size {patch}: model '{model}' needs every side to be a "
@@ -408,9 +409,9 @@ def check_patch_for(net: nn.Module, model: str, patch_size: Any, training: bool 
     if img is not None and tuple(patch) != tuple(img):
         raise ValueError(f"NnyNetConfig.patch_size {patch}: model '{model}' only takes inputs of its "
                          f"img_size {list(img)}")
-    if training and getattr(net, "needs_bottleneck_context", False) and all(p == div for p in patch):
-        raise ValueError(f"NnyNetConfig.patch_size {patch}: training model '{model}' needs a bottleneck of more "
-                         f"than one voxel, i.e. at least {2 * div} voxels along one axis")
+    if getattr(net, "needs_bottleneck_context", False) and all(p == div for p in patch):
+        raise ValueError(f"NnyNetConfig.patch_size {patch}: {'training ' if training else ''}model '{model}' needs a "
+                         f"bottleneck of more than one voxel, i.e. at least {2 * div} voxels along one axis")
 
 
 def _fmt(value: Any) -> str:

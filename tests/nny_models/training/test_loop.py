@@ -249,7 +249,7 @@ def test_checkpoint_and_export_refuse_nan_weights(tmp_path):
     from nny_models.hub import NnyNet
     from nny_models.config import NnyNetConfig
 
-    net = NnyNet(NnyNetConfig(model_kwargs={"feature_size": 12, "window_size": 4}, patch_size=(32, 32, 32)))
+    net = NnyNet(NnyNetConfig(model_kwargs={"feature_size": 12, "window_size": 4}, patch_size=(64, 32, 32)))
     with torch.no_grad():
         next(net.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="NaN / Inf in 1 weight tensor.*nothing was written"):
