@@ -336,7 +336,10 @@ def run(args: argparse.Namespace) -> None:
             except ValueError as err:
                 raise InputError(f"--clinical: {err}") from err
             if isinstance(row, dict):
-                missing = missing_clinical_columns(model.config.clinical_schema, row)
+                # every member of an ensemble encodes the row with its own schema: each one's columns are needed
+                members = getattr(model, "members", None) or [model]
+                missing = list(dict.fromkeys(c for m in members
+                                             for c in missing_clinical_columns(m.config.clinical_schema, row)))
                 if missing and not args.allow_missing_clinical:
                     raise InputError(
                         f"--clinical {args.clinical!r} lacks column(s) {missing} expected by the model "

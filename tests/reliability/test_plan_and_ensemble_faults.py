@@ -400,3 +400,25 @@ def test_a_member_folder_without_weights_is_named(model_dir, tmp_path, ct_file, 
     result = _predict(capsys, "--model", str(model_dir), "--model", str(broken), "--input", str(ct_file),
                       "--output", str(tmp_path / "mask.nii.gz"))
     assert result.returncode == 2 and f"--model '{broken}': folder lacks model.safetensors" in result.stderr
+
+
+def test_every_fusion_member_s_clinical_columns_are_checked(tmp_path, ct_file, capsys):
+    from finetune.clinical import fit_clinical_schema
+    from nny_models.clinical import read_clinical_csv
+
+    members = []
+    for seed, column in enumerate(("afp", "bilirubin")):
+        table = tmp_path / f"{column}.csv"
+        table.write_text(f"case_id,age,{column}\n" + "".join(f"p{i},{50 + i},{10 * i}\n" for i in range(8)))
+        schema = fit_clinical_schema(read_clinical_csv(table), seed=0)
+        kwargs = {"size": "tiny", "fusion": "add", "clinical_features": schema.num_features}
+        members.append(_model(seed, model="nnynet", model_kwargs=kwargs, patch_size=(64, 64, 64),
+                              clinical_schema=schema.to_dict()))
+        members[-1].save_pretrained(tmp_path / column)
+    row = tmp_path / "ct.json"
+    row.write_text(json.dumps({"case_id": "ct", "age": 61, "afp": 12}))  # the first member's columns only
+    out = tmp_path / "mask.nii.gz"
+    result = _predict(capsys, "--model", str(tmp_path / "afp"), "--model", str(tmp_path / "bilirubin"), "--input",
+                      str(ct_file), "--output", str(out), "--clinical", str(row))
+    assert result.returncode == 2 and "lacks column(s) ['bilirubin']" in result.stderr, result.stderr
+    assert not out.exists()
