@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import glob
 import os
 import shutil
 from collections.abc import Iterator
@@ -109,11 +110,12 @@ def replace_dir(src: Path, dst: Path) -> None:
 def writing_dir(dst: str | Path) -> Iterator[Path]:
     """``with writing_dir(out) as tmp: write files into tmp`` -> out is replaced by tmp atomically on success.
 
-    If the body raises (or the process dies), ``out`` is untouched; a leftover temporary folder from a killed
-    writer is removed by the next one.
+    If the body raises (or the process dies), ``out`` is untouched. The temporary folder is named by process, so
+    two writers never delete each other's; one left by a killed writer is removed by the next one.
     """
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    _remove_dead_writers(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -122,6 +124,32 @@ def writing_dir(dst: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, dst)
+
+
+def _remove_dead_writers(dst: Path) -> None:
+    """Delete the temporary folders of writers of ``dst`` that no longer run (and the unnamed one of older
+    nnynet versions)."""
+    if not dst.parent.is_dir():
+        return
+    for old in dst.parent.glob(f".{glob.escape(dst.name)}.*tmp"):
+        middle = old.name[len(dst.name) + 2 : -len("tmp")].rstrip(".")
+        if middle and not middle.isdigit():
+            continue  # another file's temporary name (".a.b.tmp" for "a")
+        if middle and _alive(int(middle)):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover (a pid reused after a kill, or an earlier failed attempt)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
