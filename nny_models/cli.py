@@ -22,6 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
+from nny_models.paths import same_file
+
 EXIT_BAD_INPUT = 2
 PROG = "nnynet-predict"
 OUTPUT_SUFFIXES = (".nii.gz", ".nii")  # what nibabel writes as NIfTI
@@ -92,16 +94,6 @@ def _expand(path: str | list[str] | None) -> str | list[str] | None:
     return None if path is None else os.path.expanduser(path)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """True when a and b are one file: equal resolved paths (symlinks, "..", spellings) or one inode (hard links)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _output_file(flag: str, value: str, stem: str, suffix: str) -> Path:
     """The file a --output / --probabilities value names: a .nii(.gz) path, or <folder>/<stem><suffix>."""
     path = Path(value)
@@ -152,7 +144,7 @@ def check_paths(args: argparse.Namespace) -> None:
         outputs["--probabilities"] = _output_file("--probabilities", args.probabilities, stem, "_probabilities.nii.gz")
     if args.attention is not None:
         outputs["--attention"] = _output_file("--attention", args.attention, stem, "_attention.nii.gz")
-        if _same_file(outputs["--attention"], outputs["--output"]):
+        if same_file(outputs["--attention"], outputs["--output"]):
             raise InputError(f"--attention {str(outputs['--attention'])!r} is the same file as --output")
 
     inputs = {"--input": source}
@@ -166,7 +158,7 @@ def check_paths(args: argparse.Namespace) -> None:
             inputs.update({f"--model {model}/{f}": Path(model).expanduser() / f for f in model_files})
     for flag, out in outputs.items():
         for what, path in inputs.items():
-            if _same_file(out, path):
+            if same_file(out, path):
                 raise InputError(f"{flag} {str(out)!r} is the same file as {what} {str(path)!r}; refusing to overwrite an input")
         if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
             raise InputError(f"{flag} {str(out)!r} is inside the --input folder {str(source)!r}; write it elsewhere")
@@ -177,7 +169,7 @@ def check_paths(args: argparse.Namespace) -> None:
     flags = list(outputs)
     for i, first in enumerate(flags):  # no output may replace another
         for other in flags[i + 1 :]:
-            if _same_file(outputs[other], outputs[first]):
+            if same_file(outputs[other], outputs[first]):
                 raise InputError(f"{other} {str(outputs[other])!r} is the same file as {first}"
                                  + ("; it would replace the mask" if first == "--output" else ""))
     args.output = str(outputs["--output"])

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from nny_models.config import ABSENT, NnyNetConfig, first_difference
+from nny_models.paths import fsync_file, process_running
 
 logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
@@ -108,27 +109,8 @@ def _remove_stale_tmp(path: Path) -> None:
     prefix = f".{path.name}."
     for leftover in path.parent.glob(f".{path.name}.*{TMP_MARK}"):
         pid = leftover.name[len(prefix) : -len(TMP_MARK)]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and not process_running(int(pid)):
             leftover.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process: it runs
-        return True
-    return True
-
-
-def _fsync(path: Path) -> None:
-    """Flush a written file to disk, so that the rename after it never publishes an empty file after a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _clinical_features(net: nn.Module) -> int:
@@ -219,7 +201,7 @@ def export_onnx(
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        _fsync(tmp)
+        fsync_file(tmp)
         if verify:
             try:
                 check_onnx_matches_torch(tmp, model, atol=atol)

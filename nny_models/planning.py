@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from nny_models.config import SPACING_RANGE_MM
+from nny_models.paths import same_file
 
 PLAN_VERSION = 1
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's threshold for the anisotropy rule (spacing ratio and voxel ratio)
@@ -455,16 +456,6 @@ def resolve_plan(option: str | None, data_dir: str | Path, *, task: str, cuda: b
 # ----------------------------------------------------------------------------- CLI
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """One file: equal resolved paths (symlinks, "..") or one inode (hard links)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _is_plan_file(path: Path) -> bool:
     """Whether an existing file is a plan.json (which a new plan may replace); anything else is never overwritten."""
     try:
@@ -490,10 +481,10 @@ def output_path(value: str, data_dir: str | Path, records: list) -> Path:
     for rec in records:
         for item in (rec.image, rec.label):
             item = Path(item).expanduser().resolve() if item else None
-            if item is not None and (_same_file(path, item) or item in target.parents):
+            if item is not None and (same_file(path, item) or item in target.parents):
                 raise ValueError(f"--output {value!r}: {target} is an input of the data set (case {rec.case_id!r}: "
                                  f"{item}); write the plan elsewhere (nnynet-plan never modifies its input)")
-    if _same_file(path, source):
+    if same_file(path, source):
         raise ValueError(f"--output {value!r}: {target} is the data set's manifest; write the plan elsewhere")
     if path.exists() and (not path.is_file() or not _is_plan_file(path)):
         raise ValueError(f"--output {value!r}: {path} exists and is not a plan.json written by nnynet-plan; "

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from nny_models.paths import fsync_file
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_SEGMENTS = HERE / "hcc_tace_seg_segments.json"
 DEFAULT_COLUMNS = HERE / "hcc_tace_seg_columns.json"
@@ -590,7 +592,7 @@ def _write(jobs, out: Path, table, labels: list[str], aliases: dict[str, str], i
             img.set_qform(affine, code=1)
             img.set_sform(affine, code=1)
             nib.save(img, out / rel)
-            _fsync(out / rel)
+            fsync_file(out / rel)
         training.append({"image": f"./{image_rel}", "label": f"./{label_rel}"})
         print(f"{case_id}: CT {volume.shape} from series {ct.uid}, labels "
               f"{ {labels[v]: int(n) for v, n in zip(*np.unique(label, return_counts=True)) if v} }")
@@ -601,19 +603,10 @@ def _write(jobs, out: Path, table, labels: list[str], aliases: dict[str, str], i
     }  # fmt: skip
     if table is not None:
         table.to_csv(out / "clinical.csv")
-        _fsync(out / "clinical.csv")
+        fsync_file(out / "clinical.csv")
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
-    _fsync(out / "dataset.json")
+    fsync_file(out / "dataset.json")
     return meta
-
-
-def _fsync(path: Path) -> None:
-    """On disk before the folder is swapped in: after a power cut the swapped-in files are not empty."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _case_id(patient: str, taken: dict[str, str]) -> str:

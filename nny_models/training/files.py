@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from nny_models.paths import process_running
+
 LOCK_NAME = ".lock"
 
 _AT_FDCWD = -100
@@ -135,21 +137,9 @@ def _remove_dead_writers(dst: Path) -> None:
         middle = old.name[len(dst.name) + 2 : -len("tmp")].rstrip(".")
         if middle and not middle.isdigit():
             continue  # another file's temporary name (".a.b.tmp" for "a")
-        if middle and _alive(int(middle)):
+        if middle and process_running(int(middle)):
             continue
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftover (a pid reused after a kill, or an earlier failed attempt)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

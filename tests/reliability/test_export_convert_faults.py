@@ -198,7 +198,7 @@ def test_kill_before_the_rename_leaves_the_old_export_and_the_next_one_cleans_up
     folder = Path(shutil.copytree(folder, tmp_path / "m"))
     old = (folder / "model.onnx").read_bytes()
     child = ("import os, signal, sys; from nny_models import export; "
-             "export._fsync = lambda path: os.kill(os.getpid(), signal.SIGKILL); "
+             "export.fsync_file = lambda path: os.kill(os.getpid(), signal.SIGKILL); "
              "sys.exit(export.main(['--model', sys.argv[1], '--no-verify']))")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", child, str(folder)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})  # fmt: skip
