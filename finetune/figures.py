@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,21 @@ from matplotlib.patches import Patch  # noqa: E402
 # A fixed colour per label index so every figure of every run reads the same way.
 CLASS_COLORS = ["#000000", "#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
 DEFAULT_NAMES = ("background", "liver", "tumor", "portal_vein", "aorta")
+
+
+def _number(v: Any) -> bool:
+    """A plottable scalar: Python or numpy int / float (np.float32 is no float subclass), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _window(image: np.ndarray) -> tuple[float, float]:
+    """The 1-99 percentile grey window over the finite voxels: one NaN would make np.percentile NaN and the
+    image panels blank."""
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [1, 99])
+    return float(lo), float(hi)
 
 
 def radiological(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -42,7 +58,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
     keys: list[str] = []
     for h in history:
         for k, v in h.items():
-            if k != "step" and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k != "step" and k not in keys and _number(v):
                 keys.append(k)
     if not keys:
         raise ValueError("plot_training_curves: history has no numeric values besides 'step'")
@@ -51,7 +67,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+        pts = [(h["step"], float(h[key])) for h in history if _number(h.get(key)) and math.isfinite(h[key])]
         if pts:
             steps, values = zip(*pts)
             ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3)
@@ -76,10 +92,11 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def _pick_slices(gt: np.ndarray, pred: np.ndarray, n: int) -> list[int]:
-    """Axial (z) slices spread over the tumor extent (else liver / any foreground, else the middle),
-    always including the slice where that structure is largest."""
-    for mask in (gt == 2, gt > 0, pred > 0):
+def _pick_slices(gt: np.ndarray, pred: np.ndarray, n: int, tumor: int | None = 2) -> list[int]:
+    """Axial (z) slices spread over the tumor extent (label ``tumor``; else any ground-truth foreground, else any
+    predicted, else the middle), always including the slice where that structure is largest."""
+    masks = ([gt == tumor] if tumor is not None else []) + [gt > 0, pred > 0]
+    for mask in masks:
         area = mask.sum(axis=(0, 1))
         zs = np.nonzero(area)[0]
         if len(zs):
@@ -111,11 +128,16 @@ def save_overlays(
             "save_overlays: expected image, gt and pred of one (X, Y, Z) shape, "
             f"got {image.shape}, {gt.shape}, {pred.shape}"
         )
+    for name, labels in (("gt", gt), ("pred", pred)):  # colours are indexed by label: negatives / NaN have none
+        if labels.size and (not np.isfinite(labels).all() or labels.min() < 0):
+            raise ValueError(f"save_overlays: {name} must hold labels >= 0, got NaN or negative values")
+    gt, pred = gt.astype(np.int64), pred.astype(np.int64)
     n_labels = max(len(label_names), int(max(gt.max(), pred.max())) + 1)
     colors = [CLASS_COLORS[i % len(CLASS_COLORS)] for i in range(n_labels)]
     cmap = ListedColormap(colors)
-    lo, hi = np.percentile(image, [1, 99])
-    slices = _pick_slices(gt, pred, n_slices)
+    lo, hi = _window(image)
+    tumor = list(label_names).index("tumor") if "tumor" in label_names else None  # not always label 2
+    slices = _pick_slices(gt, pred, n_slices, tumor)
 
     fig, axes = plt.subplots(3, len(slices), figsize=(3.2 * len(slices), 3.3 * 3), squeeze=False)
     for col, z in enumerate(slices):
@@ -154,6 +176,7 @@ def save_attention_overlay(
     else the one with the most liver (labels == 1, else any label), else the middle. The attention colour
     scale spans 0 .. the map's 99th percentile (1.0 = uniform attention); label outlines are drawn in white."""
     image, attention = np.asarray(image), np.asarray(attention, dtype=np.float32)
+    labels = None if labels is None else np.asarray(labels)  # a list / tensor is indexed as an array below
     if image.ndim != 3 or attention.shape != image.shape or (labels is not None and np.shape(labels) != image.shape):
         raise ValueError(
             "save_attention_overlay: expected image, attention (and labels) of one (X, Y, Z) shape, got "
@@ -164,13 +187,12 @@ def save_attention_overlay(
     if z is None:
         z = image.shape[2] // 2
         if labels is not None:
-            labels = np.asarray(labels)
             for mask in (labels == 1, labels > 0):
                 area = mask.sum(axis=(0, 1))
                 if area.any():
                     z = int(np.argmax(area))
                     break
-    lo, hi = np.percentile(image, [1, 99])
+    lo, hi = _window(image)
     top = float(np.percentile(attention, 99)) or 1.0
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.4))
     for ax, overlay in zip(axes, (False, True)):

@@ -6,8 +6,12 @@
 Arms per model and seed: every fusion in --fusions, plus every fusion in --permuted trained AND tested with the
 clinical rows permuted across patients (a permuted clinical.csv passed through --clinical_csv: the image-label
 pairs are intact, the clinical data carries no patient information). Every fusion arm is also tested with
-clinical=None. Each fine-tune is a subprocess of finetune/run.py; a run whose model/ exists is not retrained
-and a run whose study_eval.json exists is not re-evaluated, so a long grid can run in parts (rerun the command).
+clinical=None. Each fine-tune is a subprocess of finetune/run.py; a finished run (model/ exported and, where its
+checkpoints are kept, the last one at --steps) is not retrained, and a run whose study_eval.json covers the current
+held-out cases is not re-evaluated, so a long grid can run in parts (rerun the command). A run that crashed is
+continued from its newest checkpoint (finetune/run.py --resume); a finished run trained with other settings
+(steps, seed, fusion, model) is refused rather than mixed into the table. If a run fails, the report is written
+for the runs finished so far before the error is raised.
 
 Writes study.json (every run, every case) and study.md: per class mean +- std over seeds (each seed's value is
 the mean over the held-out cases), and paired per-case comparisons of tumor Dice (cross_attention - none,
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from finetune.pipeline import finetune_precision, finetune_processes, finetune_workers, stage_command, validation_folds
-from nny_models.training import parse_config, run_main
+from nny_models.training import checkpoint_dirs, parse_config, run_main, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 PERMUTED = "_permuted"  # arm suffix of the permuted-clinical control
@@ -76,17 +80,26 @@ class StudyConfig:
 def bootstrap_ci(diffs: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
     """Mean of paired differences and its percentile-bootstrap CI (resampling cases with replacement).
 
-    NaN entries (a case where the metric is undefined) are dropped; returns {mean, lo, hi, n}."""
-    d = np.asarray(diffs, dtype=np.float64).ravel()
+    NaN / None entries (a case where the metric is undefined) are dropped; returns {mean, lo, hi, n}. With one
+    case there is no spread to resample: lo and hi are NaN (a zero-width CI would claim certainty). Identical
+    values give lo = hi = mean exactly."""
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
+    if int(n_boot) != n_boot or n_boot < 1:  # 0 resamples used to fail with an IndexError after the whole study
+        raise ValueError(f"bootstrap_ci: n_boot must be a positive integer, got {n_boot}")
+    d = np.asarray([math.nan if v is None else v for v in np.asarray(diffs, dtype=object).ravel()], dtype=np.float64)
     d = d[np.isfinite(d)]
     if d.size == 0:
         return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
-    if not 0 < level < 1:
-        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
+    mean = float(d.mean())
+    if d.size == 1:
+        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": 1}
+    if np.all(d == d[0]):  # every resample has the same mean; without this, rounding can put lo above the mean
+        return {"mean": mean, "lo": mean, "hi": mean, "n": int(d.size)}
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    means = d[rng.integers(0, d.size, size=(int(n_boot), d.size))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size)}
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n": int(d.size)}
 
 
 def permuted_clinical(src: Path, dst: Path, seed: int) -> Path:
@@ -159,9 +172,85 @@ def check_config(cfg: StudyConfig) -> None:
         raise ValueError(f"--seeds: expected distinct seeds, got {list(cfg.seeds)}")
     if cfg.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.bootstrap < 1:  # checked now, not after hours of training when the report is written
+        raise ValueError(f"--bootstrap must be >= 1 resamples, got {cfg.bootstrap}")
     if cfg.pretrained == "auto":  # it used to mean runs/pretrain/model, which fine-tuning no longer accepts
         raise ValueError("--pretrained auto is gone: pass the export directory (e.g. runs/pipeline/pretrain/model) "
                          "or none")
+
+
+RUN_SETTINGS = ("model", "fusion", "seed", "max_steps")  # what a finished run must have been trained with
+
+
+def _last_logged_step(run_dir: Path) -> int | None:
+    """The highest step in run_dir/metrics.jsonl (None without the file); unreadable lines (a crash mid-write) are
+    skipped. The row of the last step is logged after the final validation and export."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    steps = [0]
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            steps.append(row["step"])
+    return max(steps)
+
+
+def run_state(run_dir: Path, expected: dict[str, Any]) -> str:
+    """"done" (exported and finished), "resume" (checkpoints of an unfinished run) or "fresh" (nothing to keep).
+
+    A crash leaves checkpoints/ and, with --val_every, a model/ exported at an intermediate best: such a model is
+    not the run's result. finetune/run.py validates (and exports a new best) at max_steps, logs that step's row in
+    metrics.jsonl and then saves the last checkpoint, so a run is finished when either reached max_steps. A model/
+    with neither file beside it (cleaned up after the run) is taken as finished.
+    ``expected``: the RUN_SETTINGS a finished run's run_config.json must match (ValueError otherwise)."""
+    exported = (run_dir / "model" / "config.json").is_file()
+    newest = checkpoint_dirs(run_dir)
+    seen = [s for s in (int(newest[0].name.split("_")[1]) if newest else None, _last_logged_step(run_dir))
+            if s is not None]
+    if exported and (not seen or max(seen) >= expected["max_steps"]):
+        try:
+            saved = json.loads((run_dir / "run_config.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            saved = {}
+        diffs = [f"{k} {saved[k]!r} (asked {expected[k]!r})" for k in RUN_SETTINGS
+                 if isinstance(saved, dict) and k in saved and saved[k] != expected[k]]
+        if diffs:  # e.g. --steps changed between two invocations: the table would mix budgets
+            raise ValueError(f"{run_dir} holds a run trained with other settings ({'; '.join(diffs)}); delete it or "
+                             "choose another --output_dir")
+        return "done"
+    if not exported and seen and max(seen) >= expected["max_steps"] and newest:
+        # finished training without model/ (deleted?): a --resume at max_steps trains nothing and exports nothing
+        raise ValueError(f"{run_dir} holds a finished run's checkpoints but no model/ export; delete its "
+                         f"{newest[0].parent.name}/ folder to train it again")
+    return "resume" if newest else "fresh"
+
+
+def expected_conditions(fusion: str, permuted: bool) -> set[str]:
+    """The test conditions evaluate_run gives a run of ``fusion``."""
+    return {"clinical"} | ({NO_CLINICAL} if fusion != "none" and not permuted else set())
+
+
+def load_eval(eval_file: Path, conditions: set[str], case_ids: set[str]) -> dict[str, dict] | None:
+    """study_eval.json when it is complete for these conditions and exactly these held-out cases, else None
+    (then the run is evaluated again): a truncated file from a killed evaluation, or one made on another test set,
+    must neither stop the study nor enter its table."""
+    try:
+        result = json.loads(eval_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(result, dict) or set(result) != conditions:
+        return None
+    for cases in result.values():
+        if not isinstance(cases, dict) or set(cases) != case_ids:
+            return None
+        for row in cases.values():
+            if not isinstance(row, dict) or not all(v is None or isinstance(v, (int, float)) for v in row.values()):
+                return None
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,7 +272,28 @@ def main(argv: list[str] | None = None) -> None:
         if needs_clinical and not (path / "clinical.csv").is_file():
             raise ValueError(f"{path}: arms {needs_clinical} need a clinical.csv there")
 
-    runs = []
+    command = "python -m finetune.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    note = (f"Budget per run: {cfg.steps} steps, batch {cfg.batch_size}, patch {cfg.patch_size}; nnynet from "
+            f"pretrained={cfg.pretrained!r}, others from scratch (size {cfg.size}); seeds {list(cfg.seeds)}; "
+            f"held-out cases: {test}. Command: `{command.strip()}`")  # fmt: skip
+    test_ids = {r.case_id for r in discover_cases(test) if r.label is not None}
+    runs: list[dict] = []
+    try:
+        _run_grid(cfg, out, train, test, folds, test_ids, runs)
+    except BaseException as e:  # a failed or interrupted run: keep what finished readable, then fail as before
+        if runs:
+            try:
+                write_report(runs, out, note + f"\n\nINCOMPLETE: the study stopped ({type(e).__name__}: {e}); "
+                             f"{len(runs)} run(s) reported. Rerun the command to continue.", n_boot=cfg.bootstrap)
+            except Exception as report_error:  # never hide the run's own error behind the report's
+                print(f"finetune.study: could not write the partial report: {report_error}", file=sys.stderr)
+        raise
+    print(write_report(runs, out, note, n_boot=cfg.bootstrap))
+
+
+def _run_grid(cfg: StudyConfig, out: Path, train: Path, test: Path, folds: int, test_ids: set[str],
+              runs: list[dict]) -> None:
+    """Train (or continue) and evaluate every run of the grid, appending each finished one to ``runs``."""
     for model in cfg.models:
         for seed in cfg.seeds:
             for arm, fusion, permuted in arms(cfg):
@@ -192,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
                 if permuted:
                     train_csv = permuted_clinical(train_csv, run_dir / "clinical_train_permuted.csv", seed)
                     test_csv = permuted_clinical(test_csv, run_dir / "clinical_test_permuted.csv", seed + 1)
-                if not (run_dir / "model" / "config.json").is_file():
+                eval_file = run_dir / "study_eval.json"
+                state = run_state(run_dir, {"model": model, "fusion": fusion, "seed": seed, "max_steps": cfg.steps})
+                if state != "done":
                     pretrained = cfg.pretrained if model == "nnynet" else "none"
                     processes = finetune_processes(cfg.processes, cfg.batch_size)
                     precision = finetune_precision(cfg.finetune_precision)
@@ -212,24 +324,20 @@ def main(argv: list[str] | None = None) -> None:
                             cmd += [f"--{flag}", *map(str, getattr(cfg, flag))]
                     if fusion != "none":
                         cmd += ["--clinical_csv", str(train_csv)]
+                    if state == "resume":  # a crashed run: without --resume, run.py refuses its checkpoints
+                        cmd += ["--resume"]
                     cmd = stage_command(cmd, processes, precision)
+                    eval_file.unlink(missing_ok=True)  # it scored the model this training replaces
                     print("\n$ " + " ".join(cmd), flush=True)
                     subprocess.run(cmd, check=True, cwd=REPO)
-                eval_file = run_dir / "study_eval.json"
-                if eval_file.is_file():
-                    result = json.loads(eval_file.read_text())
-                else:
+                result = load_eval(eval_file, expected_conditions(fusion, permuted), test_ids)
+                if result is None:
                     result = evaluate_run(run_dir / "model", test, test_csv if fusion != "none" else None,
                                           no_clinical=not permuted)
-                    eval_file.write_text(json.dumps(_plain(result), indent=1, allow_nan=False))
+                    # atomic: a kill while writing must not leave a truncated file that a rerun trips over
+                    write_text_atomic(eval_file, json.dumps(_plain(result), indent=1, allow_nan=False))
                 runs.append({"model": model, "arm": arm, "fusion": fusion, "permuted": permuted, "seed": seed,
                              "cases": result})  # fmt: skip
-
-    command = "python -m finetune.study " + " ".join(argv if argv is not None else sys.argv[1:])
-    note = (f"Budget per run: {cfg.steps} steps, batch {cfg.batch_size}, patch {cfg.patch_size}; nnynet from "
-            f"pretrained={cfg.pretrained!r}, others from scratch (size {cfg.size}); seeds {list(cfg.seeds)}; "
-            f"held-out cases: {test}. Command: `{command.strip()}`")  # fmt: skip
-    print(write_report(runs, out, note, n_boot=cfg.bootstrap))
 
 
 def summarize_runs(runs: list[dict], n_boot: int = 2000) -> dict[str, Any]:
@@ -253,16 +361,20 @@ def summarize_runs(runs: list[dict], n_boot: int = 2000) -> dict[str, Any]:
             pairs = [((a, "clinical"), ("none", "clinical")), ((a, "clinical"), (a + PERMUTED, "clinical")),
                      ((a, "clinical"), (a, NO_CLINICAL))]  # fmt: skip
             for left, right in pairs:
-                diff = _paired(groups.get((model, *left)), groups.get((model, *right)), "tumor")
-                if diff is None:
+                paired = _paired(groups.get((model, *left)), groups.get((model, *right)), "tumor")
+                if paired is None:
                     continue
+                diff, seeds = paired
                 name = f"{left[0]} - {right[0]}" if left[1] == right[1] else f"{a}: clinical - {right[1]}"
-                comparisons.append({"model": model, "comparison": name, **bootstrap_ci(diff, n_boot)})
+                # seeds: how many both sides share (a missing run drops its seed from the pairing, not silently)
+                comparisons.append({"model": model, "comparison": name, "seeds": len(seeds),
+                                    **bootstrap_ci(diff, n_boot)})
     return {"rows": rows, "comparisons": comparisons}
 
 
-def _paired(left, right, cls: str) -> list[float] | None:
-    """Per-case differences of ``cls`` Dice, each case's value averaged over the seeds both sides share."""
+def _paired(left, right, cls: str) -> tuple[list[float], list[int]] | None:
+    """(per-case differences of ``cls`` Dice, the seeds used): each case's value averaged over the seeds both
+    sides share, on the cases every one of those seeds scored on both sides."""
     if not left or not right:
         return None
     lseeds, rseeds = dict(left), dict(right)
@@ -272,9 +384,9 @@ def _paired(left, right, cls: str) -> list[float] | None:
     cases = sorted(set.intersection(*[set(lseeds[s]) & set(rseeds[s]) for s in shared]))
     out = []
     for case in cases:
-        d = [lseeds[s][case].get(cls, math.nan) - rseeds[s][case].get(cls, math.nan) for s in shared]
+        d = [_num(lseeds[s][case].get(cls)) - _num(rseeds[s][case].get(cls)) for s in shared]
         out.append(_nanmean(d))
-    return out
+    return out, shared
 
 
 def write_report(runs: list[dict], out: Path, note: str, n_boot: int = 2000) -> str:
@@ -296,11 +408,12 @@ def write_report(runs: list[dict], out: Path, note: str, n_boot: int = 2000) -> 
             cond = "patient's" if r["condition"] == "clinical" else "none"
         cells = [_pm(r["classes"].get(c)) for c in classes]
         lines.append(f"| {r['model']} | {r['arm']} | {cond} | {r['seeds']} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired per-case differences of tumor Dice (seeds averaged per case), percentile bootstrap 95% CI.",
-              "", "| model | comparison | cases | mean Δ tumor Dice | 95% CI |", "|---|---|---|---|---|"]
+    lines += ["", "Paired per-case differences of tumor Dice (seeds averaged per case), percentile bootstrap 95% CI "
+              "(n/a with one case).", "", "| model | comparison | cases | mean Δ tumor Dice | 95% CI | seeds paired |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for c in summary["comparisons"]:
         lines.append(f"| {c['model']} | {c['comparison']} | {c['n']} | {_fmt(c['mean'], '+.3f')} | "
-                     f"[{_fmt(c['lo'], '+.3f')}, {_fmt(c['hi'], '+.3f')}] |")
+                     f"[{_fmt(c['lo'], '+.3f')}, {_fmt(c['hi'], '+.3f')}] | {c.get('seeds', 'n/a')} |")
     text = "\n".join(lines) + "\n\n" + note + "\n"
     (out / "study.md").write_text(text)
     return text
@@ -312,32 +425,45 @@ def _class_order(name: str) -> tuple[int, str]:
 
 
 def _pm(stats: dict | None) -> str:
-    if not stats or math.isnan(stats["mean"]):
+    if not stats or math.isnan(_num(stats["mean"])):
         return "n/a"
-    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if not math.isnan(stats["std"]) else f"{stats['mean']:.3f}"
+    std = _num(stats.get("std"))
+    return f"{stats['mean']:.3f} ± {std:.3f}" if not math.isnan(std) else f"{stats['mean']:.3f}"
 
 
-def _fmt(v: float, spec: str) -> str:
-    return "n/a" if v is None or math.isnan(v) else format(round(v, 3) + 0.0, spec)  # + 0.0: no "-0.000"
+def _fmt(v: float | None, spec: str) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return format(round(v, 3) + 0.0, spec)  # + 0.0: no "-0.000"
+
+
+def _num(x: Any) -> float:
+    """A Dice value as float, None (JSON null) and non-finite values as NaN."""
+    if x is None:
+        return math.nan
+    x = float(x)
+    return x if math.isfinite(x) else math.nan
 
 
 def _nanmean(values) -> float:
-    v = [x for x in values if x is not None and not math.isnan(x)]
+    v = [x for x in map(_num, values) if not math.isnan(x)]
     return float(np.mean(v)) if v else math.nan
 
 
 def _nanstd(values) -> float:
-    v = [x for x in values if x is not None and not math.isnan(x)]
+    v = [x for x in map(_num, values) if not math.isnan(x)]
     return float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
 
 
 def _plain(obj):
-    """NaN -> None so the JSON is strict."""
+    """NaN / Inf -> None and numpy scalars -> Python numbers, so the JSON is strict."""
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
-    if isinstance(obj, float) and math.isnan(obj):
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
 
