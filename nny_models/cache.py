@@ -9,12 +9,16 @@ Layout of cache_dir:
 
 <stem> is "<case id>.<first 16 hex digits of the case's fingerprint>": two data sets (two runs sharing a
 cache_dir) never share a file, and a cache reads only files whose name carries its index entry's fingerprint.
-A case is rebuilt when its fingerprint (PreprocessConfig + source file sizes/mtimes/ctimes/inodes) changes.
+A case is rebuilt when its fingerprint (PreprocessConfig + source file sizes/mtimes/ctimes/inodes + a CRC of
+samples of their content) changes, or when one of its .npy files is missing or damaged (header, shape, dtype or
+length not what the index says). A cache folder that is not writable is used as it is when every case in it is
+current; otherwise build_cache says so instead of failing on its lock file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -33,30 +37,57 @@ import numpy as np
 from nny_models.config import PreprocessConfig
 from nny_models.io import CaseRecord
 
-CACHE_VERSION = 1  # bump when the on-disk layout or preprocessing code changes meaning
+CACHE_VERSION = 2  # bump when the on-disk layout or preprocessing code changes meaning
+# 2: padding below -1024 HU resampled as air, the model grid's affine fixed along z, crops keep labelled voxels,
+#    fingerprints sample the source files' content
 FG_SAMPLES_PER_CLASS = 10_000  # voxel coordinates kept per class for foreground oversampling
 MAX_OPEN_CASES = 64  # memmaps kept open per process (each one holds a file descriptor)
+WHOLE_FILE_BYTES = 8 * 1024**2  # source files up to this size (labels) are checksummed whole for the fingerprint
+SAMPLE_BYTES = 64 * 1024  # larger ones: evenly spaced blocks of this size (a .nii.gz: its head and its tail)
+READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # what writing into a read-only cache_dir raises
 
 log = logging.getLogger(__name__)
 
 
-def _stamp(path: str | None) -> Any:
-    """Size, mtime, ctime and inode of a file (or of every file of a DICOM folder): cheap change detection.
+def _content_crc(path: Path, size: int, whole: bool = True) -> int:
+    """CRC32 of a file's content, cheap on big files: a gzip stream (.nii.gz) ends with the CRC32 and length of
+    all it holds, so its head and tail see any change; other files are read whole up to WHOLE_FILE_BYTES (with
+    ``whole``), else 16 evenly spaced blocks (an edit between them goes unseen: the stat stamp still sees it on a
+    local disk). ``whole=False``: head and tail only (each slice of a DICOM series)."""
+    crc = 0
+    with path.open("rb") as f:
+        gzip = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        if whole and not gzip and size <= WHOLE_FILE_BYTES:
+            while block := f.read(8 * 1024**2):
+                crc = zlib.crc32(block, crc)
+            return crc
+        blocks = 16 if whole and not gzip else 2
+        for offset in np.linspace(0, max(size - SAMPLE_BYTES, 0), blocks).astype(np.int64):
+            f.seek(int(offset))
+            crc = zlib.crc32(f.read(SAMPLE_BYTES), crc)
+    return crc
 
-    The ctime changes on every write of the content and cannot be set by a user, so a file replaced by other
-    content of the same size with its mtime kept (cp -p, rsync -t) is detected; the inode catches a replacement
-    by rename. No content hashing: volumes are large.
+
+def _stamp(path: str | None) -> Any:
+    """Size, mtime, ctime, inode and a content CRC of a file (or of every file of a DICOM folder).
+
+    The ctime changes on every write of the content and cannot be set by a user, so on a local disk a file
+    replaced by other content of the same size with its mtime kept (cp -p, rsync -t) is detected; the inode
+    catches a replacement by rename. Some file systems keep no ctime of their own (sshfs, FAT/exFAT report the
+    mtime): there the CRC of the content's samples (_content_crc) still tells a same-size replacement apart.
     """
     if path is None:
         return None
     p = Path(path)
 
-    def one(st: os.stat_result) -> list[int]:
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    def one(f: Path, whole: bool = True) -> list[int]:
+        st = f.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, _content_crc(f, st.st_size, whole)]
 
-    if p.is_dir():
-        return [[f.name, *one(f.stat())] for f in sorted(p.iterdir()) if f.is_file()]
-    return one(p.stat())
+    if p.is_dir():  # a DICOM series: hundreds of slices, so head and tail of each, not whole files
+        return [[f.name, *one(f, whole=False)] for f in sorted(p.iterdir()) if f.is_file()]
+    return one(p)
 
 
 def case_fingerprint(record: CaseRecord, cfg: PreprocessConfig) -> str:
@@ -89,7 +120,12 @@ def _entry_files(entry: dict[str, Any]) -> list[str]:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # ENOLCK / EOPNOTSUPP: a network file system without locking
+            raise OSError(e.errno, f"{path}: cannot lock the cache folder ({e.strerror}); concurrent builders could "
+                                   "not be kept apart: expected a cache_dir on a file system with flock (a local "
+                                   "disk)", str(path)) from e
         try:
             yield
         finally:
@@ -98,9 +134,13 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -110,11 +150,32 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _read_index(cache_dir: Path) -> dict[str, Any] | None:
+    """The index, or None when it is absent, unreadable, damaged or of another CACHE_VERSION (then rebuilt)."""
     try:
         index = json.loads((cache_dir / "index.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return index if index.get("version") == CACHE_VERSION else None
+    if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
+        return None
+    if not isinstance(index.get("cases"), dict) or not isinstance(index.get("case_ids"), list):
+        return None
+    return index
+
+
+def _foreign_index(cache_dir: Path) -> str | None:
+    """Why cache_dir/index.json is not a file build_cache wrote (so it must not be overwritten), or None when it is
+    absent or a cache index of any version. The index is written atomically: a file that is not one is someone
+    else's (a data folder passed as cache_dir holding its own index.json), or damaged beyond what a rebuild guesses."""
+    path = cache_dir / "index.json"
+    try:
+        index = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"it is not JSON ({type(e).__name__}: {e})"
+    if not isinstance(index, dict) or not isinstance(index.get("version"), int) or "cases" not in index:
+        return "it is JSON without the cache's 'version' and 'cases'"
+    return None
 
 
 def foreground_locations(label: np.ndarray, case_id: str) -> tuple[np.ndarray, dict[str, list[int]]]:
@@ -167,11 +228,53 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one case per process; avoid oversubscribing the cores
 
 
-def _entry_files_exist(cases_dir: Path, entry: dict[str, Any]) -> bool:
-    """The entry's files exist under the name its fingerprint gives (an older layout's are not reused)."""
-    if entry.get("stem") != _file_stem(entry.get("case_id", ""), entry.get("fingerprint", "")):
+def _expected_arrays(entry: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{kind: (shape, dtype)} that the entry's .npy files must hold, from the index alone."""
+    shape = (1, *(int(s) for s in entry["shape"]))
+    out = {"image": (shape, np.dtype(np.float32))}
+    if entry.get("has_label"):
+        rows = max((int(span[1]) for span in entry.get("fg_offsets", {}).values()), default=0)
+        out["label"] = (shape, np.dtype(np.uint8))
+        out["fg"] = ((rows, 4), np.dtype(np.int32))
+    return out
+
+
+def _npy_problem(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """Why the .npy file at ``path`` cannot be the (shape, dtype) array it should hold, or None when it can.
+    Reads the header only: a file cut short (disk full, a copy interrupted) is found by its length."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                return f"unsupported .npy version {version}"
+            found_shape, fortran, found_dtype = read_header[version](f)
+            size, data_start = os.fstat(f.fileno()).st_size, f.tell()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, EOFError) as e:  # read_magic / the header parser on a cut or foreign file
+        return f"not a readable .npy file ({e})"
+    if tuple(found_shape) != tuple(shape) or np.dtype(found_dtype) != dtype or fortran:
+        return f"holds {np.dtype(found_dtype)} {tuple(found_shape)}, expected {dtype} {tuple(shape)}"
+    expected = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size != expected:
+        return f"{size:,} bytes, expected {expected:,} ({'cut short' if size < expected else 'extra bytes'})"
+    return None
+
+
+def _entry_is_current(cases_dir: Path, entry: Any, fingerprint: str, check_hu: bool) -> bool:
+    """The entry is of this fingerprint and its files are intact under the name its fingerprint gives (an older
+    layout's, a truncated or a foreign file are not reused: the case is built again)."""
+    try:
+        if entry.get("fingerprint") != fingerprint or not (entry.get("hu_checked") or not check_hu):
+            return False  # other source / settings, or cached without the HU check (an older run): build it again
+        if entry.get("stem") != _file_stem(entry.get("case_id", ""), entry.get("fingerprint", "")):
+            return False
+        expected = _expected_arrays(entry)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a hand-edited or damaged index entry
         return False
-    return all((cases_dir / n).exists() for n in _entry_files(entry))
+    return all(_npy_problem(cases_dir / f"{entry['stem']}.{kind}.npy", *expected[kind]) is None
+               for kind in expected)
 
 
 def _check_label_values(entry: dict[str, Any], num_classes: int) -> None:
@@ -206,21 +309,74 @@ def build_cache(
     if num_classes is not None and int(num_classes) < 1:
         raise ValueError(f"build_cache: num_classes must be >= 1, got {num_classes}")
     cache_dir = Path(cache_dir)
-    cases_dir = cache_dir / "cases"
-    cases_dir.mkdir(parents=True, exist_ok=True)
     if len({r.case_id for r in records}) != len(records):
         raise ValueError("build_cache: case ids must be unique")
     fingerprints = {r.case_id: case_fingerprint(r, cfg) for r in records}
     overall = hashlib.sha256(json.dumps([[r.case_id, fingerprints[r.case_id]] for r in records]).encode()).hexdigest()
+    try:
+        return _build_locked(records, cfg, cache_dir, fingerprints, overall, num_workers, num_classes, check_hu)
+    except OSError as err:
+        # Only a refusal to write into cache_dir itself: an unreadable source file is the case's own error.
+        inside = err.filename is not None and _is_within(Path(os.fsdecode(err.filename)), cache_dir)
+        if err.errno not in READ_ONLY_ERRNOS or not inside:
+            raise
+        return _read_only_cache(records, cfg, cache_dir, fingerprints, overall, num_classes, check_hu, err)
 
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _read_only_cache(
+    records: Sequence[CaseRecord], cfg: PreprocessConfig, cache_dir: Path, fingerprints: dict[str, str], overall: str,
+    num_classes: int | None, check_hu: bool, err: OSError,
+) -> "PreprocessedCache":
+    """A cache_dir this process may not write (a shared, read-only copy): used as it is when every case in it is
+    current, else a PermissionError that says which cases would need building."""
+    index = _read_index(cache_dir) or {"cases": {}}
+    cases_dir = cache_dir / "cases"
+    stale = [r.case_id for r in records
+             if not _entry_is_current(cases_dir, index["cases"].get(r.case_id), fingerprints[r.case_id], check_hu)]
+    if stale:
+        shown = ", ".join(map(repr, stale[:5])) + (", ..." if len(stale) > 5 else "")
+        raise PermissionError(
+            err.errno,
+            f"{cache_dir}: the cache folder is not writable ({os.strerror(err.errno)}: {err.filename}) and {len(stale)} "
+            f"of {len(records)} case(s) are not in it as built from these files with these settings ({shown}); "
+            "expected a writable cache_dir (pass another --cache_dir, or make this one writable)",
+        ) from err
+    if num_classes is not None:
+        for r in records:
+            _check_label_values(index["cases"][r.case_id], int(num_classes))
+    log.info("build_cache: %s is read-only; all %d case(s) in it are current", cache_dir, len(records))
+    return PreprocessedCache._from_index(cache_dir, {
+        "version": CACHE_VERSION, "fingerprint": overall, "preprocessing": cfg.to_dict(),
+        "case_ids": [r.case_id for r in records], "cases": {r.case_id: index["cases"][r.case_id] for r in records},
+    })
+
+
+def _build_locked(
+    records: Sequence[CaseRecord], cfg: PreprocessConfig, cache_dir: Path, fingerprints: dict[str, str], overall: str,
+    num_workers: int, num_classes: int | None, check_hu: bool,
+) -> "PreprocessedCache":
+    """build_cache's work under the cache's lock: reuse current cases, build the others, write the index."""
+    cases_dir = cache_dir / "cases"
+    cases_dir.mkdir(parents=True, exist_ok=True)
     with _locked(cache_dir / ".lock"):
+        foreign = _foreign_index(cache_dir)
+        if foreign is not None:  # never overwrite a file this code did not write
+            raise ValueError(
+                f"{cache_dir / 'index.json'}: not an nnynet cache index ({foreign}), and build_cache does not overwrite "
+                "a file it did not write; expected a cache_dir of its own (pass another --cache_dir, or delete the "
+                "file if it is a damaged cache index)"
+            )
         index = _read_index(cache_dir) or {"cases": {}}
-        old = index["cases"]
-        fresh = {
-            cid: e for cid, e in old.items()
-            if cid in fingerprints and e.get("fingerprint") == fingerprints[cid] and _entry_files_exist(cases_dir, e)
-            and (e.get("hu_checked") or not check_hu)  # cached without the HU check (an older run): build it again
-        }
+        old = {cid: e for cid, e in index["cases"].items() if isinstance(e, dict)}
+        fresh = {cid: e for cid, e in old.items()
+                 if cid in fingerprints and _entry_is_current(cases_dir, e, fingerprints[cid], check_hu)}
         if num_classes is not None:  # cases cached by an earlier run that did not check
             for entry in fresh.values():
                 _check_label_values(entry, int(num_classes))
@@ -269,6 +425,13 @@ class PreprocessedCache:
         self._index = index
         self._open: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
 
+    @classmethod
+    def _from_index(cls, cache_dir: str | Path, index: dict[str, Any]) -> "PreprocessedCache":
+        """A cache read through an index held in memory (a read-only cache_dir whose index.json lists other cases)."""
+        cache = cls.__new__(cls)
+        cache.__setstate__({"cache_dir": Path(cache_dir), "_index": index})
+        return cache
+
     def __getstate__(self) -> dict[str, Any]:
         return {"cache_dir": self.cache_dir, "_index": self._index}  # memmaps are reopened in each worker
 
@@ -310,14 +473,28 @@ class PreprocessedCache:
                 "edited: run build_cache again (or use a fresh cache_dir)"
             )
         path = self.cache_dir / "cases" / f"{stem}.{kind}.npy"
+        # the header and length are checked before mapping: a file cut short would otherwise fail with numpy's
+        # "mmap length is greater than file size", naming no file, or map an array of another shape
         try:
-            array = np.load(path, mmap_mode="r")
-        except FileNotFoundError:
+            shape, dtype = _expected_arrays(entry)[kind]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{self.cache_dir / 'index.json'}: case {case_id!r}: the index entry has no valid "
+                             f"shape for its {kind}; run build_cache again (or use a fresh cache_dir)") from None
+        problem = _npy_problem(path, shape, dtype)
+        if problem == "missing":
             raise FileNotFoundError(
                 f"{path}: cached {kind} of case {case_id!r} (fingerprint {stem.rsplit('.', 1)[1]}) is gone; another "
                 "run sharing this cache_dir rebuilt the case from other data or removed it: give each data set its "
                 "own cache_dir"
-            ) from None
+            )
+        if problem is not None:
+            raise ValueError(f"{path}: cached {kind} of case {case_id!r} is damaged: {problem}; run build_cache "
+                             "again (it rebuilds damaged files) or use a fresh cache_dir")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:  # replaced or cut between the check and the mapping
+            raise ValueError(f"{path}: cached {kind} of case {case_id!r} could not be read ({e}); run build_cache "
+                             "again or use a fresh cache_dir") from e
         self._open[key] = array
         if len(self._open) > MAX_OPEN_CASES:
             self._open.popitem(last=False)

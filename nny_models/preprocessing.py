@@ -1,14 +1,15 @@
 """Deterministic CT preprocessing shared by training (preprocess_case) and inference (preprocess_volume).
 
-MONAI dictionary transforms: EnsureChannelFirstd -> Orientationd -> Spacingd (image bilinear, label
-nearest) -> ScaleIntensityRanged (HU window -> out_range, clipped) -> CropForegroundd on the body.
-``restore_to_original`` inverts crop, spacing and orientation so that a prediction lands on the
-original voxel grid (same shape and affine as the input).
+HU below any physical value (scanner padding such as -32768 outside the reconstruction circle) is set to
+air first -> MONAI dictionary transforms: EnsureChannelFirstd -> Orientationd -> Spacingd (image bilinear, label
+nearest) -> ScaleIntensityRanged (HU window -> out_range, clipped) -> crop to the body's bounding box (plus
+CROP_MARGIN, and for training the label's box too). ``restore_to_original`` inverts crop, spacing and
+orientation so that a prediction lands on the original voxel grid (same shape and affine as the input).
 """
 
 from __future__ import annotations
 
-from functools import partial
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from nny_models.config import PreprocessConfig
 
 CROP_MARGIN = 8  # voxels kept around the body bounding box, so the skin is not on the patch border
+AIR_FLOOR_HU = -1024.0  # nothing real is below air; lower values are padding (-2048, -3024, -32768) and mean air
 
 
 def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -151,31 +153,82 @@ def check_label_grid(label: np.ndarray, label_affine: Any, image_shape: tuple[in
     return label
 
 
-def _run(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, cfg: PreprocessConfig):
+def _air_floor(cfg: PreprocessConfig) -> float:
+    """The lowest HU kept before resampling: air, or the window's / normalization's own lower bound if lower."""
+    low = cfg.normalization["clip_low"] if cfg.normalization is not None else cfg.hu_window[0]
+    return min(AIR_FLOOR_HU, float(low))
+
+
+def _box(mask: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """[start, end) voxel bounds of the True voxels of a (X, Y, Z) mask, or None when there are none."""
+    if not bool(mask.any()):
+        return None
+    bounds = []
+    for axis in range(3):
+        hit = torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
+        bounds.append((int(hit[0]), int(hit[-1]) + 1))
+    return [b[0] for b in bounds], [b[1] for b in bounds]
+
+
+def _check_resampled_grid(shape: list[int], affine: np.ndarray, cfg: PreprocessConfig, name: str) -> None:
+    """A field of view that resamples to a single voxel along an axis (thinner than about half a model voxel) gives
+    the network a sliver it was never trained on, and it would return a mask for it without a word: refused."""
+    if min(shape) >= 2:
+        return
+    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    thin = ", ".join(f"{cfg.orientation[i]} ({cfg.spacing[i]:g} mm)" for i, n in enumerate(shape) if n < 2)
+    raise ValueError(
+        f"{name}: resampled to the model's {tuple(cfg.spacing)} mm grid the volume is {tuple(shape)} voxels: at "
+        f"voxel size {tuple(round(float(v), 4) for v in voxel_mm)} mm its field of view is a single model voxel "
+        f"thick along the model's axis {thin}; expected at least two model voxels per axis. Is the voxel size in "
+        "the header right (mm, not cm or m)?"
+    )
+
+
+def _run(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, cfg: PreprocessConfig,
+         name: str = "input image"):
     """The one code path: returns (image (1,X,Y,Z) tensor, label tensor | None, JSON-able state)."""
     import nibabel as nib
     from monai.data import MetaTensor
-    from monai.transforms import CropForegroundd
 
     keys = ["image"] if label is None else ["image", "label"]
     aff = torch.as_tensor(affine, dtype=torch.float64)
-    data = {"image": MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=aff)}
+    voxels = torch.as_tensor(image, dtype=torch.float32)  # may share the caller's memory: never changed in place
+    floor = _air_floor(cfg)
+    if voxels.numel() and float(voxels.min()) < floor:
+        # Padding (-32768 outside the scanner circle) would be blended into the body's edge by the linear
+        # resampling and erode it (clipped to air afterwards); as air it blends like air.
+        voxels = voxels.clamp(min=floor)
+    data = {"image": MetaTensor(voxels, affine=aff)}
     if label is not None:
         data["label"] = MetaTensor(torch.as_tensor(label, dtype=torch.float32), affine=aff.clone())
     data = _resample_transforms(cfg, keys)(data)
     resampled_shape = list(data["image"].shape[1:])
     resampled_affine = np.asarray(data["image"].affine, dtype=np.float64)
+    _check_resampled_grid(resampled_shape, affine, cfg, name)
 
-    start, end = [0, 0, 0], resampled_shape
-    threshold = _scaled_threshold(cfg)
-    if cfg.crop_foreground and bool((data["image"] > threshold).any()):  # an all-air volume stays uncropped
-        crop = CropForegroundd(
-            keys, source_key="image", select_fn=partial(_above, threshold=threshold),
-            margin=CROP_MARGIN, allow_smaller=True,
-        )
-        data = crop(data)
-        start = [int(v) for v in data["foreground_start_coord"]]
-        end = [int(v) for v in data["foreground_end_coord"]]
+    start, end = [0, 0, 0], list(resampled_shape)
+    if cfg.crop_foreground:
+        # The crop is done here, not with MONAI's CropForegroundd: on a MetaTensor made channel-first by
+        # EnsureChannelFirstd, MONAI 1.6 takes it as 2D and leaves the z offset out of the cropped affine.
+        body = _box(data["image"][0] > _scaled_threshold(cfg))  # None: an all-air volume stays uncropped
+        if body is not None:
+            start = [max(a - CROP_MARGIN, 0) for a in body[0]]
+            end = [min(b + CROP_MARGIN, n) for b, n in zip(body[1], resampled_shape)]
+            labelled = None if label is None else _box(data["label"][0] > 0.5)
+            if labelled is not None and (any(a < s for a, s in zip(labelled[0], start))
+                                         or any(b > e for b, e in zip(labelled[1], end))):
+                # cropping them away would drop labelled voxels from training without a word
+                warnings.warn(f"{name}: labelled voxels lie outside the body (voxels above "
+                              f"{cfg.body_threshold_hu:g} HU) and its {CROP_MARGIN}-voxel margin; the crop keeps them. "
+                              "Check that the label belongs to this image.", stacklevel=3)
+                start = [min(a, s) for a, s in zip(labelled[0], start)]
+                end = [max(b, e) for b, e in zip(labelled[1], end)]
+            window = (slice(None),) + tuple(slice(a, b) for a, b in zip(start, end))
+            for k in keys:
+                data[k] = data[k][window]
+    cropped_affine = resampled_affine.copy()
+    cropped_affine[:3, 3] += resampled_affine[:3, :3] @ np.asarray(start, dtype=np.float64)
 
     state = {
         "original_shape": [int(s) for s in image.shape],
@@ -187,7 +240,7 @@ def _run(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, cfg: P
         "crop_start": start,
         "crop_end": end,
         "shape": [int(s) for s in data["image"].shape[1:]],
-        "affine": np.asarray(data["image"].affine, dtype=np.float64).tolist(),
+        "affine": cropped_affine.tolist(),  # the model grid: the resampled one, moved by the crop
         "spacing": [float(s) for s in cfg.spacing],
         "preprocessing": cfg.to_dict(),
     }
@@ -207,7 +260,7 @@ def preprocess_volume(image: np.ndarray, affine: np.ndarray, cfg: PreprocessConf
     image = _check_volume(image, name)
     affine = _check_affine(affine, f"{name} (affine)")
     check_resampled_size(image.shape, affine, cfg.spacing, name)
-    img, _, state = _run(image, None, affine, cfg)
+    img, _, state = _run(image, None, affine, cfg, name)
     return img, state
 
 
@@ -241,12 +294,18 @@ def preprocess_case(
     if label_path is not None:
         label, label_affine = load_volume(label_path)
         label = check_label_grid(label, label_affine, image.shape, affine, label_path, image_path, num_classes)
-    img, lab, meta = _run(image, label, affine, cfg)
+    img, lab, meta = _run(image, label, affine, cfg, str(image_path))
     meta["image_path"] = str(image_path)
     meta["label_path"] = None if label_path is None else str(label_path)
     if label is not None:
         values, counts = np.unique(label, return_counts=True)
         meta["label_values"] = {str(int(v)): int(n) for v, n in zip(values, counts)}
+        kept = {int(v) for v in torch.unique(lab).tolist()}
+        lost = {int(v): int(n) for v, n in zip(values, counts) if v > 0 and int(v) not in kept}
+        if lost:  # nearest-neighbour resampling can miss a structure smaller than a model voxel
+            found = ", ".join(f"{v} ({n} voxel{'s' if n > 1 else ''})" for v, n in sorted(lost.items()))
+            warnings.warn(f"{label_path}: label value(s) {found} vanish when the label is resampled to the model's "
+                          f"{tuple(cfg.spacing)} mm grid; this case trains without them", stacklevel=2)
     return {"image": img.numpy(), "label": None if lab is None else lab.numpy(), "meta": meta}
 
 
