@@ -22,10 +22,6 @@ CROP_MARGIN = 8  # voxels kept around the body bounding box, so the skin is not 
 AIR_FLOOR_HU = -1024.0  # nothing real is below air; lower values are padding (-2048, -3024, -32768) and mean air
 
 
-def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    return x > threshold
-
-
 def _scaled_threshold(cfg: PreprocessConfig) -> float:
     """body_threshold_hu mapped through the same linear HU window as the image (HU itself when a planned
     normalization follows the crop)."""
