@@ -36,37 +36,16 @@ import numpy as np
 
 from nny_models.config import PreprocessConfig
 from nny_models.io import CaseRecord
+from nny_models.paths import content_crc
 
 CACHE_VERSION = 2  # bump when the on-disk layout or preprocessing code changes meaning
 # 2: padding below -1024 HU resampled as air, the model grid's affine fixed along z, crops keep labelled voxels,
 #    fingerprints sample the source files' content
 FG_SAMPLES_PER_CLASS = 10_000  # voxel coordinates kept per class for foreground oversampling
 MAX_OPEN_CASES = 64  # memmaps kept open per process (each one holds a file descriptor)
-WHOLE_FILE_BYTES = 8 * 1024**2  # source files up to this size (labels) are checksummed whole for the fingerprint
-SAMPLE_BYTES = 64 * 1024  # larger ones: evenly spaced blocks of this size (a .nii.gz: its head and its tail)
 READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # what writing into a read-only cache_dir raises
 
 log = logging.getLogger(__name__)
-
-
-def _content_crc(path: Path, size: int, whole: bool = True) -> int:
-    """CRC32 of a file's content, cheap on big files: a gzip stream (.nii.gz) ends with the CRC32 and length of
-    all it holds, so its head and tail see any change; other files are read whole up to WHOLE_FILE_BYTES (with
-    ``whole``), else 16 evenly spaced blocks (an edit between them goes unseen: the stat stamp still sees it on a
-    local disk). ``whole=False``: head and tail only (each slice of a DICOM series)."""
-    crc = 0
-    with path.open("rb") as f:
-        gzip = f.read(2) == b"\x1f\x8b"
-        f.seek(0)
-        if whole and not gzip and size <= WHOLE_FILE_BYTES:
-            while block := f.read(8 * 1024**2):
-                crc = zlib.crc32(block, crc)
-            return crc
-        blocks = 16 if whole and not gzip else 2
-        for offset in np.linspace(0, max(size - SAMPLE_BYTES, 0), blocks).astype(np.int64):
-            f.seek(int(offset))
-            crc = zlib.crc32(f.read(SAMPLE_BYTES), crc)
-    return crc
 
 
 def _stamp(path: str | None) -> Any:
@@ -75,7 +54,7 @@ def _stamp(path: str | None) -> Any:
     The ctime changes on every write of the content and cannot be set by a user, so on a local disk a file
     replaced by other content of the same size with its mtime kept (cp -p, rsync -t) is detected; the inode
     catches a replacement by rename. Some file systems keep no ctime of their own (sshfs, FAT/exFAT report the
-    mtime): there the CRC of the content's samples (_content_crc) still tells a same-size replacement apart.
+    mtime): there the CRC of the content's samples (nny_models.paths.content_crc) still tells a same-size replacement apart.
     """
     if path is None:
         return None
@@ -83,7 +62,7 @@ def _stamp(path: str | None) -> Any:
 
     def one(f: Path, whole: bool = True) -> list[int]:
         st = f.stat()
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, _content_crc(f, st.st_size, whole)]
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, content_crc(f, whole=whole)]
 
     if p.is_dir():  # a DICOM series: hundreds of slices, so head and tail of each, not whole files
         return [[f.name, *one(f, whole=False)] for f in sorted(p.iterdir()) if f.is_file()]

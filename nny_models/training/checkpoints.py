@@ -27,15 +27,14 @@ import json
 import os
 import re
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator
 
+from nny_models.paths import content_crc
 from nny_models.training.files import write_text_atomic
 
 CHECKPOINT_DIR = "checkpoints"
@@ -190,28 +189,6 @@ def check_resume_config(output_dir: str | Path, cfg: Any, resume: bool, may_chan
 
 
 DATA_CASES = "data_cases.json"  # the cases a run started with (id -> "bytes:crc32" of its files): a --resume checks them
-_WHOLE_FILE_BYTES = 64 * 1024**2  # files up to this size are checksummed whole (labels, most compressed images)
-_SAMPLE_BYTES = 1024**2  # larger ones: 16 evenly spaced 1 MiB blocks, the head and the tail
-
-
-def _file_crc(path: Path, crc: int) -> int:
-    """CRC32 of a file's content, cheap on big files. A gzip file (.nii.gz) ends with the CRC32 and length of its
-    whole uncompressed content, and any change rewrites the stream after it, so its head and tail catch every
-    change; other files up to 64 MiB are read whole, larger ones sampled (an edit between the samples goes
-    unseen; the size still counts)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        gzip = f.read(2) == b"\x1f\x8b"
-        f.seek(0)
-        if size <= _WHOLE_FILE_BYTES and not gzip:
-            while block := f.read(8 * 1024**2):
-                crc = zlib.crc32(block, crc)
-            return crc
-        blocks = 2 if gzip else 18
-        for offset in np.linspace(0, max(size - _SAMPLE_BYTES, 0), blocks).astype(np.int64):
-            f.seek(int(offset))
-            crc = zlib.crc32(f.read(_SAMPLE_BYTES), crc)
-    return crc
 
 
 def data_cases(records: Any) -> dict[str, str]:
@@ -231,7 +208,7 @@ def data_cases(records: Any) -> dict[str, str]:
         paths = files(r.image) + files(r.label)
         crc = 0
         for f in paths:
-            crc = _file_crc(f, crc)
+            crc = content_crc(f, crc)
         out[r.case_id] = f"{sum(f.stat().st_size for f in paths)}:{crc:08x}"
     return out
 

@@ -181,7 +181,7 @@ def test_case_fingerprint_sees_a_label_repainted_in_place_and_not_a_copy(tmp_pat
     import shutil
 
     from nny_models.io import CaseRecord
-    from nny_models.training import checkpoints
+    from nny_models import paths
     from nny_models.training.checkpoints import data_cases
 
     label = np.zeros((16, 16, 16), np.uint8)
@@ -198,7 +198,7 @@ def test_case_fingerprint_sees_a_label_repainted_in_place_and_not_a_copy(tmp_pat
     assert after["a"].split(":")[0] == before["a"].split(":")[0] and after != before
 
     big = tmp_path / "big.nii"  # above the whole-file limit: sampled, still the same on a copy, and a tail edit seen
-    big.write_bytes(bytes(range(256)) * (checkpoints._WHOLE_FILE_BYTES // 256 + 4096))
+    big.write_bytes(bytes(range(256)) * (paths.WHOLE_FILE_BYTES // 256 + 4096))
     first = data_cases([CaseRecord("b", str(big))])
     with big.open("r+b") as f:
         f.seek(-10, 2)
