@@ -8,12 +8,16 @@ callers can check e.g. ``report.fraction_loaded(model.encoder_prefixes) == 1.0``
 Strict loading (``strict=True``, what ``NnyNet.from_pretrained`` uses) is the same pass with one rule more:
 the report must be clean (nothing missing, unexpected, mismatched or excluded), else ``WeightsMismatchError``
 names the keys and shapes, and the model is left untouched. Non-finite tensors (NaN / inf) are refused in
-both modes: such a network predicts background everywhere, with exit code 0.
+both modes: such a network predicts background everywhere, with exit code 0. So are finite values that become
+inf in the model's dtype (e.g. 1e300 in a float64 file, 7e4 into float16), integer / boolean / complex data for
+floating-point weights (or the reverse), non-tensor values, and a ``resize`` result of another shape than the
+model's tensor (``copy_`` would broadcast it silently). A load in which no tensor at all matched warns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +29,11 @@ class WeightsMismatchError(ValueError):
 
 
 class NonFiniteWeightsError(ValueError):
-    """Checkpoint tensors contain NaN or inf."""
+    """Checkpoint tensors contain NaN or inf (or values that overflow the model's dtype)."""
+
+
+class WeightsDtypeError(ValueError):
+    """Checkpoint tensors hold data of another kind (integer, boolean, complex, floating point) than the model's."""
 
 
 @dataclass
@@ -122,8 +130,9 @@ def transfer_weights(
 
     ``resize(key, src, dst)`` may return a tensor of dst's shape for a shape mismatch (UpKern uses it).
     ``strict``: the report must be clean, else WeightsMismatchError and nothing is copied. Tensors that
-    would be loaded must be finite, else NonFiniteWeightsError and nothing is copied. ``source`` names the
-    weights (e.g. the file) in those errors.
+    would be loaded must be finite, also once cast to the model's dtype, else NonFiniteWeightsError; of the
+    model's kind (floating point, integer, boolean, complex), else WeightsDtypeError; in both cases nothing is
+    copied. ``source`` names the weights (e.g. the file) in those errors. Nothing matching at all warns.
     """
     exclude = tuple(exclude_prefixes)
     target = model.state_dict()
@@ -138,23 +147,53 @@ def transfer_weights(
             report.missing.append(key)
             continue
         src = state_dict[key]
+        if not isinstance(src, torch.Tensor):
+            raise TypeError(f"{source}: {key!r} is a {type(src).__name__}, not a tensor; expected a state dict "
+                            "of tensors (e.g. safetensors.torch.load_file)")
         if src.shape != dst.shape:
             resized = resize(key, src, dst) if resize is not None else None
             if resized is None:
                 report.mismatched.append((key, tuple(src.shape), tuple(dst.shape)))
                 continue
+            if not isinstance(resized, torch.Tensor) or resized.shape != dst.shape:
+                got = tuple(resized.shape) if isinstance(resized, torch.Tensor) else type(resized).__name__
+                raise ValueError(f"{source}: resize returned {got} for {key!r} {tuple(src.shape)}; expected the "
+                                 f"model's shape {tuple(dst.shape)} or None (copying would broadcast it)")
             src = resized
             report.interpolated.append(key)
         plan.append((dst, src))
         report.loaded.append(key)
     if strict and not report.clean:
         raise WeightsMismatchError(report.mismatch_message(source))
-    bad = [k for k, (_, src) in zip(report.loaded, plan) if src.is_floating_point() and not torch.isfinite(src).all()]
+    kind = [f"{k} ({_dtype(src)}, expected {_dtype(dst)})" for k, (dst, src) in zip(report.loaded, plan)
+            if src.is_floating_point() != dst.is_floating_point() or src.is_complex() != dst.is_complex()
+            or (src.dtype == torch.bool) != (dst.dtype == torch.bool)]
+    if kind:
+        raise WeightsDtypeError(f"{source}: {len(kind)} tensor(s) hold data of another kind than the model's: "
+                                f"{_some(kind, 8)}; copying would cast them into a different network")
+    bad = [k for k, (_, src) in zip(report.loaded, plan) if _non_finite(src)]
     if bad:
-        shown = ", ".join(bad[:8]) + (f", ... (+{len(bad) - 8} more)" if len(bad) > 8 else "")
-        raise NonFiniteWeightsError(f"{source}: {len(bad)} tensor(s) contain NaN or inf: {shown}; "
+        raise NonFiniteWeightsError(f"{source}: {len(bad)} tensor(s) contain NaN or inf: {_some(bad, 8)}; "
                                     "the checkpoint is corrupt (diverged training or a damaged file)")
+    cast = [(dst, src.to(dtype=dst.dtype)) for dst, src in plan]  # what the model would hold
+    over = [f"{k} ({_dtype(src)} -> {_dtype(dst)})" for k, (dst, src), (_, c) in zip(report.loaded, plan, cast)
+            if _non_finite(c)]
+    if over:
+        raise NonFiniteWeightsError(f"{source}: {len(over)} tensor(s) hold finite values that overflow to inf in "
+                                    f"the model's dtype: {_some(over, 8)}; the checkpoint is corrupt or not "
+                                    "weights of this network")
     with torch.no_grad():
-        for dst, src in plan:
-            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))  # state_dict tensors share storage
+        for dst, src in cast:
+            dst.copy_(src.to(device=dst.device))  # state_dict tensors share storage
+    if not report.loaded and (report.missing or report.mismatched):  # not merely all excluded on purpose
+        warnings.warn(f"{source}: none of the model's {report.total} tensors loaded ({report.summary()}); are these "
+                      "weights of this architecture, with these key names?", stacklevel=2)
     return report
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _non_finite(t: torch.Tensor) -> bool:
+    return (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
