@@ -382,6 +382,9 @@ def _resolve_file(repo_or_dir: str | Path, filename: str, *, revision: str | Non
         return path
     if local.exists():
         raise ValueError(f"{local} is a file; expected a save_pretrained directory or a Hub repo id")
+    if os.path.lexists(local):  # a link whose target is gone (or a loop): the local folder is meant, not the Hub
+        raise FileNotFoundError(f"{local} is a broken symbolic link (or a link loop); expected a save_pretrained "
+                                "directory")
     name = str(repo_or_dir)
     # "runs/model" while ./runs exists is a missing local folder, not the Hub repo "runs/model"
     if isinstance(repo_or_dir, Path) or _looks_like_path(name) or ("/" in name and Path(name.split("/")[0]).is_dir()):

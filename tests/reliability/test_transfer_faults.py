@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -189,7 +190,7 @@ def test_files_that_are_not_safetensors_are_refused_and_never_unpickled(tmp_path
         (cases["nan"], NonFiniteWeightsError, r"model\.safetensors: 1 tensor\(s\) contain NaN or inf"),
         (cases["bin_only"] / "pytorch_model.bin", ValueError, r"pytorch_model\.bin is a file; expected"),
         (src / "model.safetensors", ValueError, r"model\.safetensors is a file; expected"),
-        (loop, FileNotFoundError, r"model directory .*loop not found"),
+        (loop, FileNotFoundError, r"loop is a broken symbolic link"),
         (inner, FileNotFoundError, r"inner_loop/model\.safetensors not found"),
     ]
     for path, error, message in expected:
@@ -218,3 +219,18 @@ def test_pretraining_and_finetuned_nnynet_exports_load_their_encoder(tmp_path):
         saved = safetensors.torch.load_file(str(tmp_path / source / "model.safetensors"))
         key = next(k for k in report.loaded if k.startswith(fine.net.encoder_prefixes))
         assert torch.equal(fine.net.state_dict()[key], saved["net." + key])
+
+
+@pytest.mark.parametrize("kind", ["broken", "loop"])
+def test_a_bare_name_that_is_a_dangling_link_is_local_not_a_hub_lookup(tmp_path, monkeypatch, kind):
+    from nny_models import hub
+
+    monkeypatch.chdir(tmp_path)
+    if kind == "broken":
+        Path("model").symlink_to(tmp_path / "gone")
+    else:
+        Path("model").symlink_to("model2")
+        Path("model2").symlink_to("model")
+    monkeypatch.setattr(hub, "hf_hub_download", lambda **kw: pytest.fail("looked up on the Hub"))
+    with pytest.raises(FileNotFoundError, match="model is a broken symbolic link"):
+        hub.NnyNet.from_pretrained("model")
