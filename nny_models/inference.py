@@ -230,20 +230,25 @@ def channels_last_on_cpu(model: nn.Module, device: torch.device):
 
 
 def check_memory(grid_shape: tuple[int, ...], original_shape: tuple[int, ...], num_classes: int,
-                 device: torch.device, name: str, *, probabilities: bool = False, extra_maps: int = 0) -> None:
+                 device: torch.device, name: str, *, smooth: bool = False, probabilities: bool = False,
+                 extra_maps: int = 0) -> None:
     """Refuse, before the sliding window starts, a volume whose float32 maps would not fit in the memory that
     is free now: the kernel's OOM killer ends the process with no message (exit 137), which a user cannot tell
-    from a crash. Counted on the model grid: the input, the blended probabilities (one channel per class) and
-    MONAI's count map on ``device``, then on the CPU the probabilities' copy that restoring the labels edits;
-    on the original grid the resampled probabilities when they are returned. The free memory is psutil's
-    ``available`` (page cache counts as free) or, on CUDA, torch.cuda.mem_get_info."""
+    from a crash. Counted, as maps of the model grid: on ``device`` the blended probabilities (one per class),
+    MONAI's count map, ``extra_maps`` (the attention map) and, on CUDA, the input moved there (on the CPU it is
+    already allocated); on the CPU the probabilities brought back from CUDA when they are needed and the copy
+    that restoring the labels edits (``smooth``: config.label_resampling "probabilities"); with
+    ``probabilities`` the classes on the original grid too. Free memory is psutil's ``available`` (page cache
+    counts as free) or, on CUDA, torch.cuda.mem_get_info."""
     import psutil
 
     grid, original = float(np.prod(grid_shape)), float(np.prod(original_shape))
-    on_device = 4 * grid * (num_classes + 2 + extra_maps)
-    on_host = 4 * grid * num_classes + (4 * original * num_classes if probabilities else 0)
-    needs = [("host", on_device + on_host if device.type == "cpu" else on_host, psutil.virtual_memory().available)]
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    on_device = 4 * grid * (num_classes + 1 + extra_maps + int(cuda))
+    host_maps = num_classes * (int(cuda and (smooth or probabilities)) + int(smooth))
+    on_host = 4 * grid * host_maps + (4 * original * num_classes if probabilities else 0)
+    needs = [("host", on_host if cuda else on_device + on_host, psutil.virtual_memory().available)]
+    if cuda:
         needs.append((str(device), on_device, torch.cuda.mem_get_info(device)[0]))
     for where, need, free in needs:
         if need > free:
@@ -492,7 +497,8 @@ def predict(
         x, state = preprocess_volume(volume.astype(np.float32, copy=False), affine, cfg, name)
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # a MONAI MetaTensor -> plain tensor
         x = torch.as_tensor(x, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
-    check_memory(tuple(x.shape[2:]), volume.shape, len(config.label_names), device, name,
+    smooth = getattr(config, "label_resampling", "nearest") == "probabilities"
+    check_memory(tuple(x.shape[2:]), volume.shape, len(config.label_names), device, name, smooth=smooth,
                  probabilities=return_probabilities, extra_maps=int(return_attention))
     with torch.inference_mode():
         out = sliding_window_probs(
@@ -506,7 +512,6 @@ def predict(
                                f"(precision {'bf16' if amp else 'fp32'}); no mask was written. Try --precision fp32")
         with stage("argmax"):
             labels = probs.argmax(dim=0, keepdim=True).to(torch.uint8).cpu().numpy()
-            smooth = getattr(config, "label_resampling", "nearest") == "probabilities"
             probs = probs.float().cpu().numpy() if return_probabilities or smooth else None
     with stage("postprocess"):  # on the model grid, where the network decided
         labels[0] = postprocess_labels(labels[0], config)

@@ -236,9 +236,13 @@ def test_memory_estimate_counts_every_class_and_the_returned_probabilities(monke
     free = type("Free", (), {"available": 0})()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
     cpu = torch.device("cpu")
-    for classes, probabilities, maps in ((2, False, 6), (5, False, 12), (5, True, 17)):
-        free.available = 4e6 * maps + 1  # just enough: input + count map + C on the grid, C copied, C restored
-        inference.check_memory(grid, (100, 100, 100), classes, cpu, "x", probabilities=probabilities)
+    # maps on the CPU: C blended + the count map (the input is already allocated), C more when the labels are
+    # restored from the probabilities (a copy), C on the original grid when the probabilities are returned
+    for classes, smooth, probabilities, maps in ((2, False, False, 3), (5, False, False, 6), (5, True, False, 11),
+                                                  (5, True, True, 16), (5, False, True, 11)):
+        kwargs = {"smooth": smooth, "probabilities": probabilities}
+        free.available = 4e6 * maps + 1  # just enough
+        inference.check_memory(grid, (100, 100, 100), classes, cpu, "x", **kwargs)
         free.available = 4e6 * maps - 1
         with pytest.raises(ValueError, match=f"{classes} classes"):
-            inference.check_memory(grid, (100, 100, 100), classes, cpu, "x", probabilities=probabilities)
+            inference.check_memory(grid, (100, 100, 100), classes, cpu, "x", **kwargs)
